@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# pgvpn PostgreSQL entrypoint.
+#
+# On first start (empty $PGDATA): initdb, pg_hba.conf for scram-sha-256 over
+# TCP, then every /docker-entrypoint-initdb.d/*.sh once, against a temporary
+# server that listens on the Unix socket only. Hooks run as the postgres user
+# with PGHOST/PGUSER/PGDATABASE set, so a plain `psql` inside them works (peer
+# authentication). No SQL is applied here: the schema belongs to `pgvpn
+# migrate`, run by the lab after the server is up.
+#
+# Then: exec postgres in the foreground as PID 1. The image's STOPSIGNAL is
+# SIGINT, which postgres treats as a fast shutdown.
+#
+# Environment (read at first start only):
+#   PGVPN_HBA_CIDRS     networks allowed to connect over TCP with a password
+#                       (default: the private ranges Docker allocates from)
+#   PGVPN_SSL           off (default) | on (self-signed cert, TLS optional)
+#                       | require (TLS required from the network)
+#   PGVPN_INITDB_ARGS   extra initdb arguments, e.g. --data-checksums
+#
+# Usage: entrypoint.sh [postgres [-c name=value ...]] | entrypoint.sh CMD ...
+set -euo pipefail
+
+PGDATA=${PGDATA:-/var/lib/pgvpn/data}
+PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
+SOCKDIR=/run/postgresql
+INITDIR=/docker-entrypoint-initdb.d
+MARKER=$PGDATA/.pgvpn-init-incomplete
+export PGDATA
+
+log() { printf 'pgvpn-entrypoint: %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# Anything but the server (bash, psql, ...) is run as asked.
+if [[ $# -eq 0 ]]; then
+    set -- postgres
+elif [[ $1 == -* ]]; then
+    set -- postgres "$@"
+fi
+if [[ $1 != postgres ]]; then
+    exec "$@"
+fi
+
+# As root: make the data and socket directories the postgres user's (a fresh
+# volume or bind mount may be root-owned), then re-run this script as postgres.
+if [[ $(id -u) -eq 0 ]]; then
+    mkdir -p "$PGDATA" "$SOCKDIR"
+    chown postgres:postgres "$PGDATA" "$SOCKDIR"
+    chmod 700 "$PGDATA"
+    chmod 2775 "$SOCKDIR"
+    exec env HOME=/var/lib/postgresql USER=postgres LOGNAME=postgres \
+        setpriv --reuid=postgres --regid=postgres --init-groups "$0" "$@"
+fi
+
+hba_conf() {
+    local cidrs=${PGVPN_HBA_CIDRS:-10.0.0.0/8 172.16.0.0/12 192.168.0.0/16 fc00::/7}
+    local ssl=$1 types cidr t
+    case $ssl in
+        off) types="host" ;;
+        on) types="hostssl host" ;;
+        require) types="hostssl" ;;
+    esac
+    cat <<'EOF'
+# Written once by the pgvpn entrypoint at initdb time.
+# TYPE    DATABASE  USER  ADDRESS          METHOD
+# Local socket: only the matching OS user (postgres, for admin and hooks).
+local     all       all                    peer
+# Loopback inside the container (pg_isready health check, tools).
+host      all       all   127.0.0.1/32     scram-sha-256
+host      all       all   ::1/128          scram-sha-256
+# Other containers on the lab's networks, password (SCRAM) required.
+EOF
+    for cidr in $cidrs; do
+        for t in $types; do
+            printf '%-9s all       all   %-16s scram-sha-256\n' "$t" "$cidr"
+        done
+    done
+}
+
+init_cluster() {
+    local ssl=${PGVPN_SSL:-off}
+    case $ssl in off|on|require) ;; *) die "PGVPN_SSL must be off, on or require (got '$ssl')" ;; esac
+
+    log "initialising a new cluster in $PGDATA"
+    # C.UTF-8: UTF8 text with code-point ordering, identical on every glibc.
+    # shellcheck disable=SC2086  # PGVPN_INITDB_ARGS is a word list on purpose
+    "$PGBIN/initdb" -D "$PGDATA" --username=postgres \
+        --auth-local=peer --auth-host=scram-sha-256 \
+        --encoding=UTF8 --locale=C.UTF-8 ${PGVPN_INITDB_ARGS:-} >&2
+    # initdb needs an empty directory, so the marker can only go in now. It
+    # stays until the hooks have run: a half-done init is refused, not reused.
+    : >"$MARKER"
+
+    hba_conf "$ssl" >"$PGDATA/pg_hba.conf"
+
+    {
+        echo
+        echo "# pgvpn: image settings, then local overrides (later lines win)."
+        echo "include '/etc/pgvpn/postgresql.conf'"
+        echo "include_dir '/etc/pgvpn/conf.d'"
+    } >>"$PGDATA/postgresql.conf"
+
+    if [[ $ssl != off ]]; then
+        log "generating a self-signed TLS certificate (PGVPN_SSL=$ssl)"
+        openssl req -new -x509 -days 3650 -nodes -subj "/CN=$HOSTNAME" \
+            -newkey rsa:2048 -keyout "$PGDATA/server.key" \
+            -out "$PGDATA/server.crt" 2>/dev/null
+        chmod 600 "$PGDATA/server.key"
+        printf "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n" \
+            >>"$PGDATA/postgresql.conf"
+    fi
+
+    local hooks=()
+    if [[ -d $INITDIR ]]; then
+        mapfile -t hooks < <(find "$INITDIR" -maxdepth 1 -name '*.sh' \( -type f -o -type l \) | sort)
+    fi
+    if [[ ${#hooks[@]} -gt 0 ]]; then
+        log "starting a temporary server (socket only) for ${#hooks[@]} init hook(s)"
+        "$PGBIN/pg_ctl" -D "$PGDATA" -w -t 60 -o "-c listen_addresses='' -k $SOCKDIR" start >&2
+        local hook
+        for hook in "${hooks[@]}"; do
+            log "running init hook $hook"
+            PGHOST=$SOCKDIR PGUSER=postgres PGDATABASE=postgres bash "$hook" \
+                || die "init hook $hook failed"
+        done
+        "$PGBIN/pg_ctl" -D "$PGDATA" -w -t 60 -m fast stop >&2
+    fi
+
+    rm -f "$MARKER"
+    log "cluster initialised"
+}
+
+if [[ -f $MARKER ]]; then
+    die "a previous first-time initialisation of $PGDATA did not finish; remove the volume and start again"
+elif [[ -f $PGDATA/PG_VERSION ]]; then
+    log "using the existing cluster in $PGDATA (PostgreSQL $(cat "$PGDATA/PG_VERSION"))"
+elif [[ -z $(ls -A "$PGDATA") ]]; then
+    init_cluster
+else
+    die "$PGDATA is neither empty nor a PostgreSQL data directory; refusing to touch it"
+fi
+
+shift   # drop "postgres"
+log "starting postgres"
+exec "$PGBIN/postgres" -D "$PGDATA" "$@"

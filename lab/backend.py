@@ -1,0 +1,110 @@
+"""The small interface every lab backend implements: hosts you can start, stop and exec in.
+
+The controller (lab.controller) drives a Backend without knowing which one it is;
+bench and ping only ever call `exec`.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from lab.topology import Host, Topology
+
+Progress = Callable[[str], None]
+
+
+class LabError(Exception):
+    """Something the lab could not do, with what to check."""
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def check(self, what: str) -> ExecResult:
+        if self.returncode != 0:
+            detail = (self.stderr or self.stdout).strip().splitlines()[-3:]
+            raise LabError(f"{what} failed (exit {self.returncode}): {' | '.join(detail)}")
+        return self
+
+
+@dataclass
+class HostState:
+    """What `lab status` shows of one host."""
+
+    name: str
+    role: str
+    running: bool
+    underlay: dict[str, str] = field(default_factory=dict)
+    tunnel: list[str] = field(default_factory=list)
+    detail: str = ""
+
+
+class Backend(ABC):
+    """One way of making the lab's hosts: Docker containers or network namespaces."""
+
+    name: str
+
+    def __init__(self, topology: Topology) -> None:
+        self.topology = topology
+
+    @abstractmethod
+    def available(self) -> str | None:
+        """None if this backend can run here, else why not (and how to fix it)."""
+
+    @abstractmethod
+    def create(self, progress: Progress) -> None:
+        """Make the hosts and networks (nothing started yet); idempotent."""
+
+    @abstractmethod
+    def start(self, host: Host, progress: Progress) -> None:
+        """Start a host's service and wait until it is ready (bounded wait)."""
+
+    @abstractmethod
+    def stop(self, host: Host) -> None:
+        """Stop a host's service gracefully (SIGTERM, then SIGKILL after a timeout)."""
+
+    @abstractmethod
+    def exec(self, host: str, argv: Sequence[str], *, timeout: float = 60,
+             input: str | None = None) -> ExecResult:
+        """Run a command inside a host; never raises for a non-zero exit."""
+
+    @abstractmethod
+    def logs(self, host: str, tail: int = 100) -> str: ...
+
+    @abstractmethod
+    def admin_conninfo(self) -> str:
+        """How the operator (the controller itself) reaches the database as its owner."""
+
+    @abstractmethod
+    def exists(self) -> bool:
+        """True if any host of this lab exists on this backend."""
+
+    @abstractmethod
+    def states(self) -> list[HostState]: ...
+
+    @abstractmethod
+    def destroy(self, progress: Progress) -> None:
+        """Remove everything this backend made for the lab, found by label or prefix."""
+
+    def restart(self, host: Host, progress: Progress) -> None:
+        self.stop(host)
+        self.start(host, progress)
+
+
+def run(argv: Sequence[str], *, timeout: float = 60, input: str | None = None,
+        env: dict[str, str] | None = None) -> ExecResult:
+    """Run a local command, capturing output; a timeout becomes a LabError."""
+    try:
+        done = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
+                              input=input, env=env, check=False)
+    except subprocess.TimeoutExpired:
+        raise LabError(f"{' '.join(argv[:6])} did not finish within {timeout:.0f}s") from None
+    except FileNotFoundError:
+        raise LabError(f"{argv[0]} is not installed; run 'lab check'") from None
+    return ExecResult(done.returncode, done.stdout, done.stderr)

@@ -1,0 +1,240 @@
+"""The `lab` command: a thin layer over lab.controller; progress on stderr, data on stdout."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from lab import state
+from lab.backend import LabError
+from lab.bench import bench_profile, build_report, render_markdown, write_report
+from lab.controller import BACKENDS, Lab, make_backend
+from lab.topology import TopologyError
+from pgvpn.errors import PgvpnError
+from pgvpn.transports import PROFILES
+
+err = Console(stderr=True, highlight=False)
+
+EPILOG = """\
+typical session:
+  lab check                      # what this host has and lacks
+  lab up                         # Docker if an engine answers, else namespaces
+  lab bench --duration 10        # iperf3 through the tunnel; report in reports/<time>/
+  lab status                     # hosts, addresses, agent health, packets logged
+  lab exec peer-a -- ping -c3 10.230.0.2
+  lab down                       # removes everything the lab made, even after a crash
+"""
+
+
+def progress(message: str) -> None:
+    err.print(f"[dim]lab:[/] {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lab", description="The pgvpn lab: a postgres host and two peers (peer-a, "
+        "peer-b) that reach each other only through the database, as Docker containers "
+        "or network namespaces.", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    commands.add_parser("check", help="diagnose this host: privileges, tools, engines")
+
+    up = commands.add_parser("up", help="build and start the lab (idempotent)",
+                             description="Build the topology of compose.yaml and start it. "
+                             "A failed first 'up' is rolled back; 'up' on a healthy lab with "
+                             "the same settings changes nothing.")
+    up.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
+                    help="auto (default): docker when an engine answers, else netns")
+    add_lab_settings(up)
+
+    down = commands.add_parser("down", help="remove everything the lab made")
+    down.add_argument("--images", action="store_true", help="also remove the lab's images")
+
+    status = commands.add_parser("status", help="hosts, addresses, agent health, log size")
+    status.add_argument("--json", action="store_true", help="machine-readable, on stdout")
+
+    exec_ = commands.add_parser("exec", help="run a command inside a lab host",
+                                description="Run CMD inside HOST; its exit code is passed "
+                                "through. Example: lab exec peer-a -- ip addr")
+    exec_.add_argument("host", help="postgres, peer-a or peer-b")
+    exec_.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ...")
+
+    logs = commands.add_parser("logs", help="a host's service log")
+    logs.add_argument("host", nargs="?", help="one host (default: all)")
+    logs.add_argument("--tail", type=int, default=50, help="lines per host (default 50)")
+
+    restart = commands.add_parser("restart", help="restart a host's service")
+    restart.add_argument("host")
+
+    bench = commands.add_parser(
+        "bench", help="iperf3 through the tunnel and over the underlay; writes a report",
+        description="Measure the running lab (starting it first if needed): iperf3 "
+        "peer-a -> peer-b over the tunnel, the same over the underlay (peer-a -> postgres "
+        "host) for the tunnel's cost as a ratio, and a ping RTT sample. Writes report.json "
+        "and report.md to --out and prints a summary.")
+    bench.add_argument("--duration", type=float, default=10.0, help="seconds per iperf3 run")
+    bench.add_argument("--out", type=Path, default=None,
+                       help="report folder (default reports/<timestamp>/)")
+    bench.add_argument("--json", dest="json_path", default=None, metavar="PATH|-",
+                       help="also write the JSON report to PATH, or to stdout with '-'")
+    bench.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
+                       help="backend to use if no lab is up yet")
+    add_lab_settings(bench)
+    return parser
+
+
+def add_lab_settings(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mtu", type=int, default=None, help="TUN MTU (default 1500)")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default=None,
+                        help="transport profile (default batched)")
+
+
+def requested_settings(args: argparse.Namespace) -> state.LabSettings:
+    """Settings from the command line, falling back to the lab that is up, then defaults."""
+    current = state.load_settings()
+    mtu = args.mtu or (current.mtu if current else 1500)
+    if not 576 <= mtu <= 65535:
+        raise LabError(f"--mtu {mtu}: must be between 576 and 65535")
+    backend = args.backend
+    if current is not None and backend == "auto":
+        backend = current.backend
+    if backend == "auto":
+        backend = make_backend("auto", state.LabSettings("auto", mtu, "batched")).name
+    profile = args.profile or (current.profile if current else "batched")
+    return state.LabSettings(backend=backend, mtu=mtu, profile=profile)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    settings = requested_settings(args)
+    lab = Lab(make_backend(settings.backend, settings), settings)
+    lab.up(progress)
+    progress(f"lab is up on the {settings.backend} backend (mtu {lab.effective_mtu}, "
+             f"profile {settings.profile})")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    settings = state.load_settings() or state.LabSettings("netns", 1500, "batched")
+    removed_any = False
+    for name in BACKENDS:  # after a crash the state file may be gone: try every backend
+        backend = make_backend(name, settings)
+        if backend.available() is None and backend.exists():
+            Lab(backend, settings).down(progress)
+            removed_any = True
+        if name == "docker" and args.images and backend.available() is None:
+            backend.remove_images(progress)  # type: ignore[attr-defined]
+    state.remove_state()
+    progress("lab is down" if removed_any else "nothing to remove: no lab was up")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    report = Lab.current().status()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    table = Table(title=f"pgvpn lab ({report['backend']}, mtu {report['mtu']}, "
+                  f"profile {report['profile']})")
+    for column in ("host", "role", "running", "underlay", "tunnel", "detail"):
+        table.add_column(column)
+    for host in report["hosts"]:
+        table.add_row(host["name"], host["role"], "yes" if host["running"] else "NO",
+                      ", ".join(f"{k} {v}" for k, v in host["underlay"].items()),
+                      ", ".join(host["tunnel"]), host["detail"])
+    Console().print(table)
+    log = report["log"]
+    if "error" in log:
+        print(f"packet log: unavailable ({log['error']})")
+    else:
+        print(f"packet log: {log['packets']} packets, {log['bytes'] / 1e6:.1f} MB")
+    return 0
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        raise LabError("give a command after --, e.g. lab exec peer-a -- ip addr")
+    result = Lab.current().backend.exec(args.host, argv, timeout=3600)
+    sys.stdout.write(result.stdout)
+    sys.stderr.write(result.stderr)
+    return result.returncode
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    lab = Lab.current()
+    for host in [args.host] if args.host else list(lab.topology.hosts):
+        print(f"==> {host} <==")
+        print(lab.backend.logs(host, args.tail))
+    return 0
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    lab = Lab.current()
+    if args.host not in lab.topology.hosts:
+        raise LabError(f"no host {args.host!r}; hosts: {', '.join(lab.topology.hosts)}")
+    lab.backend.restart(lab.topology.hosts[args.host], progress)
+    lab.wait_for_tunnel(progress)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    settings = requested_settings(args)
+    lab = Lab(make_backend(settings.backend, settings), settings)
+    lab.up(progress)  # a no-op on a healthy lab with these settings
+    out = args.out or Path("reports") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    result = bench_profile(lab, args.duration, progress, raw_dir=out)
+    report = build_report([result])
+    write_report(report, out)
+    text = json.dumps(report, indent=2)
+    if args.json_path == "-":
+        print(text)
+        err.print(render_markdown(report))
+    else:
+        if args.json_path:
+            Path(args.json_path).write_text(text + "\n")
+        print(render_markdown(report))
+    progress(f"report written to {out}/")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    settings = state.LabSettings("auto", 1500, "batched")
+    usable = 0
+    for name in BACKENDS:
+        problem = make_backend(name, settings).available()
+        usable += problem is None
+        err.print(f"{name:7s} backend: " + ("[green]ready[/]" if problem is None
+                                            else f"[red]not available[/]: {problem}"))
+    for tool in ("iperf3", "ping", "ip"):
+        err.print(f"{tool:7s}: " + (f"[green]{shutil.which(tool)}[/]" if shutil.which(tool)
+                                    else f"[red]missing[/]: apt-get install "
+                                    f"{ {'ping': 'iputils-ping', 'ip': 'iproute2'}.get(tool, tool) }"))
+    return 0 if usable else 1
+
+
+COMMANDS = {"check": cmd_check, "up": cmd_up, "down": cmd_down, "status": cmd_status,
+            "exec": cmd_exec, "logs": cmd_logs, "restart": cmd_restart, "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (LabError, TopologyError, PgvpnError) as exc:
+        err.print(f"[red]lab: error:[/] {exc}")
+        return 2
+    except KeyboardInterrupt:
+        err.print("lab: interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

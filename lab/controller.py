@@ -1,0 +1,161 @@
+"""The lab controller: brings the topology up and down on whichever backend is chosen.
+
+It never asks which backend it drives; backends are picked by `make_backend`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+
+from lab import state, topology
+from lab.backend import Backend, HostState, LabError, Progress
+from lab.measure import wait_for_ping
+from pgvpn import admin, migrate
+from pgvpn.transports import PROFILES
+
+BACKENDS = ("docker", "netns")
+TUNNEL_TIMEOUT = 45.0
+
+
+def lab_environment(settings: state.LabSettings) -> dict[str, str]:
+    """The variables compose.yaml is filled in with."""
+    env = dict(os.environ)
+    env.update({"PGVPN_MTU": str(settings.mtu), "PGVPN_PROFILE": settings.profile,
+                "PGVPN_LAB_SECRETS": str(state.secrets_dir())})
+    return env
+
+
+def make_backend(name: str, settings: state.LabSettings) -> Backend:
+    """The backend called `name`, or the first available one for 'auto'."""
+    topo = topology.load(lab_environment(settings))
+    if name == "auto":
+        for candidate in BACKENDS:
+            backend = make_backend(candidate, settings)
+            if backend.available() is None:
+                return backend
+        raise LabError("no lab backend can run here; see 'lab check'")
+    if name == "docker":
+        from lab.docker_backend import DockerBackend
+
+        return DockerBackend(topo)
+    if name == "netns":
+        from lab.netns import NetnsBackend
+
+        return NetnsBackend(topo)
+    raise LabError(f"unknown backend {name!r}; choose auto, {', '.join(BACKENDS)}")
+
+
+class Lab:
+    """A pgvpn lab on one backend: a postgres host and two agents."""
+
+    def __init__(self, backend: Backend, settings: state.LabSettings) -> None:
+        self.backend = backend
+        self.settings = settings
+        self.topology = backend.topology
+
+    @classmethod
+    def current(cls) -> Lab:
+        """The lab that `lab up` made, or LabError if there is none."""
+        settings = state.load_settings()
+        if settings is None:
+            raise LabError("no lab is up; start one with 'lab up'")
+        return cls(make_backend(settings.backend, settings), settings)
+
+    @property
+    def effective_mtu(self) -> int:
+        return PROFILES[self.settings.profile].default_mtu(self.settings.mtu)
+
+    def up(self, progress: Progress) -> None:
+        """Create and start everything; a first `up` that fails is rolled back."""
+        problem = self.backend.available()
+        if problem:
+            raise LabError(f"the {self.backend.name} backend cannot run: {problem}")
+        previous = state.load_settings()
+        first = previous is None and not self.backend.exists()
+        if previous and previous.backend != self.settings.backend and not first:
+            raise LabError(f"a lab is already up on the {previous.backend} backend; "
+                           "run 'lab down' first")
+        changed = previous is not None and previous != self.settings
+        try:
+            state.save_settings(self.settings)
+            self._ensure_secrets()
+            self.backend.create(progress)
+            self.backend.start(self.topology.database, progress)
+            self._prepare_database(progress)
+            for agent in self.topology.agents:
+                if changed:
+                    progress(f"restarting {agent.name} with mtu {self.effective_mtu}, "
+                             f"profile {self.settings.profile}")
+                    self.backend.stop(agent)
+                self.backend.start(agent, progress)
+            self.wait_for_tunnel(progress)
+        except BaseException:
+            if first:
+                progress("lab up failed: rolling back")
+                self.down(progress)
+            raise
+
+    def wait_for_tunnel(self, progress: Progress) -> None:
+        for agent in self.topology.agents:
+            peer = agent.tunnel_peer
+            if peer:
+                progress(f"waiting for {agent.name} -> {peer} over the tunnel")
+                wait_for_ping(self.backend, agent.name, peer, TUNNEL_TIMEOUT)
+
+    def _ensure_secrets(self) -> None:
+        pgpass_users = {a.name: a.environment["PGUSER"] for a in self.topology.agents}
+        state.ensure_secrets(list(self.topology.secret_files), pgpass_users)
+
+    def _prepare_database(self, progress: Progress) -> None:
+        """Owner's work: the database, the schema, one login role per agent."""
+        passwords = state.ensure_secrets(list(self.topology.secret_files),
+                                         {a.name: a.environment["PGUSER"]
+                                          for a in self.topology.agents})
+        with psycopg.connect(self.backend.admin_conninfo("postgres"), autocommit=True) as conn:
+            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = 'pgvpn'").fetchone():
+                progress("creating database pgvpn")
+                conn.execute("CREATE DATABASE pgvpn")
+        with self.admin() as conn:
+            version = migrate.migrate(conn)
+            progress(f"schema at version {version}")
+            for agent in self.topology.agents:
+                admin.ensure_peer_role(conn, agent.name, passwords[agent.name])
+
+    @contextmanager
+    def admin(self) -> Iterator[psycopg.Connection]:
+        """An owner connection to the lab's database (the operator's rights)."""
+        try:
+            conn = psycopg.connect(self.backend.admin_conninfo(), autocommit=True,
+                                   connect_timeout=5)
+        except psycopg.OperationalError as exc:
+            raise LabError(f"cannot reach the lab's database: {exc}") from None
+        with conn:
+            yield conn
+
+    def down(self, progress: Progress) -> None:
+        self.backend.destroy(progress)
+        state.remove_state()
+
+    def log_totals(self) -> dict[str, Any]:
+        with self.admin() as conn:
+            row = conn.execute("SELECT count(*), coalesce(sum(length), 0), "
+                               "coalesce(max(id), 0) FROM pgvpn.packets").fetchone()
+        assert row is not None
+        return {"packets": int(row[0]), "bytes": int(row[1]), "max_id": int(row[2])}
+
+    def status(self) -> dict[str, Any]:
+        hosts: list[HostState] = self.backend.states()
+        report: dict[str, Any] = {
+            "backend": self.backend.name, "mtu": self.effective_mtu,
+            "profile": self.settings.profile,
+            "hosts": [vars(h) for h in hosts]}
+        try:
+            report["log"] = self.log_totals()
+        except (LabError, psycopg.Error) as exc:
+            report["log"] = {"error": str(exc).strip()}
+        return report

@@ -1,0 +1,101 @@
+"""Measurements taken by exec-ing tools inside lab hosts: iperf3 and ping.
+
+Backend-neutral: everything here goes through `Backend.exec`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from lab.backend import Backend, LabError
+
+IPERF_PORT = 5201
+CONNECT_RETRY_SECONDS = 15.0
+_RTT = re.compile(r"= ([\d.]+)/([\d.]+)/([\d.]+)/")
+_LOSS = re.compile(r"(\d+) packets transmitted, (\d+) received")
+
+
+@dataclass(frozen=True)
+class IperfResult:
+    receiver_mbps: float
+    sender_mbps: float
+    retransmits: int
+    bytes_sent: int
+    bytes_received: int
+    intervals: list[dict[str, float]]
+    raw: dict[str, Any]
+
+
+def iperf(backend: Backend, *, server: str, address: str, client: str, duration: float,
+          streams: int = 1, reverse: bool = False) -> IperfResult:
+    """iperf3 TCP from `client` to `address` on `server`; the server serves one test."""
+    # -1: serve one test then exit; --idle-timeout: never outlive a client that failed
+    backend.exec(server, ["iperf3", "-s", "-1", "-D", "-B", address, "-p", str(IPERF_PORT),
+                          "--idle-timeout", str(int(duration) + 30)]).check(
+        f"starting iperf3 server on {server}")
+    argv = ["iperf3", "-c", address, "-p", str(IPERF_PORT), "-t", str(duration), "-J",
+            "-P", str(streams), "--connect-timeout", "3000"]
+    if reverse:
+        argv.append("-R")
+    deadline = time.monotonic() + CONNECT_RETRY_SECONDS
+    while True:  # the daemonised server may need a moment to listen
+        result = backend.exec(client, argv, timeout=duration + 60)
+        try:
+            report = json.loads(result.stdout)
+        except ValueError:
+            raise LabError(f"iperf3 on {client} printed no JSON: {result.stderr.strip()}"
+                           ) from None
+        error = report.get("error", "")
+        if not error:
+            break
+        if "connect" not in error or time.monotonic() > deadline:
+            raise LabError(f"iperf3 {client} -> {server} ({address}) failed: {error}")
+        time.sleep(0.3)
+    end = report["end"]
+    return IperfResult(
+        receiver_mbps=end["sum_received"]["bits_per_second"] / 1e6,
+        sender_mbps=end["sum_sent"]["bits_per_second"] / 1e6,
+        retransmits=int(end["sum_sent"].get("retransmits", 0)),
+        bytes_sent=int(end["sum_sent"]["bytes"]),
+        bytes_received=int(end["sum_received"]["bytes"]),
+        intervals=[{"t": round(i["sum"]["end"], 3), "mbps": i["sum"]["bits_per_second"] / 1e6}
+                   for i in report.get("intervals", [])],
+        raw=report)
+
+
+@dataclass(frozen=True)
+class PingResult:
+    transmitted: int
+    received: int
+    rtt_ms: dict[str, float]
+
+
+def ping(backend: Backend, host: str, address: str, *, count: int = 10,
+         interval: float = 0.2) -> PingResult:
+    """ICMP echo from `host` to `address`; never raises for loss (it is in the result)."""
+    argv = ["ping", "-n", "-c", str(count), "-i", str(interval), "-W", "2", address]
+    if ":" in address:
+        argv.insert(1, "-6")
+    result = backend.exec(host, argv, timeout=count * (interval + 2) + 10)
+    loss = _LOSS.search(result.stdout)
+    rtt = _RTT.search(result.stdout)
+    return PingResult(
+        transmitted=int(loss[1]) if loss else count,
+        received=int(loss[2]) if loss else 0,
+        rtt_ms={"min": float(rtt[1]), "avg": float(rtt[2]), "max": float(rtt[3])} if rtt
+        else {})
+
+
+def wait_for_ping(backend: Backend, host: str, address: str, timeout: float) -> None:
+    """Wait until one echo gets through, or say what did not come up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if ping(backend, host, address, count=1).received:
+            return
+        if time.monotonic() > deadline:
+            raise LabError(f"{host} cannot ping {address} over the tunnel after {timeout:.0f}s;"
+                           f" see 'lab logs {host}'")

@@ -1,0 +1,289 @@
+"""The namespace backend: each lab host is a network namespace, linked by veth pairs.
+
+Everything it makes is named with the `pgvpn-` prefix; processes are found by the
+namespace they run in (`ip netns pids`), never by a name pattern.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import psycopg
+
+from lab import state
+from lab.backend import Backend, ExecResult, HostState, LabError, Progress, run
+from lab.topology import SECRETS_DIR, Host
+
+PREFIX = "pgvpn-"
+PG_PORT = 5432
+TUN_NAME = "pgvpn0"
+READY_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+POSTGRES_SETTINGS = """
+# pgvpn lab: tuned for a packet log on a small machine
+shared_buffers = 256MB
+wal_buffers = 16MB
+max_wal_size = 2GB
+checkpoint_timeout = 15min
+max_connections = 50
+synchronous_commit = on
+log_min_messages = warning
+"""
+
+
+def postgres_bindir() -> Path | None:
+    """The newest installed PostgreSQL server's bin directory."""
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"),
+                        key=lambda p: int(Path(p).parent.parent.name))
+    return Path(candidates[-1]).parent if candidates else None
+
+
+class NetnsBackend(Backend):
+    name = "netns"
+
+    @property
+    def root(self) -> Path:
+        return state.STATE_DIR / "netns"
+
+    def namespace(self, host: str) -> str:
+        if host not in self.topology.hosts:
+            raise LabError(f"no host {host!r} in the lab; hosts: {', '.join(self.topology.hosts)}")
+        return PREFIX + host
+
+    # ----------------------------------------------------------------- checks
+    def available(self) -> str | None:
+        if os.geteuid() != 0:
+            return "the namespace backend needs root (network namespaces, TUN devices)"
+        if shutil.which("ip") is None:
+            return "iproute2 ('ip') is missing: apt-get install iproute2"
+        if postgres_bindir() is None:
+            return "PostgreSQL server binaries are missing: apt-get install postgresql"
+        if shutil.which("iperf3") is None:
+            return "iperf3 is missing: apt-get install iperf3"
+        if not Path("/dev/net/tun").exists():
+            return "/dev/net/tun is missing: modprobe tun"
+        return None
+
+    # ---------------------------------------------------------------- create
+    def existing_namespaces(self) -> list[str]:
+        listing = run(["ip", "-j", "netns", "list"]).stdout.strip()
+        names = [entry["name"] for entry in json.loads(listing or "[]")]
+        return [n for n in names if n.startswith(PREFIX)]
+
+    def create(self, progress: Progress) -> None:
+        existing = set(self.existing_namespaces())
+        for host in self.topology.hosts:
+            ns = self.namespace(host)
+            if ns not in existing:
+                progress(f"namespace {ns}")
+                run(["ip", "netns", "add", ns]).check(f"creating namespace {ns}")
+            run(["ip", "-n", ns, "link", "set", "lo", "up"]).check("loopback up")
+        for index, network in enumerate(self.topology.networks.values()):
+            members = [h for h in self.topology.hosts.values() if network.name in h.addresses]
+            if len(members) != 2:
+                raise LabError(f"network {network.name} has {len(members)} hosts; the namespace "
+                               "backend links exactly two hosts per network")
+            ends = [f"{PREFIX}{network.name}"[:14] + str(i) for i in range(2)]
+            ends = [f"{PREFIX}n{index}{i}" if len(e) > 15 else e for i, e in enumerate(ends)]
+            first, second = (self.namespace(m.name) for m in members)
+            if run(["ip", "-n", first, "link", "show", ends[0]]).returncode != 0:
+                progress(f"link {members[0].name} <-> {members[1].name} ({network.subnet})")
+                run(["ip", "link", "add", ends[0], "netns", first, "type", "veth",
+                     "peer", "name", ends[1], "netns", second]).check("creating veth pair")
+                for member, end in zip(members, ends, strict=True):
+                    ns = self.namespace(member.name)
+                    address = f"{member.addresses[network.name]}/{network.subnet.prefixlen}"
+                    run(["ip", "-n", ns, "addr", "add", address, "dev", end]).check("address")
+                    run(["ip", "-n", ns, "link", "set", end, "up"]).check("link up")
+
+    # ----------------------------------------------------------------- start
+    def start(self, host: Host, progress: Progress) -> None:
+        if self._pid(host.name) is not None:
+            return
+        if host.role == "database":
+            self._start_postgres(host, progress)
+        else:
+            self._start_agent(host, progress)
+
+    def _spawn(self, host: str, argv: list[str], env: dict[str, str]) -> int:
+        (self.root / "logs").mkdir(parents=True, exist_ok=True)
+        with open(self.root / "logs" / f"{host}.log", "ab") as log:
+            process = subprocess.Popen(
+                ["ip", "netns", "exec", self.namespace(host), *argv], stdin=subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        (self.root / f"{host}.pid").write_text(str(process.pid))
+        return process.pid
+
+    def _start_postgres(self, host: Host, progress: Progress) -> None:
+        bindir = postgres_bindir()
+        assert bindir is not None
+        data, sockets = self.root / "pgdata", self.root / "run"
+        state.STATE_DIR.mkdir(parents=True, exist_ok=True)
+        for directory in (state.STATE_DIR, self.root):
+            directory.mkdir(parents=True, exist_ok=True)
+            directory.chmod(0o755)  # the postgres user must reach its data below
+        as_postgres = ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", "--"]
+        if not (data / "PG_VERSION").exists():
+            progress("initdb (PostgreSQL data directory)")
+            for directory in (data, sockets):
+                directory.mkdir(parents=True, exist_ok=True)
+                shutil.chown(directory, "postgres", "postgres")
+                directory.chmod(0o700)  # sockets: only root and postgres may connect
+            run([*as_postgres, str(bindir / "initdb"), "-D", str(data), "-U", "postgres",
+                 "-E", "UTF8", "--auth-local=trust", "--auth-host=scram-sha-256"],
+                timeout=120).check("initdb")
+            subnets = [str(n.subnet) for n in self.topology.networks.values()]
+            hba = ["local all all trust"] + [
+                f"host pgvpn +pgvpn_agent {subnet} scram-sha-256" for subnet in subnets]
+            (data / "pg_hba.conf").write_text("\n".join(hba) + "\n")
+            listen = ",".join(str(a) for a in host.addresses.values())
+            with open(data / "postgresql.conf", "a") as conf:
+                conf.write(POSTGRES_SETTINGS + f"listen_addresses = '{listen}'\n"
+                           f"unix_socket_directories = '{sockets}'\nport = {PG_PORT}\n")
+        progress("starting postgres")
+        self._spawn(host.name, [*as_postgres, str(bindir / "postgres"), "-D", str(data)],
+                    {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"})
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            try:
+                psycopg.connect(self.admin_conninfo("postgres"), connect_timeout=2).close()
+                return
+            except psycopg.OperationalError as exc:
+                if self._pid(host.name) is None or time.monotonic() > deadline:
+                    raise LabError(f"postgres did not accept connections within "
+                                   f"{READY_TIMEOUT:.0f}s ({exc}); log:\n"
+                                   f"{self.logs(host.name, 15)}") from None
+                time.sleep(0.2)
+
+    def agent_environment(self, host: Host) -> dict[str, str]:
+        """The host's compose environment, with secret paths pointing at the lab's files."""
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8",
+               "PYTHONUNBUFFERED": "1"}
+        for key, value in host.environment.items():
+            if value.startswith(SECRETS_DIR + "/"):
+                value = str(state.secrets_dir() / value.removeprefix(SECRETS_DIR + "/"))
+            env[key] = value
+        return env
+
+    def _start_agent(self, host: Host, progress: Progress) -> None:
+        progress(f"starting agent {host.name}")
+        self._spawn(host.name, [sys.executable, "-m", "pgvpn.cli", "run"],
+                    self.agent_environment(host))
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not self._tunnel_addresses(host.name):
+            if self._pid(host.name) is None:
+                raise LabError(f"agent {host.name} exited during start; log:\n"
+                               f"{self.logs(host.name, 15)}")
+            if time.monotonic() > deadline:
+                raise LabError(f"agent {host.name}'s TUN device {TUN_NAME} did not come up "
+                               f"within {READY_TIMEOUT:.0f}s; log:\n{self.logs(host.name, 15)}")
+            time.sleep(0.1)
+
+    # ------------------------------------------------------------------ stop
+    def _pid(self, host: str) -> int | None:
+        """The pid of the host's service if it is alive (and not a zombie)."""
+        try:
+            pid = int((self.root / f"{host}.pid").read_text())
+            with open(f"/proc/{pid}/stat") as stat:
+                if stat.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    os.waitpid(pid, os.WNOHANG)
+                    return None
+            return pid
+        except (OSError, ValueError, ChildProcessError):
+            return None
+
+    def stop(self, host: Host) -> None:
+        pid = self._pid(host.name)
+        if pid is None:
+            return
+        # postgres: SIGINT is its fast shutdown; the agent treats SIGTERM as "stop cleanly"
+        os.kill(pid, signal.SIGINT if host.role == "database" else signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while self._pid(host.name) is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if self._pid(host.name) is not None:
+            os.kill(pid, signal.SIGKILL)
+        (self.root / f"{host.name}.pid").unlink(missing_ok=True)
+
+    # ------------------------------------------------------------ operations
+    def exec(self, host: str, argv: Sequence[str], *, timeout: float = 60,
+             input: str | None = None) -> ExecResult:
+        return run(["ip", "netns", "exec", self.namespace(host), *argv], timeout=timeout,
+                   input=input)
+
+    def logs(self, host: str, tail: int = 100) -> str:
+        self.namespace(host)
+        try:
+            lines = (self.root / "logs" / f"{host}.log").read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-tail:])
+
+    def admin_conninfo(self, dbname: str = "pgvpn") -> str:
+        return f"host={self.root / 'run'} port={PG_PORT} user=postgres dbname={dbname}"
+
+    def exists(self) -> bool:
+        return bool(self.existing_namespaces())
+
+    def _tunnel_addresses(self, host: str) -> list[str]:
+        shown = run(["ip", "-n", self.namespace(host), "-j", "addr", "show", "dev", TUN_NAME])
+        if shown.returncode != 0:
+            return []
+        links = json.loads(shown.stdout or "[]")
+        return [f"{a['local']}/{a['prefixlen']}" for link in links if "UP" in link["flags"]
+                for a in link.get("addr_info", []) if a.get("scope") == "global"]
+
+    def states(self) -> list[HostState]:
+        present = set(self.existing_namespaces())
+        result = []
+        for host in self.topology.hosts.values():
+            exists = self.namespace(host.name) in present
+            running = exists and self._pid(host.name) is not None
+            result.append(HostState(
+                host.name, host.role, running,
+                {net: str(addr) for net, addr in host.addresses.items()},
+                self._tunnel_addresses(host.name) if running and host.role == "agent" else [],
+                "" if exists else "namespace missing"))
+        return result
+
+    # --------------------------------------------------------------- destroy
+    def destroy(self, progress: Progress) -> None:
+        for ns in self.existing_namespaces():
+            self._kill_namespace_processes(ns, progress)
+            progress(f"removing namespace {ns}")
+            run(["ip", "netns", "del", ns]).check(f"removing namespace {ns}")
+        links = json.loads(run(["ip", "-j", "link", "show"]).stdout or "[]")
+        for link in links:  # veth ends left in the root namespace by an interrupted create
+            if link["ifname"].startswith(PREFIX):
+                run(["ip", "link", "del", link["ifname"]])
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _kill_namespace_processes(self, ns: str, progress: Progress) -> None:
+        def pids() -> list[int]:
+            return [int(p) for p in run(["ip", "netns", "pids", ns]).stdout.split()]
+
+        found = pids()
+        if not found:
+            return
+        progress(f"stopping {len(found)} process(es) in {ns}")
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in found:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + STOP_TIMEOUT
+            while (found := pids()) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if not found:
+                return
+        raise LabError(f"processes {found} in {ns} survived SIGKILL")

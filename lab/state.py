@@ -1,0 +1,68 @@
+"""The lab's state directory: settings of the running lab and its secrets (mode 0600)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+STATE_DIR = Path(os.environ.get("PGVPN_LAB_DIR", "/var/tmp/pgvpn-lab"))
+
+
+@dataclass
+class LabSettings:
+    backend: str
+    mtu: int
+    profile: str
+
+
+def settings_path() -> Path:
+    return STATE_DIR / "lab.json"
+
+
+def load_settings() -> LabSettings | None:
+    try:
+        return LabSettings(**json.loads(settings_path().read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def save_settings(settings: LabSettings) -> None:
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    settings_path().write_text(json.dumps(asdict(settings)))
+
+
+def secrets_dir() -> Path:
+    return STATE_DIR / "secrets"
+
+
+def ensure_secrets(names: list[str], pgpass_users: dict[str, str]) -> dict[str, str]:
+    """Create random passwords once; peers' files are in PGPASSFILE format.
+
+    Returns secret name -> password. Files are 0600 and never printed.
+    """
+    directory = secrets_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o700)
+    passwords = {}
+    for name in names:
+        path = directory / name
+        if path.exists():
+            text = path.read_text().strip()
+            passwords[name] = text.rsplit(":", 1)[-1] if name in pgpass_users else text
+            continue
+        password = secrets.token_urlsafe(24)
+        content = (f"*:*:*:{pgpass_users[name]}:{password}\n" if name in pgpass_users
+                   else password + "\n")
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(content)
+        passwords[name] = password
+    return passwords
+
+
+def remove_state() -> None:
+    shutil.rmtree(STATE_DIR, ignore_errors=True)

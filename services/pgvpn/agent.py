@@ -1,0 +1,179 @@
+"""The agent: one TUN device, two pumps (TUN -> database, database -> TUN), a control loop.
+
+Where things happen:
+- packets are read from the TUN in `Agent.pump_up`, written to it in `Agent.pump_down`;
+- how they are committed and read back is the transport profile's business
+  (pgvpn.transports); this module never writes SQL for the data path;
+- the control connection registers the peer, keeps partitions ahead and heartbeats.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from types import FrameType
+
+from pgvpn import db, migrate
+from pgvpn.config import AgentConfig
+from pgvpn.errors import PgvpnError
+from pgvpn.packets import packet_problem
+from pgvpn.transports import PROFILES, Downlink, Session, Uplink
+from pgvpn.tun import TunDevice
+
+log = logging.getLogger("pgvpn.agent")
+
+HEARTBEAT_SECONDS = 5.0
+PARTITIONS_EVERY = 3600.0
+STATS_EVERY = 1.0
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.profile = PROFILES[config.profile]
+        self.mtu = self.profile.default_mtu(config.mtu)
+        self.session = Session(config)
+        self.dropped_from_tun = 0
+        self.skipped_rows = 0
+        self.failure: BaseException | None = None
+
+    @property
+    def stop(self) -> threading.Event:
+        return self.session.stop
+
+    def run(self) -> None:
+        """Run until SIGTERM/SIGINT or a fatal error; raises PgvpnError on the latter."""
+        control = db.connect(self.config.database_url, attempts=self.config.connect_attempts,
+                             application_name=f"pgvpn {self.config.name} control")
+        with control:
+            migrate.migrate(control)
+            self._register(control)
+            with TunDevice(self.config.tun_name, self.mtu) as tun:
+                addresses = [self.config.tun_ip]
+                if self.config.tun_ip6 is not None:
+                    addresses.append(self.config.tun_ip6)
+                tun.configure(addresses)
+                uplink = self.profile.open_uplink(self.session)
+                downlink = self.profile.open_downlink(self.session)
+                log.info("peer %s: %s on %s (%s, mtu %d) -> peer %s (%s) via %s, profile %s, "
+                         "%s commit", self.config.name, tun.name,
+                         ", ".join(map(str, addresses)), "v4+v6" if len(addresses) > 1 else
+                         "v4" if self.config.tun_ip.version == 4 else "v6", self.mtu,
+                         self.config.peer, self.config.tun_peer,
+                         db.describe_target(self.config.database_url), self.profile.name,
+                         "synchronous" if self.config.synchronous_commit else "asynchronous")
+                threads = [
+                    threading.Thread(target=self._guard, args=(self.pump_up, tun, uplink),
+                                     name="pump-up", daemon=True),
+                    threading.Thread(target=self._guard, args=(self.pump_down, tun, downlink),
+                                     name="pump-down", daemon=True),
+                ]
+                for thread in threads:
+                    thread.start()
+                try:
+                    self._control_loop(control, uplink, downlink)
+                finally:
+                    self.stop.set()
+                    for thread in threads:
+                        thread.join(timeout=5)
+                    uplink.close()
+                    downlink.close()
+        if self.failure is not None:
+            if isinstance(self.failure, PgvpnError):
+                raise self.failure
+            raise PgvpnError(f"agent stopped: {self.failure!r}") from self.failure
+        log.info("peer %s: stopped; sent %d packets, received %d", self.config.name,
+                 uplink.counters.packets, downlink.counters.packets)
+
+    def _guard(self, pump: object, tun: TunDevice, link: Uplink | Downlink) -> None:
+        """Run a pump; a pump's unexpected error stops the whole agent, loudly."""
+        try:
+            pump(tun, link)  # type: ignore[operator]
+        except BaseException as exc:
+            log.exception("%s failed", threading.current_thread().name)
+            self.failure = exc
+            self.stop.set()
+
+    def pump_up(self, tun: TunDevice, uplink: Uplink) -> None:
+        """TUN -> database: read every packet queued, send them as one batch."""
+        limit = self.config.batch_packets
+        while not self.stop.is_set():
+            if not tun.wait_readable(0.2):
+                continue
+            packets = []
+            for frame in tun.read_available(limit):
+                problem = packet_problem(frame)
+                if problem is None:
+                    packets.append(frame)
+                else:
+                    self.dropped_from_tun += 1
+                    log.debug("dropped a frame from %s: %s", tun.name, problem)
+            if packets:
+                uplink.send(packets)
+
+    def pump_down(self, tun: TunDevice, downlink: Downlink) -> None:
+        """Database -> TUN: write each committed packet addressed to us."""
+        while not self.stop.is_set():
+            for packet in downlink.receive(timeout=0.5):
+                problem = packet_problem(packet)
+                if problem is None:
+                    tun.write(packet)
+                else:
+                    self.skipped_rows += 1
+                    log.warning("skipped a logged row from %s that is not a packet: %s",
+                                self.config.peer, problem)
+
+    def _register(self, control: db.psycopg.Connection) -> None:
+        control.execute("SELECT pgvpn.ensure_partitions()")
+        control.execute(
+            "INSERT INTO pgvpn.peers (name, tunnel_addr, last_seen) VALUES (%s, %s, now()) "
+            "ON CONFLICT (name) DO UPDATE SET tunnel_addr = EXCLUDED.tunnel_addr, "
+            "last_seen = EXCLUDED.last_seen", [self.config.name, str(self.config.tun_ip.ip)])
+        control.execute("INSERT INTO pgvpn.peers (name) VALUES (%s) ON CONFLICT DO NOTHING",
+                        [self.config.peer])
+
+    def _control_loop(self, control: db.psycopg.Connection, uplink: Uplink,
+                      downlink: Downlink) -> None:
+        """Heartbeat, partitions ahead, debug counters; cheap and rare by design."""
+        next_heartbeat = next_partitions = next_stats = time.monotonic()
+        next_partitions += PARTITIONS_EVERY
+        while not self.stop.wait(0.2):
+            now = time.monotonic()
+            try:
+                if now >= next_heartbeat:
+                    control.execute("UPDATE pgvpn.peers SET last_seen = now() WHERE name = %s",
+                                    [self.config.name])
+                    next_heartbeat = now + HEARTBEAT_SECONDS
+                if now >= next_partitions:
+                    control.execute("SELECT pgvpn.ensure_partitions()")
+                    next_partitions = now + PARTITIONS_EVERY
+            except db.psycopg.Error as exc:
+                if not db.is_connection_lost(exc):
+                    raise
+                log.debug("control connection lost: %s", db.explain(exc))
+                try:
+                    control = db.connect(self.config.database_url, attempts=1,
+                                         application_name=f"pgvpn {self.config.name} control")
+                except PgvpnError:
+                    next_heartbeat = now + HEARTBEAT_SECONDS
+            if now >= next_stats and log.isEnabledFor(logging.DEBUG):
+                up, down = uplink.counters, downlink.counters
+                log.debug("up %d pkts %d B %d batches | down %d pkts %d B %d batches | "
+                          "dropped %d skipped %d reconnects %d", up.packets, up.bytes,
+                          up.batches, down.packets, down.bytes, down.batches,
+                          self.dropped_from_tun, self.skipped_rows,
+                          up.reconnects + down.reconnects)
+                next_stats = now + STATS_EVERY
+
+
+def install_signal_handlers(agent: Agent) -> None:
+    """SIGTERM and SIGINT ask the agent to stop cleanly (TUN removed, cursor saved)."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        agent.stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)

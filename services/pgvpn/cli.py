@@ -1,0 +1,120 @@
+"""The `pgvpn` command: run the agent, manage the schema and peers."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from pgvpn import __version__, admin, db, migrate
+from pgvpn.config import add_arguments, load_config
+from pgvpn.errors import PgvpnError
+
+EPILOG = """\
+examples:
+  # peer a, settings from the environment as in the original blog post
+  DATABASE_URL=postgresql://peer_a@db.example/pgvpn PGVPN_NAME=peer-a PGVPN_PEER=peer-b \\
+  TUN_IP=10.230.0.1/24 TUN_PEER=10.230.0.2 pgvpn run
+
+  # the same from a YAML file whose keys are the setting names below
+  pgvpn run --config /etc/pgvpn/peer-a.yaml
+
+  # once, as the database owner: create the schema and a login role per peer
+  pgvpn db migrate
+  pgvpn db add-peer peer-a --password-file /run/secrets/peer-a
+
+Passwords belong in a PGPASSFILE or the DATABASE_URL environment variable, not on
+the command line, where other users can read them.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pgvpn", description="A VPN whose only transport is PostgreSQL: packets read "
+        "from a TUN device become rows, and rows addressed to this peer become packets.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"pgvpn {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run", help="run the tunnel agent (needs CAP_NET_ADMIN)",
+        description="Create the TUN device and carry packets through the database until "
+        "SIGTERM or SIGINT. Migrates the schema if this role may, and checks it otherwise.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--config", type=Path, metavar="FILE", help="YAML file of settings")
+    add_arguments(run)
+
+    database = commands.add_parser("db", help="schema and peer administration (as the owner)")
+    db_commands = database.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    for action, text in (("migrate", "apply the schema migrations that are missing"),
+                         ("version", "print the schema version in place")):
+        sub = db_commands.add_parser(action, help=text, description=text)
+        sub.add_argument("--database-url", default=os.environ.get("DATABASE_URL", ""),
+                         help="owner's connection string (default $DATABASE_URL or PG* vars)")
+    add_peer = db_commands.add_parser(
+        "add-peer", help="create (or update) a peer's login role",
+        description="Create a LOGIN role for a peer, member of pgvpn_agent, with a SCRAM "
+        "password read from a file (or stdin with '-').")
+    add_peer.add_argument("name", help="peer name, e.g. peer-a")
+    add_peer.add_argument("--password-file", required=True, metavar="FILE",
+                          help="file holding the password, or '-' for standard input")
+    add_peer.add_argument("--database-url", default=os.environ.get("DATABASE_URL", ""),
+                          help="owner's connection string (default $DATABASE_URL or PG* vars)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return run_agent(args)
+        return run_db(args)
+    except PgvpnError as exc:
+        print(f"pgvpn: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def run_agent(args: argparse.Namespace) -> int:
+    from pgvpn.agent import Agent, install_signal_handlers  # late: pyroute2 is slow to import
+
+    overrides = {k: v for k, v in vars(args).items() if k not in {"command", "config"}}
+    config = load_config(args.config, overrides=overrides)
+    logging.basicConfig(level=config.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    agent = Agent(config)
+    install_signal_handlers(agent)
+    agent.run()
+    return 0
+
+
+def run_db(args: argparse.Namespace) -> int:
+    logging.basicConfig(level="INFO", stream=sys.stderr, format="%(message)s")
+    with db.connect(args.database_url, attempts=3, application_name="pgvpn admin") as conn:
+        if args.db_command == "migrate":
+            migrate.migrate(conn)
+        elif args.db_command == "version":
+            print(migrate.applied_version(conn))
+        elif args.db_command == "add-peer":
+            created = admin.ensure_peer_role(conn, args.name, read_secret(args.password_file))
+            print(f"role {admin.role_name(args.name)} for peer {args.name} "
+                  f"{'created' if created else 'updated'}", file=sys.stderr)
+    return 0
+
+
+def read_secret(path: str) -> str:
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except OSError as exc:
+        raise PgvpnError(f"cannot read password file {path}: {exc.strerror}") from None
+    secret = text.strip()
+    if not secret:
+        raise PgvpnError(f"password file {path} is empty")
+    return secret
+
+
+if __name__ == "__main__":
+    sys.exit(main())

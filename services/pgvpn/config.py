@@ -1,0 +1,224 @@
+"""Agent settings: one table of settings feeds YAML, environment, CLI and --help."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pgvpn.errors import ConfigError
+
+PEER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+MIN_MTU = 576  # the IPv4 minimum; below it some peers' packets cannot be carried
+MAX_MTU = 65535
+
+
+def _peer_name(value: str) -> str:
+    if not PEER_NAME.match(value):
+        raise ValueError("use 1-63 characters: lower-case letters, digits, '-' or '_'")
+    return value
+
+
+def _interface(value: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
+    if "/" not in value:
+        raise ValueError("give an address with its prefix length, e.g. 10.230.0.1/24")
+    return ipaddress.ip_interface(value)
+
+
+def _mtu(value: str) -> int:
+    mtu = int(value)
+    if not MIN_MTU <= mtu <= MAX_MTU:
+        raise ValueError(f"must be between {MIN_MTU} and {MAX_MTU}")
+    return mtu
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise ValueError("must be a positive whole number")
+    return number
+
+
+def _seconds(value: str) -> float:
+    number = float(value)
+    if number <= 0:
+        raise ValueError("must be a positive number of seconds")
+    return number
+
+
+def _bool(value: str) -> bool:
+    lowered = str(value).strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError("use true or false")
+
+
+def _tun_name(value: str) -> str:
+    if not 0 < len(value) < 16 or "/" in value or " " in value:
+        raise ValueError("interface names have 1-15 characters, no '/' or spaces")
+    return value
+
+
+def _profile(value: str) -> str:
+    from pgvpn.transports import PROFILES  # late: transports import config
+
+    if value not in PROFILES:
+        raise ValueError(f"unknown profile; choose one of {', '.join(sorted(PROFILES))}")
+    return value
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One agent setting: its YAML key, environment variable, parser and help."""
+
+    key: str
+    env: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+    secret: bool = False
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("name", "PGVPN_NAME", _peer_name, None,
+            "this peer's name; packets it sends are logged with it as sender"),
+    Setting("peer", "PGVPN_PEER", _peer_name, None,
+            "the remote peer's name; every packet read from the TUN goes to it"),
+    Setting("database_url", "DATABASE_URL", str, "",
+            "libpq connection string or URL; empty means the PG* environment variables",
+            secret=True),
+    Setting("tun_ip", "TUN_IP", _interface, None,
+            "this end's tunnel address with prefix, e.g. 10.230.0.1/24"),
+    Setting("tun_peer", "TUN_PEER", ipaddress.ip_address, None,
+            "the remote end's tunnel address, e.g. 10.230.0.2"),
+    Setting("tun_ip6", "TUN_IP6", _interface, None,
+            "optional IPv6 tunnel address with prefix, e.g. fd00:230::1/64"),
+    Setting("tun_name", "PGVPN_TUN_NAME", _tun_name, "pgvpn0", "name of the TUN device to create"),
+    Setting("mtu", "PGVPN_MTU", _mtu, 1500, f"TUN MTU ({MIN_MTU}-{MAX_MTU}); 65000 is fastest"),
+    Setting("profile", "PGVPN_PROFILE", _profile, "batched",
+            "transport profile: how packets are written, woken up and read"),
+    Setting("synchronous_commit", "PGVPN_SYNCHRONOUS_COMMIT", _bool, True,
+            "wait for the WAL flush of every batch; false is faster but a database crash "
+            "can lose rows whose packets were already delivered"),
+    Setting("batch_packets", "PGVPN_BATCH_PACKETS", _positive, 1024,
+            "most packets written in one COPY"),
+    Setting("max_replay_age", "PGVPN_MAX_REPLAY_AGE", _seconds, 30.0,
+            "packets older than this many seconds are not written to a live TUN at start"),
+    Setting("connect_attempts", "PGVPN_CONNECT_ATTEMPTS", _positive, 10,
+            "database connection attempts at start before giving up"),
+    Setting("log_level", "PGVPN_LOG_LEVEL", str.upper, "INFO",
+            "DEBUG shows per-second counters; INFO, WARNING, ERROR"),
+)
+REQUIRED = ("name", "peer", "tun_ip", "tun_peer")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything one agent needs to run; immutable once validated."""
+
+    name: str
+    peer: str
+    tun_ip: ipaddress.IPv4Interface | ipaddress.IPv6Interface
+    tun_peer: ipaddress.IPv4Address | ipaddress.IPv6Address
+    database_url: str = ""
+    tun_ip6: ipaddress.IPv6Interface | None = None
+    tun_name: str = "pgvpn0"
+    mtu: int = 1500
+    profile: str = "batched"
+    synchronous_commit: bool = True
+    batch_packets: int = 1024
+    max_replay_age: float = 30.0
+    connect_attempts: int = 10
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if self.name == self.peer:
+            raise ConfigError(f"name and peer are both {self.name!r}: a peer cannot tunnel to itself")
+        if self.tun_peer.version != self.tun_ip.version or self.tun_peer == self.tun_ip.ip:
+            raise ConfigError(
+                f"tun_peer {self.tun_peer} must be another address of the same family as "
+                f"tun_ip {self.tun_ip}")
+        if self.tun_ip6 is not None and self.tun_ip6.version != 6:
+            raise ConfigError(f"tun_ip6 {self.tun_ip6} is not an IPv6 address")
+        if self.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ConfigError(f"log_level {self.log_level!r}: use DEBUG, INFO, WARNING or ERROR")
+
+    def describe(self) -> dict[str, Any]:
+        """The settings as plain values, secrets masked, for logs and status."""
+        secret = {s.key for s in SETTINGS if s.secret}
+        return {
+            f.name: ("***" if f.name in secret and getattr(self, f.name) else
+                     str(getattr(self, f.name)) if getattr(self, f.name) is not None else None)
+            for f in fields(self)
+        }
+
+
+def _parse(setting: Setting, raw: Any, origin: str) -> Any:
+    try:
+        return setting.parse(str(raw) if not isinstance(raw, str) else raw)
+    except ValueError as exc:
+        raise ConfigError(f"{setting.key} = {raw!r} (from {origin}): {exc}") from None
+
+
+def load_config(
+    path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> AgentConfig:
+    """Merge settings: defaults < YAML file < environment < command line."""
+    environ = os.environ if environ is None else environ
+    by_key = {s.key: s for s in SETTINGS}
+    values: dict[str, Any] = {}
+    if path is not None:
+        values.update(_read_yaml(path, by_key))
+    for setting in SETTINGS:
+        if environ.get(setting.env, "") != "":
+            values[setting.key] = _parse(setting, environ[setting.env], f"${setting.env}")
+    for key, raw in (overrides or {}).items():
+        if raw is not None:
+            values[key] = _parse(by_key[key], raw, f"--{key.replace('_', '-')}")
+    missing = [k for k in REQUIRED if k not in values]
+    if missing:
+        hints = ", ".join(f"{k} (${by_key[k].env})" for k in missing)
+        raise ConfigError(f"missing setting: {hints}; see 'pgvpn run --help'")
+    return AgentConfig(**values)
+
+
+def _read_yaml(path: Path, by_key: Mapping[str, Setting]) -> dict[str, Any]:
+    try:
+        document = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        raise ConfigError(f"config file {path} must be a mapping of setting: value")
+    unknown = sorted(set(document) - set(by_key))
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown setting(s) {', '.join(unknown)}; "
+                          f"known: {', '.join(by_key)}")
+    return {k: _parse(by_key[k], v, str(path)) for k, v in document.items() if v is not None}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one --flag per setting, with its environment variable and default in the help."""
+    group = parser.add_argument_group(
+        "settings", "each may also come from the YAML file (--config) or the environment; "
+        "the command line wins, then the environment, then the file")
+    for setting in SETTINGS:
+        default = "" if setting.default in (None, "") else f" (default {setting.default})"
+        required = " [required]" if setting.key in REQUIRED else ""
+        group.add_argument(f"--{setting.key.replace('_', '-')}", dest=setting.key,
+                           metavar=setting.env, default=None,
+                           help=f"{setting.help}{default}{required}; env ${setting.env}")

@@ -1,0 +1,1 @@
+"""The schema migrations, shipped inside the agent as package `pgvpn.migrations`."""
