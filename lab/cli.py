@@ -125,7 +125,11 @@ def cmd_down(args: argparse.Namespace) -> int:
     settings = state.load_settings() or state.LabSettings("netns", 1500, "batched")
     removed_any = False
     for name in BACKENDS:  # after a crash the state file may be gone: try every backend
-        backend = make_backend(name, settings)
+        try:
+            backend = make_backend(name, settings)
+        except LabError as exc:
+            progress(f"skipping the {name} backend: {exc}")
+            continue
         if backend.available() is None and backend.exists():
             Lab(backend, settings).down(progress)
             removed_any = True

@@ -40,7 +40,10 @@ def make_backend(name: str, settings: state.LabSettings) -> Backend:
                 return backend
         raise LabError("no lab backend can run here; see 'lab check'")
     if name == "docker":
-        from lab.docker_backend import DockerBackend
+        try:
+            from lab.docker_backend import DockerBackend
+        except ImportError as exc:
+            raise LabError(f"the docker backend cannot load: {exc}") from None
 
         return DockerBackend(topo)
     if name == "netns":

@@ -23,7 +23,7 @@ from lab import state
 from lab.backend import Backend, ExecResult, HostState, LabError, Progress, run
 from lab.topology import SECRETS_DIR, Host
 
-PREFIX = "pgvpn-"
+PREFIX = f"{state.LAB_NAME}-"
 PG_PORT = 5432
 TUN_NAME = "pgvpn0"
 READY_TIMEOUT = 30.0
@@ -87,13 +87,14 @@ class NetnsBackend(Backend):
                 progress(f"namespace {ns}")
                 run(["ip", "netns", "add", ns]).check(f"creating namespace {ns}")
             run(["ip", "-n", ns, "link", "set", "lo", "up"]).check("loopback up")
-        for index, network in enumerate(self.topology.networks.values()):
+        for network in self.topology.networks.values():
             members = [h for h in self.topology.hosts.values() if network.name in h.addresses]
             if len(members) != 2:
                 raise LabError(f"network {network.name} has {len(members)} hosts; the namespace "
                                "backend links exactly two hosts per network")
-            ends = [f"{PREFIX}{network.name}"[:14] + str(i) for i in range(2)]
-            ends = [f"{PREFIX}n{index}{i}" if len(e) > 15 else e for i, e in enumerate(ends)]
+            # Both ends are created directly inside their namespaces, so each can carry
+            # the network's own name and nothing is ever left in the root namespace.
+            ends = [network.name[:15]] * 2
             first, second = (self.namespace(m.name) for m in members)
             if run(["ip", "-n", first, "link", "show", ends[0]]).returncode != 0:
                 progress(f"link {members[0].name} <-> {members[1].name} ({network.subnet})")
@@ -261,10 +262,6 @@ class NetnsBackend(Backend):
             self._kill_namespace_processes(ns, progress)
             progress(f"removing namespace {ns}")
             run(["ip", "netns", "del", ns]).check(f"removing namespace {ns}")
-        links = json.loads(run(["ip", "-j", "link", "show"]).stdout or "[]")
-        for link in links:  # veth ends left in the root namespace by an interrupted create
-            if link["ifname"].startswith(PREFIX):
-                run(["ip", "link", "del", link["ifname"]])
         shutil.rmtree(self.root, ignore_errors=True)
 
     def _kill_namespace_processes(self, ns: str, progress: Progress) -> None:

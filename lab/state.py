@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-STATE_DIR = Path(os.environ.get("PGVPN_LAB_DIR", "/var/tmp/pgvpn-lab"))
+# Several labs may coexist (e.g. tests beside a user's lab): each has a name that
+# prefixes everything it makes; it must start with "pgvpn" so ownership stays visible.
+LAB_NAME = os.environ.get("PGVPN_LAB_NAME", "pgvpn")
+if not re.fullmatch(r"pgvpn[a-z0-9-]{0,10}", LAB_NAME):
+    raise SystemExit(f"PGVPN_LAB_NAME={LAB_NAME!r}: use 'pgvpn' plus up to 10 of [a-z0-9-]")
+STATE_DIR = Path(os.environ.get("PGVPN_LAB_DIR", f"/var/tmp/{LAB_NAME}-lab"))
 
 
 @dataclass

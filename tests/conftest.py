@@ -1,0 +1,99 @@
+"""Shared fixtures: a real lab (namespaces by default) driven through the `lab` CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# Tests use their own lab name, so a user's lab ("pgvpn") is never touched.
+TEST_LAB = os.environ.get("PGVPN_TEST_LAB_NAME", "pgvpn-test")
+
+
+class LabHandle:
+    """A running lab as the tests see it: the CLI, exec in hosts, the owner's SQL."""
+
+    def __init__(self, backend: str, name: str = TEST_LAB) -> None:
+        self.backend = backend
+        self.name = name
+        self.env = {**os.environ, "PGVPN_LAB_NAME": name}
+        self.env.pop("PGVPN_LAB_DIR", None)
+        self.state_dir = Path(f"/var/tmp/{name}-lab")
+
+    def cli(self, *args: str, timeout: float = 600, check: bool = True
+            ) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run([sys.executable, "-m", "lab.cli", *args], capture_output=True,
+                              text=True, timeout=timeout, env=self.env, cwd=ROOT, check=False)
+        if check and done.returncode != 0:
+            raise AssertionError(f"lab {' '.join(args)} exited {done.returncode}:\n"
+                                 f"{done.stdout}\n{done.stderr}")
+        return done
+
+    def exec(self, host: str, *argv: str, timeout: float = 120, check: bool = True
+             ) -> subprocess.CompletedProcess[str]:
+        return self.cli("exec", host, "--", *argv, timeout=timeout, check=check)
+
+    def status(self) -> dict[str, Any]:
+        return json.loads(self.cli("status", "--json").stdout)  # type: ignore[no-any-return]
+
+    def conninfo(self) -> str:
+        """The operator's connection, as the controller itself builds it."""
+        code = ("from lab.controller import Lab; print(Lab.current().backend.admin_conninfo())")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env=self.env, cwd=ROOT, check=True)
+        return done.stdout.strip()
+
+    def sql(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
+        with psycopg.connect(self.conninfo(), autocommit=True) as conn:
+            return conn.execute(query, params).fetchall()
+
+    def tun_counters(self, host: str) -> dict[str, int]:
+        shown = json.loads(self.exec(host, "ip", "-s", "-j", "link", "show", "pgvpn0").stdout)
+        stats = shown[0]["stats64"]
+        return {"tx": stats["tx"]["packets"], "rx": stats["rx"]["packets"],
+                "tx_dropped": stats["tx"]["dropped"]}
+
+    def wait_settled(self, timeout: float = 20) -> None:
+        """Wait until every logged packet was read by its receiver."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pending = self.sql(
+                "SELECT count(*) FROM pgvpn.packets p JOIN pgvpn.cursors c "
+                "ON c.receiver = p.receiver AND c.sender = p.sender WHERE p.seq > c.last_seq")
+            if pending[0][0] == 0:
+                return
+            time.sleep(0.2)
+        raise AssertionError("logged packets were still undelivered after the timeout")
+
+
+def netns_ready() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root"
+    for tool in ("ip", "iperf3", "ping"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed"
+    return None
+
+
+@pytest.fixture(scope="session")
+def netns_lab() -> Iterator[LabHandle]:
+    reason = netns_ready()
+    if reason:
+        pytest.skip(f"namespace lab unavailable: {reason}")
+    lab = LabHandle("netns")
+    lab.cli("down")  # a crashed earlier run must not poison this one
+    lab.cli("up", "--backend", "netns")
+    try:
+        yield lab
+    finally:
+        lab.cli("down")
