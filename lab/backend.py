@@ -50,8 +50,9 @@ class Backend(ABC):
 
     name: str
 
-    def __init__(self, topology: Topology) -> None:
+    def __init__(self, topology: Topology, env: dict[str, str] | None = None) -> None:
         self.topology = topology
+        self.env = dict(env or {})  # what compose.yaml was filled in with
 
     @abstractmethod
     def available(self) -> str | None:
@@ -70,8 +71,7 @@ class Backend(ABC):
         """Stop a host's service gracefully (SIGTERM, then SIGKILL after a timeout)."""
 
     @abstractmethod
-    def exec(self, host: str, argv: Sequence[str], *, timeout: float = 60,
-             input: str | None = None) -> ExecResult:
+    def exec(self, host: str, argv: Sequence[str], *, timeout: float = 60) -> ExecResult:
         """Run a command inside a host; never raises for a non-zero exit."""
 
     @abstractmethod
@@ -97,12 +97,12 @@ class Backend(ABC):
         self.start(host, progress)
 
 
-def run(argv: Sequence[str], *, timeout: float = 60, input: str | None = None,
+def run(argv: Sequence[str], *, timeout: float = 60,
         env: dict[str, str] | None = None) -> ExecResult:
     """Run a local command, capturing output; a timeout becomes a LabError."""
     try:
         done = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
-                              input=input, env=env, check=False)
+                              env=env, check=False)
     except subprocess.TimeoutExpired:
         raise LabError(f"{' '.join(argv[:6])} did not finish within {timeout:.0f}s") from None
     except FileNotFoundError:

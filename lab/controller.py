@@ -25,14 +25,16 @@ TUNNEL_TIMEOUT = 45.0
 def lab_environment(settings: state.LabSettings) -> dict[str, str]:
     """The variables compose.yaml is filled in with."""
     env = dict(os.environ)
-    env.update({"PGVPN_MTU": str(settings.mtu), "PGVPN_PROFILE": settings.profile,
+    env.update({"PGVPN_LAB_NAME": state.LAB_NAME,
+                "PGVPN_MTU": str(settings.mtu), "PGVPN_PROFILE": settings.profile,
                 "PGVPN_LAB_SECRETS": str(state.secrets_dir())})
     return env
 
 
 def make_backend(name: str, settings: state.LabSettings) -> Backend:
     """The backend called `name`, or the first available one for 'auto'."""
-    topo = topology.load(lab_environment(settings))
+    env = lab_environment(settings)
+    topo = topology.load(env)
     if name == "auto":
         for candidate in BACKENDS:
             backend = make_backend(candidate, settings)
@@ -45,11 +47,11 @@ def make_backend(name: str, settings: state.LabSettings) -> Backend:
         except ImportError as exc:
             raise LabError(f"the docker backend cannot load: {exc}") from None
 
-        return DockerBackend(topo)
+        return DockerBackend(topo, env)
     if name == "netns":
         from lab.netns import NetnsBackend
 
-        return NetnsBackend(topo)
+        return NetnsBackend(topo, env)
     raise LabError(f"unknown backend {name!r}; choose auto, {', '.join(BACKENDS)}")
 
 

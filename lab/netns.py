@@ -216,10 +216,8 @@ class NetnsBackend(Backend):
         (self.root / f"{host.name}.pid").unlink(missing_ok=True)
 
     # ------------------------------------------------------------ operations
-    def exec(self, host: str, argv: Sequence[str], *, timeout: float = 60,
-             input: str | None = None) -> ExecResult:
-        return run(["ip", "netns", "exec", self.namespace(host), *argv], timeout=timeout,
-                   input=input)
+    def exec(self, host: str, argv: Sequence[str], *, timeout: float = 60) -> ExecResult:
+        return run(["ip", "netns", "exec", self.namespace(host), *argv], timeout=timeout)
 
     def logs(self, host: str, tail: int = 100) -> str:
         self.namespace(host)

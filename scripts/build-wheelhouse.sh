@@ -54,16 +54,35 @@ if [[ $PYVER != 3.11 ]]; then
     echo "warning: $PY is Python $PYVER; the images use Python 3.11" >&2
 fi
 
-SPEC=$REPO_ROOT
-[[ -z $EXTRAS ]] || SPEC="$REPO_ROOT[$EXTRAS]"
-
 START=$SECONDS
+STAGE=$(mktemp -d "${TMPDIR:-/tmp}/pgvpn-wheelhouse.XXXXXX")
+trap 'rm -rf "$STAGE"' EXIT
+
+# Build from a clean copy of the source, not the work tree: setuptools builds
+# in place and never empties build/, so a module deleted from the tree would
+# live on in the wheel; it would also leave build/ and *.egg-info behind.
+# In a git checkout the copy is what git would see (tracked + untracked, not
+# ignored); otherwise everything but the usual local state.
+step "staging the source in $STAGE"
+if git -C "$REPO_ROOT" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    git -C "$REPO_ROOT" ls-files -z --cached --others --exclude-standard |
+        (cd "$REPO_ROOT" && xargs -0 -r sh -c 'for f; do [ -e "$f" ] && printf "%s\0" "$f"; done' sh) |
+        tar -C "$REPO_ROOT" --null -T - -cf - | tar -C "$STAGE" -xf -
+else
+    tar -C "$REPO_ROOT" --exclude=.git --exclude=.venv --exclude=build \
+        --exclude='*.egg-info' --exclude=__pycache__ --exclude=images \
+        --exclude=reports -cf - . | tar -C "$STAGE" -xf -
+fi
+
+SPEC=$STAGE
+[[ -z $EXTRAS ]] || SPEC="$STAGE[$EXTRAS]"
+
 if [[ $KEEP -eq 0 ]]; then
     rm -rf "$WHEELHOUSE"
 fi
 mkdir -p "$WHEELHOUSE"
 
-step "pip wheel $SPEC -> ${WHEELHOUSE#"$REPO_ROOT"/} (python $PYVER: $PY)"
+step "pip wheel ${SPEC/#"$STAGE"/<repo>} -> ${WHEELHOUSE#"$REPO_ROOT"/} (python $PYVER: $PY)"
 "$PY" -m pip wheel --wheel-dir "$WHEELHOUSE" "$SPEC" >&2
 
 # A wheel tagged plain linux_* was compiled on this host from an sdist and may

@@ -76,6 +76,19 @@ class LabHandle:
         raise AssertionError("logged packets were still undelivered after the timeout")
 
 
+class CliBackend:
+    """Lets lab.measure (iperf, ping) drive a test lab through `lab exec`."""
+
+    def __init__(self, lab: LabHandle) -> None:
+        self.lab = lab
+
+    def exec(self, host: str, argv: Any, *, timeout: float = 60) -> Any:
+        from lab.backend import ExecResult
+
+        done = self.lab.exec(host, *argv, timeout=timeout, check=False)
+        return ExecResult(done.returncode, done.stdout, done.stderr)
+
+
 def netns_ready() -> str | None:
     if os.geteuid() != 0:
         return "needs root"

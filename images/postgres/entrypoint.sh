@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # pgvpn PostgreSQL entrypoint.
 #
-# On first start (empty $PGDATA): initdb, pg_hba.conf for scram-sha-256 over
-# TCP, then every /docker-entrypoint-initdb.d/*.sh once, against a temporary
-# server that listens on the Unix socket only. Hooks run as the postgres user
+# On first start (empty $PGDATA, default /var/lib/pgvpn/data): initdb,
+# pg_hba.conf for scram-sha-256 over TCP, the owner password if given, then
+# every /docker-entrypoint-initdb.d/*.sh once, against a temporary server
+# that listens on the Unix socket only. Hooks run as the postgres user
 # with PGHOST/PGUSER/PGDATABASE set, so a plain `psql` inside them works (peer
 # authentication). No SQL is applied here: the schema belongs to `pgvpn
-# migrate`, run by the lab after the server is up.
+# db migrate`, run by the lab after the server is up.
 #
 # Then: exec postgres in the foreground as PID 1. The image's STOPSIGNAL is
 # SIGINT, which postgres treats as a fast shutdown.
 #
 # Environment (read at first start only):
+#   PGVPN_OWNER_PASSWORD_FILE
+#                       file holding a password for the superuser "postgres",
+#                       so the lab controller can log in over TCP (SCRAM). It may
+#                       be a root-only secret: it is read before privileges drop.
 #   PGVPN_HBA_CIDRS     networks allowed to connect over TCP with a password
 #                       (default: the private ranges Docker allocates from)
 #   PGVPN_SSL           off (default) | on (self-signed cert, TLS optional)
@@ -48,6 +53,15 @@ if [[ $(id -u) -eq 0 ]]; then
     chown postgres:postgres "$PGDATA" "$SOCKDIR"
     chmod 700 "$PGDATA"
     chmod 2775 "$SOCKDIR"
+    # A secret mounted 0600 root (compose file secrets) is unreadable for
+    # postgres: hand over a private copy, deleted once the password is set.
+    if [[ -n ${PGVPN_OWNER_PASSWORD_FILE:-} && ! -f $PGDATA/PG_VERSION ]]; then
+        [[ -r $PGVPN_OWNER_PASSWORD_FILE ]] \
+            || die "cannot read PGVPN_OWNER_PASSWORD_FILE=$PGVPN_OWNER_PASSWORD_FILE"
+        install -m 600 -o postgres -g postgres \
+            "$PGVPN_OWNER_PASSWORD_FILE" "$SOCKDIR/.pgvpn-owner-password"
+        export PGVPN_OWNER_PASSWORD_FILE=$SOCKDIR/.pgvpn-owner-password
+    fi
     exec env HOME=/var/lib/postgresql USER=postgres LOGNAME=postgres \
         setpriv --reuid=postgres --regid=postgres --init-groups "$0" "$@"
 fi
@@ -104,7 +118,7 @@ init_cluster() {
         log "generating a self-signed TLS certificate (PGVPN_SSL=$ssl)"
         openssl req -new -x509 -days 3650 -nodes -subj "/CN=$HOSTNAME" \
             -newkey rsa:2048 -keyout "$PGDATA/server.key" \
-            -out "$PGDATA/server.crt" 2>/dev/null
+            -out "$PGDATA/server.crt" 2>/dev/null || die "openssl could not make a certificate"
         chmod 600 "$PGDATA/server.key"
         printf "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n" \
             >>"$PGDATA/postgresql.conf"
@@ -114,9 +128,26 @@ init_cluster() {
     if [[ -d $INITDIR ]]; then
         mapfile -t hooks < <(find "$INITDIR" -maxdepth 1 -name '*.sh' \( -type f -o -type l \) | sort)
     fi
-    if [[ ${#hooks[@]} -gt 0 ]]; then
-        log "starting a temporary server (socket only) for ${#hooks[@]} init hook(s)"
+    local pwfile=${PGVPN_OWNER_PASSWORD_FILE:-}
+    if [[ -n $pwfile ]]; then
+        [[ -r $pwfile ]] || die "cannot read PGVPN_OWNER_PASSWORD_FILE=$pwfile"
+        [[ -s $pwfile ]] || die "PGVPN_OWNER_PASSWORD_FILE=$pwfile is empty"
+    fi
+    if [[ ${#hooks[@]} -gt 0 || -n $pwfile ]]; then
+        log "starting a temporary server (socket only) for first-time setup"
         "$PGBIN/pg_ctl" -D "$PGDATA" -w -t 60 -o "-c listen_addresses='' -k $SOCKDIR" start >&2
+        if [[ -n $pwfile ]]; then
+            log "setting the password of role postgres from PGVPN_OWNER_PASSWORD_FILE"
+            # psql reads the file itself (backticks in \set), so the password
+            # never appears on a command line; :'pw' quotes it as a literal.
+            PGHOST=$SOCKDIR "$PGBIN/psql" -X -q -v ON_ERROR_STOP=1 -U postgres -d postgres \
+                >/dev/null <<SQL || die "could not set the password of role postgres"
+\\set pw \`cat '$pwfile'\`
+ALTER ROLE postgres PASSWORD :'pw';
+SQL
+            # Remove the private copy made above (never the caller's file).
+            [[ $pwfile != "$SOCKDIR/.pgvpn-owner-password" ]] || rm -f "$pwfile"
+        fi
         local hook
         for hook in "${hooks[@]}"; do
             log "running init hook $hook"

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import ipaddress
 import os
 import select
 import struct
+from pathlib import Path
 from types import TracebackType
 
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from pgvpn.errors import PrivilegeError
 
@@ -52,13 +55,25 @@ class TunDevice:
 
     def configure(self, addresses: list[Interface]) -> None:
         """Give the device its addresses and MTU and bring it up (via netlink)."""
+        # A point-to-point tunnel has no routers: do not solicit them over the log.
+        with contextlib.suppress(OSError):  # no IPv6 on this host: nothing to silence
+            Path(f"/proc/sys/net/ipv6/conf/{self.name}/router_solicitations").write_text("0")
         with IPRoute() as ipr:
             index = ipr.link_lookup(ifname=self.name)[0]
             ipr.link("set", index=index, mtu=self.mtu, txqlen=TX_QUEUE_LEN)
             for address in addresses:
-                ipr.addr("add", index=index, address=str(address.ip),
-                         prefixlen=address.network.prefixlen,
-                         flags=IFA_F_NODAD if address.version == 6 else 0)
+                try:
+                    ipr.addr("add", index=index, address=str(address.ip),
+                             prefixlen=address.network.prefixlen,
+                             flags=IFA_F_NODAD if address.version == 6 else 0)
+                except NetlinkError as exc:
+                    if exc.code == errno.EACCES and address.version == 6:
+                        raise PrivilegeError(
+                            f"cannot add {address} to {self.name}: IPv6 is disabled here "
+                            "(sysctl net.ipv6.conf.all.disable_ipv6=1); enable it or leave "
+                            "TUN_IP6 unset") from None
+                    raise PrivilegeError(f"cannot add {address} to {self.name}: "
+                                         f"{os.strerror(exc.code)}") from None
             ipr.link("set", index=index, state="up")
 
     def wait_readable(self, timeout: float) -> bool:
@@ -79,11 +94,9 @@ class TunDevice:
 
     def write(self, packet: bytes) -> None:
         """Hand one packet to the kernel, as if it had arrived on this interface."""
-        try:
+        # If the kernel's queue toward the stack is full, drop, as a router would.
+        with contextlib.suppress(BlockingIOError):
             os.write(self.fd, packet)
-        except BlockingIOError:
-            # The kernel's queue toward the stack is full: drop, as a router would.
-            pass
 
     def close(self) -> None:
         if self.fd >= 0:

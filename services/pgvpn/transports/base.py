@@ -97,9 +97,23 @@ class Profile(ABC):
     name: str
     logged: bool  # False when packets are not kept in the database
     summary: str
+    #: The table with one row per packet carried (columns `sender`, `receiver`), which
+    #: reports count; None when nothing is stored.
+    log_table: str | None = None
+    #: SQL for one `log_table` row's packet size in bytes.
+    log_bytes: str = "length"
+    #: Every table the profile writes, so that a benchmark can start each run empty.
+    tables: tuple[str, ...] = ()
 
     def default_mtu(self, requested: int) -> int:
         return requested
+
+    def log_totals_query(self) -> str | None:
+        """SELECT (packets, bytes) logged so far; None for a profile that logs nothing."""
+        if self.log_table is None:
+            return None
+        return (f"SELECT count(*), coalesce(sum({self.log_bytes}), 0) "
+                f"FROM {self.log_table}")
 
     @abstractmethod
     def open_uplink(self, session: Session) -> Uplink: ...

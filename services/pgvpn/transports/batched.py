@@ -162,6 +162,8 @@ class BatchedProfile(Profile):
     name = "batched"
     logged = True
     summary = "batched binary COPY, binary SELECT, one payload-free NOTIFY per batch"
+    log_table = "pgvpn.packets"
+    tables = ("pgvpn.packets", "pgvpn.cursors")
 
     def open_uplink(self, session: Session) -> Uplink:
         return BatchedUplink(session)

@@ -1,0 +1,253 @@
+"""The Docker backend: compose.yaml brings the topology up and down; the docker SDK
+does health, exec, logs and the label-based inventory.
+
+Everything the lab makes carries the label io.pgvpn.project=<lab name>, and `destroy`
+finds what to remove by that label alone, so it works even after a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lab import state
+from lab.backend import Backend, ExecResult, HostState, LabError, Progress, run
+from lab.topology import LABEL, ROOT, Host, Topology
+
+PUBLIC_BASE = "debian:bookworm-slim"
+LOCAL_BASE = "pgvpn/debian:bookworm"
+READY_TIMEOUT = 90.0
+STOP_TIMEOUT = 10
+TUN_NAME = "pgvpn0"
+
+
+def compose_command() -> list[str] | None:
+    """`docker compose` (v2 plugin) if present, else `docker-compose` (v1), else None."""
+    if shutil.which("docker") and run(["docker", "compose", "version"]).returncode == 0:
+        return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    return None
+
+
+class DockerBackend(Backend):
+    name = "docker"
+
+    def __init__(self, topology: Topology, env: dict[str, str] | None = None) -> None:
+        super().__init__(topology, env)
+        self._client: Any = None
+
+    # ----------------------------------------------------------------- engine
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            import docker
+
+            try:
+                self._client = docker.from_env(timeout=30)
+                self._client.ping()
+            except docker.errors.DockerException as exc:
+                self._client = None
+                raise LabError(self._engine_problem(exc)) from None
+        return self._client
+
+    @staticmethod
+    def _engine_problem(exc: Exception) -> str:
+        text = str(exc)
+        if "Permission denied" in text:
+            return ("permission denied on the Docker socket: run as root or join the "
+                    "'docker' group")
+        if "No such file" in text or "Connection refused" in text:
+            return "no Docker engine answers (is dockerd running? is DOCKER_HOST right?)"
+        return f"the Docker engine cannot be used: {text}"
+
+    def available(self) -> str | None:
+        try:
+            import docker  # noqa: F401
+        except ImportError:
+            return "the docker Python SDK is not installed (pip install docker)"
+        try:
+            self.client  # noqa: B018  (connects and pings)
+        except LabError as exc:
+            return str(exc)
+        if compose_command() is None:
+            return "neither 'docker compose' nor 'docker-compose' is installed"
+        if not Path("/dev/net/tun").exists():
+            return "/dev/net/tun is missing on the Docker host: modprobe tun"
+        return None
+
+    def compose(self, *args: str, timeout: float = 600, stream: bool = False) -> ExecResult:
+        command = compose_command()
+        if command is None:
+            raise LabError("neither 'docker compose' nor 'docker-compose' is installed")
+        argv = [*command, "--project-directory", str(ROOT), "-f", str(ROOT / "compose.yaml"),
+                "-p", state.LAB_NAME, *args]
+        if not stream:
+            return run(argv, timeout=timeout, env=self.env)
+        # Long builds: their progress flows to our stderr (stdout stays clean for JSON).
+        try:
+            done = subprocess.run(argv, env=self.env, timeout=timeout, check=False,
+                                  stdout=sys.stderr)
+        except subprocess.TimeoutExpired:
+            raise LabError(f"{' '.join(args)} did not finish within {timeout:.0f}s") from None
+        return ExecResult(done.returncode, "", "")
+
+    # ----------------------------------------------------------------- images
+    def _base_image(self, progress: Progress) -> str:
+        """The public base where a registry answers; else one made here by debootstrap."""
+        import docker
+
+        for image in (PUBLIC_BASE, LOCAL_BASE):
+            try:
+                self.client.images.get(image)
+                return image
+            except docker.errors.ImageNotFound:
+                pass
+        progress(f"pulling {PUBLIC_BASE}")
+        try:
+            self.client.images.pull(PUBLIC_BASE)
+            return PUBLIC_BASE
+        except docker.errors.APIError:
+            progress(f"no registry answers: building {LOCAL_BASE} locally with debootstrap "
+                     "(a few minutes, once)")
+        done = subprocess.run([str(ROOT / "scripts" / "make-base-image.sh")], check=False,
+                              timeout=1800)
+        if done.returncode != 0:
+            raise LabError("building the local base image failed; see the output above "
+                           "(scripts/make-base-image.sh)")
+        return LOCAL_BASE
+
+    def build_images(self, progress: Progress) -> None:
+        self.env["PGVPN_BASE_IMAGE"] = self._base_image(progress)
+        progress("building the wheelhouse (pgvpn and its dependencies)")
+        wheels = run([str(ROOT / "scripts" / "build-wheelhouse.sh")], timeout=900)
+        wheels.check("scripts/build-wheelhouse.sh")
+        progress(f"building images from {self.env['PGVPN_BASE_IMAGE']}")
+        if self.compose("build", stream=True, timeout=1800).returncode != 0:
+            raise LabError("building the images failed; see the output above")
+
+    def remove_images(self, progress: Progress) -> None:
+        for image in self.client.images.list(filters={"label": f"{LABEL}=pgvpn"}):
+            progress(f"removing image {', '.join(image.tags) or image.short_id}")
+            self.client.images.remove(image.id, force=True)
+
+    # ------------------------------------------------------------- lifecycle
+    def create(self, progress: Progress) -> None:
+        self.build_images(progress)
+
+    def start(self, host: Host, progress: Progress) -> None:
+        progress(f"starting {host.name}")
+        # up -d recreates the container when its settings (mtu, profile) changed
+        self.compose("up", "-d", "--no-deps", "--no-build", host.name).check(
+            f"starting {host.name}")
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not self._ready(host):
+            container = self._container(host.name)
+            if container is None or container.status in {"exited", "dead"}:
+                raise LabError(f"{host.name} exited during start; its log:\n"
+                               f"{self.logs(host.name, 15)}")
+            if time.monotonic() > deadline:
+                raise LabError(f"{host.name} was not ready within {READY_TIMEOUT:.0f}s; "
+                               f"its log:\n{self.logs(host.name, 15)}")
+            time.sleep(0.3)
+
+    def _ready(self, host: Host) -> bool:
+        container = self._container(host.name)
+        if container is None or container.status != "running":
+            return False
+        if host.role == "database":
+            health = container.attrs["State"].get("Health", {}).get("Status")
+            return bool(health == "healthy")
+        return bool(self._tunnel_addresses(host.name))
+
+    def stop(self, host: Host) -> None:
+        self.compose("stop", "-t", str(STOP_TIMEOUT), host.name).check(f"stopping {host.name}")
+
+    def destroy(self, progress: Progress) -> None:
+        label = {"label": f"{LABEL}={state.LAB_NAME}"}
+        for container in self.client.containers.list(all=True, filters=label):
+            progress(f"removing container {container.name}")
+            container.remove(force=True)
+        for network in self.client.networks.list(filters=label):
+            progress(f"removing network {network.name}")
+            network.remove()
+        for volume in self.client.volumes.list(filters=label):
+            progress(f"removing volume {volume.name}")
+            volume.remove(force=True)
+
+    # ------------------------------------------------------------ operations
+    def _container(self, host: str) -> Any:
+        if host not in self.topology.hosts:
+            raise LabError(f"no host {host!r} in the lab; hosts: {', '.join(self.topology.hosts)}")
+        found = self.client.containers.list(all=True, filters={"label": [
+            f"{LABEL}={state.LAB_NAME}", f"com.docker.compose.service={host}"]})
+        if found:
+            found[0].reload()
+        return found[0] if found else None
+
+    def exec(self, host: str, argv: Sequence[str], *, timeout: float = 60) -> ExecResult:
+        import docker
+        import requests
+
+        container = self._container(host)
+        if container is None or container.status != "running":
+            raise LabError(f"{host} is not running; see 'lab status'")
+        api = docker.APIClient(timeout=timeout + 5)  # the HTTP timeout bounds the exec
+        try:
+            exec_id = api.exec_create(container.id, list(argv), stdout=True, stderr=True)
+            stdout, stderr = api.exec_start(exec_id, demux=True)
+            code = api.exec_inspect(exec_id)["ExitCode"]
+        except requests.exceptions.ReadTimeout:
+            raise LabError(f"{' '.join(argv[:4])} in {host} did not finish within "
+                           f"{timeout:.0f}s") from None
+        finally:
+            api.close()
+        return ExecResult(int(code), (stdout or b"").decode(errors="replace"),
+                          (stderr or b"").decode(errors="replace"))
+
+    def logs(self, host: str, tail: int = 100) -> str:
+        container = self._container(host)
+        if container is None:
+            return ""
+        return str(container.logs(tail=tail).decode(errors="replace"))
+
+    def admin_conninfo(self, dbname: str = "pgvpn") -> str:
+        address = next(iter(self.topology.database.addresses.values()))
+        password = (state.secrets_dir() / "owner").read_text().strip()
+        return (f"host={address} port=5432 user=postgres dbname={dbname} "
+                f"password={password} sslmode=prefer")
+
+    def exists(self) -> bool:
+        label = {"label": f"{LABEL}={state.LAB_NAME}"}
+        return bool(self.client.containers.list(all=True, filters=label)
+                    or self.client.networks.list(filters=label)
+                    or self.client.volumes.list(filters=label))
+
+    def _tunnel_addresses(self, host: str) -> list[str]:
+        shown = self.exec(host, ["ip", "-j", "addr", "show", "dev", TUN_NAME], timeout=10)
+        if shown.returncode != 0:
+            return []
+        links = json.loads(shown.stdout or "[]")
+        return [f"{a['local']}/{a['prefixlen']}" for link in links if "UP" in link["flags"]
+                for a in link.get("addr_info", []) if a.get("scope") == "global"]
+
+    def states(self) -> list[HostState]:
+        result = []
+        for host in self.topology.hosts.values():
+            container = self._container(host.name)
+            running = container is not None and container.status == "running"
+            health = (container.attrs["State"].get("Health", {}).get("Status", "")
+                      if container is not None else "")
+            result.append(HostState(
+                host.name, host.role, running,
+                {net: str(addr) for net, addr in host.addresses.items()},
+                self._tunnel_addresses(host.name) if running and host.role == "agent" else [],
+                f"container {container.name}" + (f", {health}" if health else "")
+                if container is not None else "container missing"))
+        return result

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Install what pgvpn needs and is missing: Debian packages, then the project venv.
+# Idempotent and quiet when everything is already there. Run as root (apt, TUN).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${PGVPN_VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+
+say() { printf 'setup: %s\n' "$*" >&2; }
+
+if [[ $(id -u) -ne 0 ]]; then
+    say "run as root: the lab needs network namespaces, TUN devices and apt"; exit 1
+fi
+
+# Debian packages: PostgreSQL server (the namespace lab runs it), iperf3 and ping
+# (the bench), iproute2 (namespaces), debootstrap (the offline Docker base image).
+declare -A NEEDED=(
+    [postgres]="postgresql" [iperf3]="iperf3" [ping]="iputils-ping" [ip]="iproute2"
+    [ss]="iproute2" [setpriv]="util-linux" [debootstrap]="debootstrap"
+)
+missing=()
+for tool in "${!NEEDED[@]}"; do
+    if [[ $tool == postgres ]]; then
+        compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || missing+=("${NEEDED[$tool]}")
+    else
+        command -v "$tool" >/dev/null || missing+=("${NEEDED[$tool]}")
+    fi
+done
+"$PYTHON" -c 'import venv, ensurepip' 2>/dev/null || missing+=("python3-venv")
+if ((${#missing[@]})); then
+    mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
+    say "installing Debian packages: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" >/dev/null
+fi
+# The Debian package starts a cluster of its own; the lab runs its own servers.
+if command -v pg_lsclusters >/dev/null && pg_lsclusters -h 2>/dev/null | grep -q online; then
+    say "note: a system PostgreSQL cluster is running; the lab does not use it"
+fi
+
+if [[ ! -x $VENV/bin/python ]]; then
+    say "creating the venv in $VENV"
+    "$PYTHON" -m venv "$VENV"
+fi
+stamp="$VENV/.pgvpn-installed"
+if [[ ! -f $stamp || $ROOT/pyproject.toml -nt $stamp ]]; then
+    say "installing pgvpn and its Python dependencies into the venv"
+    "$VENV/bin/pip" install -q --upgrade pip
+    "$VENV/bin/pip" install -q -e "$ROOT[lab,dev]"
+    touch "$stamp"
+fi
+say "ready: $VENV/bin/pgvpn, $VENV/bin/lab"

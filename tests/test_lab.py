@@ -1,0 +1,96 @@
+"""Integration: the lab controller's promises (status, exec, idempotence, cleanup)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ROOT, LabHandle, netns_ready
+
+REQUIRED_FIELDS = {"underlay_mbps", "backend", "profile", "mtu", "duration_s", "receiver_mbps",
+                   "sender_mbps", "retransmits", "rtt_ms", "packets_logged", "bytes_logged",
+                   "intervals"}
+
+
+def test_status_shows_hosts_addresses_health_and_the_log(netns_lab: LabHandle) -> None:
+    status = netns_lab.status()
+    assert status["backend"] == "netns" and status["mtu"] == 1500
+    hosts = {h["name"]: h for h in status["hosts"]}
+    assert set(hosts) == {"postgres", "peer-a", "peer-b"}
+    assert all(h["running"] for h in hosts.values())
+    assert hosts["peer-a"]["underlay"] == {"net-a": "10.231.1.11"}
+    assert "10.230.0.1/24" in hosts["peer-a"]["tunnel"]
+    assert status["log"]["packets"] >= 0
+    assert "password" not in json.dumps(status).lower()
+
+
+def test_exec_passes_the_exit_code_through(netns_lab: LabHandle) -> None:
+    assert netns_lab.exec("peer-a", "sh", "-c", "exit 7", check=False).returncode == 7
+    assert netns_lab.exec("postgres", "true").returncode == 0
+    unknown = netns_lab.cli("exec", "nowhere", "--", "true", check=False)
+    assert unknown.returncode == 2 and "no host 'nowhere'" in unknown.stderr
+
+
+def tun_index(lab: LabHandle, host: str) -> int:
+    return int(json.loads(lab.exec(host, "ip", "-j", "link", "show", "pgvpn0").stdout)[0]
+               ["ifindex"])
+
+
+def test_up_on_a_healthy_lab_changes_nothing(netns_lab: LabHandle) -> None:
+    before = {h: tun_index(netns_lab, h) for h in ("peer-a", "peer-b")}
+    netns_lab.cli("up")
+    assert {h: tun_index(netns_lab, h) for h in ("peer-a", "peer-b")} == before
+
+
+def test_bench_json_on_stdout_and_reports_on_disk(netns_lab: LabHandle, tmp_path: os.PathLike
+                                                  ) -> None:
+    out = os.path.join(tmp_path, "bench")
+    done = netns_lab.cli("bench", "--duration", "2", "--out", out, "--json", "-")
+    report = json.loads(done.stdout)  # stdout holds the JSON and nothing else
+    assert REQUIRED_FIELDS <= set(report)
+    assert report["receiver_mbps"] > 0 and report["underlay_mbps"] > report["receiver_mbps"]
+    assert report["packets_logged"] > 1000 and report["bytes_logged"] > 1_000_000
+    assert set(report["rtt_ms"]) == {"min", "avg", "max"}
+    assert len(report["intervals"]) >= 2
+    assert {"report.json", "report.md"} <= set(os.listdir(out))
+    assert "| batched |" in open(os.path.join(out, "report.md")).read()
+
+
+def test_check_diagnoses_the_host() -> None:
+    done = subprocess.run([sys.executable, "-m", "lab.cli", "check"], capture_output=True,
+                          text=True, cwd=ROOT, check=False)
+    assert "netns  backend" in done.stderr and "docker backend" in done.stderr
+
+
+def namespaces(prefix: str) -> list[str]:
+    listing = subprocess.run(["ip", "-j", "netns", "list"], capture_output=True, text=True,
+                             check=True).stdout
+    return [n["name"] for n in json.loads(listing or "[]") if n["name"].startswith(prefix)]
+
+
+def test_interrupted_first_up_rolls_back_and_down_is_safe_twice() -> None:
+    if netns_ready():
+        pytest.skip(f"namespace lab unavailable: {netns_ready()}")
+    lab = LabHandle("netns", name="pgvpn-rollbk")
+    lab.cli("down")
+    process = subprocess.Popen([sys.executable, "-m", "lab.cli", "up", "--backend", "netns"],
+                               env=lab.env, cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while len(namespaces("pgvpn-rollbk-")) < 3:  # interrupt it half-way
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "rolling back" in stderr
+    assert namespaces("pgvpn-rollbk-") == []
+    assert not lab.state_dir.exists()
+    for _ in range(2):
+        assert "nothing to remove" in lab.cli("down").stderr
