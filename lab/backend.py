@@ -78,7 +78,7 @@ class Backend(ABC):
     def logs(self, host: str, tail: int = 100) -> str: ...
 
     @abstractmethod
-    def admin_conninfo(self) -> str:
+    def admin_conninfo(self, dbname: str = "pgvpn") -> str:
         """How the operator (the controller itself) reaches the database as its owner."""
 
     @abstractmethod

@@ -217,10 +217,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         usable += problem is None
         err.print(f"{name:7s} backend: " + ("[green]ready[/]" if problem is None
                                             else f"[red]not available[/]: {problem}"))
-    for tool in ("iperf3", "ping", "ip"):
-        err.print(f"{tool:7s}: " + (f"[green]{shutil.which(tool)}[/]" if shutil.which(tool)
-                                    else f"[red]missing[/]: apt-get install "
-                                    f"{ {'ping': 'iputils-ping', 'ip': 'iproute2'}.get(tool, tool) }"))
+    packages = {"iperf3": "iperf3", "ping": "iputils-ping", "ip": "iproute2"}
+    for tool, package in packages.items():
+        found = shutil.which(tool)
+        err.print(f"{tool:7s}: " + (f"[green]{found}[/]" if found
+                                    else f"[red]missing[/]: apt-get install {package}"))
     return 0 if usable else 1
 
 

@@ -5,6 +5,7 @@ It never asks which backend it drives; backends are picked by `make_backend`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -147,11 +148,33 @@ class Lab:
         state.remove_state()
 
     def log_totals(self) -> dict[str, Any]:
+        """Packets and bytes in the running profile's log (zero for one that logs nothing)."""
+        query = PROFILES[self.settings.profile].log_totals_query()
+        if query is None:
+            return {"packets": 0, "bytes": 0}
         with self.admin() as conn:
-            row = conn.execute("SELECT count(*), coalesce(sum(length), 0), "
-                               "coalesce(max(id), 0) FROM pgvpn.packets").fetchone()
+            row = conn.execute(query).fetchone()
         assert row is not None
-        return {"packets": int(row[0]), "bytes": int(row[1]), "max_id": int(row[2])}
+        return {"packets": int(row[0]), "bytes": int(row[1])}
+
+    def with_profile(self, profile: str) -> Lab:
+        """The same lab with another transport profile (applied by the next `up`)."""
+        settings = dataclasses.replace(self.settings, profile=profile)
+        return Lab(make_backend(settings.backend, settings), settings)
+
+    def restart_empty(self, progress: Progress) -> None:
+        """Stop the agents, empty every profile's tables, start them again: a fresh run.
+
+        TRUNCATE needs the owner, and the agents must be stopped first: the batched
+        profile keeps its sequence numbers and cursors in memory.
+        """
+        for agent in self.topology.agents:
+            self.backend.stop(agent)
+        tables = sorted({t for profile in PROFILES.values() for t in profile.tables})
+        with self.admin() as conn:
+            conn.execute(f"TRUNCATE {', '.join(tables)}")
+        progress(f"emptied {', '.join(tables)}")
+        self.up(progress)
 
     def status(self) -> dict[str, Any]:
         hosts: list[HostState] = self.backend.states()

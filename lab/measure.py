@@ -32,13 +32,18 @@ class IperfResult:
 
 def iperf(backend: Backend, *, server: str, address: str, client: str, duration: float,
           streams: int = 1, reverse: bool = False) -> IperfResult:
-    """iperf3 TCP from `client` to `address` on `server`; the server serves one test."""
-    # -1: serve one test then exit; --idle-timeout: never outlive a client that failed
-    backend.exec(server, ["iperf3", "-s", "-1", "-D", "-B", address, "-p", str(IPERF_PORT),
+    """iperf3 TCP from `client` to `address` on `server`; the server serves one test.
+
+    `intervals` are the receiver's per-second rates (the server's report, fetched with
+    --get-server-output): on a slow tunnel the sender's first seconds only fill buffers.
+    """
+    # -1: serve one test then exit; --idle-timeout: never outlive a client that failed;
+    # -J: so that --get-server-output brings its report back as JSON
+    backend.exec(server, ["iperf3", "-s", "-1", "-D", "-J", "-B", address, "-p", str(IPERF_PORT),
                           "--idle-timeout", str(int(duration) + 30)]).check(
         f"starting iperf3 server on {server}")
     argv = ["iperf3", "-c", address, "-p", str(IPERF_PORT), "-t", str(duration), "-J",
-            "-P", str(streams), "--connect-timeout", "3000"]
+            "-P", str(streams), "--connect-timeout", "3000", "--get-server-output"]
     if reverse:
         argv.append("-R")
     deadline = time.monotonic() + CONNECT_RETRY_SECONDS
@@ -56,6 +61,8 @@ def iperf(backend: Backend, *, server: str, address: str, client: str, duration:
             raise LabError(f"iperf3 {client} -> {server} ({address}) failed: {error}")
         time.sleep(0.3)
     end = report["end"]
+    # with -R the client is the receiver, so its own intervals are the receiver's
+    receiver = report if reverse else report.get("server_output_json", report)
     return IperfResult(
         receiver_mbps=end["sum_received"]["bits_per_second"] / 1e6,
         sender_mbps=end["sum_sent"]["bits_per_second"] / 1e6,
@@ -63,7 +70,7 @@ def iperf(backend: Backend, *, server: str, address: str, client: str, duration:
         bytes_sent=int(end["sum_sent"]["bytes"]),
         bytes_received=int(end["sum_received"]["bytes"]),
         intervals=[{"t": round(i["sum"]["end"], 3), "mbps": i["sum"]["bits_per_second"] / 1e6}
-                   for i in report.get("intervals", [])],
+                   for i in receiver.get("intervals", [])],
         raw=report)
 
 

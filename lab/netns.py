@@ -6,6 +6,7 @@ namespace they run in (`ip netns pids`), never by a name pattern.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -75,9 +76,10 @@ class NetnsBackend(Backend):
 
     # ---------------------------------------------------------------- create
     def existing_namespaces(self) -> list[str]:
+        """This lab's namespaces: exactly <lab name>-<host>, never another lab's."""
         listing = run(["ip", "-j", "netns", "list"]).stdout.strip()
-        names = [entry["name"] for entry in json.loads(listing or "[]")]
-        return [n for n in names if n.startswith(PREFIX)]
+        present = {entry["name"] for entry in json.loads(listing or "[]")}
+        return [PREFIX + host for host in self.topology.hosts if PREFIX + host in present]
 
     def create(self, progress: Progress) -> None:
         existing = set(self.existing_namespaces())
@@ -272,10 +274,8 @@ class NetnsBackend(Backend):
         progress(f"stopping {len(found)} process(es) in {ns}")
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for pid in found:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
             deadline = time.monotonic() + STOP_TIMEOUT
             while (found := pids()) and time.monotonic() < deadline:
                 time.sleep(0.1)

@@ -94,7 +94,7 @@ def load(env: Mapping[str, str], path: Path = COMPOSE_FILE) -> Topology:
     except (OSError, yaml.YAMLError) as exc:
         raise TopologyError(f"cannot read {path}: {exc}") from None
     networks = {
-        name: Network(name, ipaddress.ip_network(spec["ipam"]["config"][0]["subnet"]))
+        name: Network(name, ipaddress.IPv4Network(spec["ipam"]["config"][0]["subnet"]))
         for name, spec in (document.get("networks") or {}).items()
     }
     hosts = {}

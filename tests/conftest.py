@@ -98,15 +98,39 @@ def netns_ready() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
-def netns_lab() -> Iterator[LabHandle]:
-    reason = netns_ready()
+def docker_ready() -> str | None:
+    if shutil.which("docker") is None:
+        return "docker is not installed"
+    if subprocess.run(["docker", "info"], capture_output=True, check=False).returncode != 0:
+        return "no Docker engine answers"
+    return None
+
+
+def running_lab(backend: str, name: str) -> Iterator[LabHandle]:
+    reason = netns_ready() if backend == "netns" else docker_ready() or netns_ready()
     if reason:
-        pytest.skip(f"namespace lab unavailable: {reason}")
-    lab = LabHandle("netns")
+        pytest.skip(f"{backend} lab unavailable: {reason}")
+    lab = LabHandle(backend, name)
     lab.cli("down")  # a crashed earlier run must not poison this one
-    lab.cli("up", "--backend", "netns")
+    lab.cli("up", "--backend", backend, timeout=3600)
     try:
         yield lab
     finally:
         lab.cli("down")
+
+
+@pytest.fixture(scope="session")
+def netns_lab() -> Iterator[LabHandle]:
+    yield from running_lab("netns", TEST_LAB)
+
+
+@pytest.fixture(scope="session")
+def docker_lab() -> Iterator[LabHandle]:
+    yield from running_lab("docker", TEST_LAB + "-d")
+
+
+@pytest.fixture(scope="session", params=["netns", pytest.param("docker", marks=pytest.mark.docker)])
+def any_lab(request: pytest.FixtureRequest) -> LabHandle:
+    """The same tests on both backends: the lab's promise is that they behave alike."""
+    fixture = "netns_lab" if request.param == "netns" else "docker_lab"
+    return request.getfixturevalue(fixture)  # type: ignore[no-any-return]

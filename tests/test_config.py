@@ -60,7 +60,7 @@ def test_yaml_errors_are_clear(tmp_path: Path) -> None:
         load_config(bad, environ={})
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text("nmae: peer-a\n")
-    with pytest.raises(ConfigError, match="unknown setting.*nmae"):
+    with pytest.raises(ConfigError, match=r"unknown setting.*nmae"):
         load_config(unknown, environ={})
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(tmp_path / "missing.yaml", environ={})

@@ -16,22 +16,22 @@ PEER_A, PEER_B = "10.230.0.1", "10.230.0.2"
 PEER_A6, PEER_B6 = "fd00:230::1", "fd00:230::2"
 
 
-def test_ping_both_ways_over_ipv4_and_ipv6(netns_lab: LabHandle) -> None:
-    backend = CliBackend(netns_lab)
+def test_ping_both_ways_over_ipv4_and_ipv6(any_lab: LabHandle) -> None:
+    backend = CliBackend(any_lab)
     for host, target in (("peer-a", PEER_B), ("peer-b", PEER_A),
                          ("peer-a", PEER_B6), ("peer-b", PEER_A6)):
         result = ping(backend, host, target, count=3, interval=0.2)
         assert result.received == 3, f"{host} -> {target}: {result}"
 
 
-def test_peers_cannot_reach_each_other_directly(netns_lab: LabHandle) -> None:
+def test_peers_cannot_reach_each_other_directly(any_lab: LabHandle) -> None:
     # Each peer reaches the database host on its own network ...
-    assert netns_lab.exec("peer-a", "ping", "-c1", "-W1", "10.231.1.10").returncode == 0
-    assert netns_lab.exec("peer-b", "ping", "-c1", "-W1", "10.231.2.10").returncode == 0
+    assert any_lab.exec("peer-a", "ping", "-c1", "-W1", "10.231.1.10").returncode == 0
+    assert any_lab.exec("peer-b", "ping", "-c1", "-W1", "10.231.2.10").returncode == 0
     # ... but not the other peer's underlay address, nor the database's other side.
     for host, target in (("peer-a", "10.231.2.11"), ("peer-b", "10.231.1.11"),
                          ("peer-a", "10.231.2.10")):
-        assert netns_lab.exec(host, "ping", "-c1", "-W1", target, check=False).returncode != 0
+        assert any_lab.exec(host, "ping", "-c1", "-W1", target, check=False).returncode != 0
 
 
 def logged_counts(lab: LabHandle) -> dict[str, int]:
@@ -52,17 +52,17 @@ def quiet_snapshot(lab: LabHandle) -> tuple[dict[str, int], dict[str, int], dict
     raise AssertionError("the tunnel never went quiet")
 
 
-def test_iperf3_delivers_every_byte_and_every_packet_is_logged(netns_lab: LabHandle) -> None:
-    tun_a0, tun_b0, logged0 = quiet_snapshot(netns_lab)
+def test_iperf3_delivers_every_byte_and_every_packet_is_logged(any_lab: LabHandle) -> None:
+    tun_a0, tun_b0, logged0 = quiet_snapshot(any_lab)
 
-    result = iperf(CliBackend(netns_lab), server="peer-b", address=PEER_B, client="peer-a",
+    result = iperf(CliBackend(any_lab), server="peer-b", address=PEER_B, client="peer-a",
                    duration=4)
     # iperf3 stops counting at its end-of-test message, so bytes still in flight then are
     # missing from sum_received: equality is checked byte for byte by stream_transfer below.
     assert result.bytes_received >= 0.95 * result.bytes_sent > 10_000_000
-    assert stream_transfer(netns_lab, 20_000_000)
+    assert stream_transfer(any_lab, 20_000_000)
 
-    tun_a1, tun_b1, logged1 = quiet_snapshot(netns_lab)
+    tun_a1, tun_b1, logged1 = quiet_snapshot(any_lab)
     # every packet an agent read from its TUN is a row, and every row reached the other TUN
     sent_by_a = tun_a1["tx"] - tun_a0["tx"]
     sent_by_b = tun_b1["tx"] - tun_b0["tx"]
@@ -122,22 +122,22 @@ SEND_RAW = ("import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_R
             "socket.IPPROTO_RAW); s.sendto(bytes.fromhex(sys.argv[1]), ('10.230.0.2', 0))")
 
 
-def test_a_sent_packet_is_logged_byte_for_byte_and_delivered(netns_lab: LabHandle) -> None:
+def test_a_sent_packet_is_logged_byte_for_byte_and_delivered(any_lab: LabHandle) -> None:
     payload = f"pgvpn sample {uuid.uuid4()}".encode()
     packet = crafted_udp(payload)
     received: dict[str, Any] = {}
 
     def listen() -> None:
-        received["out"] = netns_lab.exec("peer-b", "python3", "-c", RECEIVE, timeout=30)
+        received["out"] = any_lab.exec("peer-b", "python3", "-c", RECEIVE, timeout=30)
 
     listener = threading.Thread(target=listen)
     listener.start()
-    wait_for_listener(netns_lab, "peer-b", "-Hlun", ":40000")
-    netns_lab.exec("peer-a", "python3", "-c", SEND_RAW, packet.hex())
+    wait_for_listener(any_lab, "peer-b", "-Hlun", ":40000")
+    any_lab.exec("peer-a", "python3", "-c", SEND_RAW, packet.hex())
     listener.join(timeout=40)
     assert received["out"].stdout.strip() == payload.hex()
 
-    rows = netns_lab.sql("SELECT data, length, receiver FROM pgvpn.packets "
+    rows = any_lab.sql("SELECT data, length, receiver FROM pgvpn.packets "
                          "WHERE sender = 'peer-a' AND position(%s in data) > 0", [payload])
     assert len(rows) == 1
     data, length, receiver = rows[0]
@@ -145,26 +145,26 @@ def test_a_sent_packet_is_logged_byte_for_byte_and_delivered(netns_lab: LabHandl
 
 
 def test_agent_restarted_mid_stream_resumes_without_losing_committed_packets(
-        netns_lab: LabHandle) -> None:
+        any_lab: LabHandle) -> None:
     result: dict[str, Any] = {}
 
     def transfer() -> None:
-        result["iperf"] = iperf(CliBackend(netns_lab), server="peer-b", address=PEER_B,
+        result["iperf"] = iperf(CliBackend(any_lab), server="peer-b", address=PEER_B,
                                 client="peer-a", duration=10)
 
     worker = threading.Thread(target=transfer)
     worker.start()
     time.sleep(3)
-    netns_lab.cli("restart", "peer-b")
+    any_lab.cli("restart", "peer-b")
     worker.join(timeout=120)
     transferred = result["iperf"]
     assert transferred.bytes_received >= 0.9 * transferred.bytes_sent > 1_000_000
 
-    netns_lab.wait_settled()
+    any_lab.wait_settled()
     # the restarted receiver read everything committed for it: its cursor is at the end
-    (cursor, last_seq), = netns_lab.sql(
+    (cursor, last_seq), = any_lab.sql(
         "SELECT c.last_seq, (SELECT max(seq) FROM pgvpn.packets WHERE sender = 'peer-a') "
         "FROM pgvpn.cursors c WHERE receiver = 'peer-b' AND sender = 'peer-a'")
     assert cursor == last_seq
     # and the restarted agent's TUN device is back with its addresses
-    assert ping(CliBackend(netns_lab), "peer-a", PEER_B, count=2).received == 2
+    assert ping(CliBackend(any_lab), "peer-a", PEER_B, count=2).received == 2

@@ -15,6 +15,8 @@ import threading
 import time
 from types import FrameType
 
+import psycopg
+
 from pgvpn import db, migrate
 from pgvpn.config import AgentConfig
 from pgvpn.errors import PgvpnError
@@ -125,7 +127,7 @@ class Agent:
                     log.warning("skipped a logged row from %s that is not a packet: %s",
                                 self.config.peer, problem)
 
-    def _register(self, control: db.psycopg.Connection) -> None:
+    def _register(self, control: psycopg.Connection) -> None:
         control.execute("SELECT pgvpn.ensure_partitions()")
         control.execute(
             "INSERT INTO pgvpn.peers (name, tunnel_addr, last_seen) VALUES (%s, %s, now()) "
@@ -134,7 +136,14 @@ class Agent:
         control.execute("INSERT INTO pgvpn.peers (name) VALUES (%s) ON CONFLICT DO NOTHING",
                         [self.config.peer])
 
-    def _control_loop(self, control: db.psycopg.Connection, uplink: Uplink,
+    def _maintain_log(self, control: psycopg.Connection) -> None:
+        """Partitions ahead, and the owner's retention policy (pgvpn.log_settings) behind."""
+        control.execute("SELECT pgvpn.ensure_partitions()")
+        row = control.execute("SELECT pgvpn.apply_retention()").fetchone()
+        if row and row[0]:
+            log.info("retention: dropped %d expired partition(s) of the packet log", row[0])
+
+    def _control_loop(self, control: psycopg.Connection, uplink: Uplink,
                       downlink: Downlink) -> None:
         """Heartbeat, partitions ahead, debug counters; cheap and rare by design."""
         next_heartbeat = next_partitions = next_stats = time.monotonic()
@@ -147,9 +156,9 @@ class Agent:
                                     [self.config.name])
                     next_heartbeat = now + HEARTBEAT_SECONDS
                 if now >= next_partitions:
-                    control.execute("SELECT pgvpn.ensure_partitions()")
+                    self._maintain_log(control)
                     next_partitions = now + PARTITIONS_EVERY
-            except db.psycopg.Error as exc:
+            except psycopg.Error as exc:
                 if not db.is_connection_lost(exc):
                     raise
                 log.debug("control connection lost: %s", db.explain(exc))

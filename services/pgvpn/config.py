@@ -142,7 +142,8 @@ class AgentConfig:
 
     def __post_init__(self) -> None:
         if self.name == self.peer:
-            raise ConfigError(f"name and peer are both {self.name!r}: a peer cannot tunnel to itself")
+            raise ConfigError(f"name and peer are both {self.name!r}: "
+                              "a peer cannot tunnel to itself")
         if self.tun_peer.version != self.tun_ip.version or self.tun_peer == self.tun_ip.ip:
             raise ConfigError(
                 f"tun_peer {self.tun_peer} must be another address of the same family as "

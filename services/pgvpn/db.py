@@ -27,10 +27,10 @@ def describe_target(conninfo: str) -> str:
     except psycopg.ProgrammingError as exc:
         raise DatabaseError(f"invalid database URL: {exc}") from None
 
-    host = params.get("host") or os.environ.get("PGHOST", "local socket")
-    port = params.get("port") or os.environ.get("PGPORT", "5432")
-    user = params.get("user") or os.environ.get("PGUSER", "")
-    dbname = params.get("dbname") or os.environ.get("PGDATABASE", "")
+    host = str(params.get("host") or os.environ.get("PGHOST", "local socket"))
+    port = str(params.get("port") or os.environ.get("PGPORT", "5432"))
+    user = str(params.get("user") or os.environ.get("PGUSER", ""))
+    dbname = str(params.get("dbname") or os.environ.get("PGDATABASE", ""))
     return f"{user + '@' if user else ''}{host}:{port}/{dbname}"
 
 

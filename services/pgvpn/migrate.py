@@ -63,7 +63,7 @@ def migrate(conn: psycopg.Connection) -> int:
                 continue
             try:
                 with conn.transaction():
-                    conn.execute(sql.SQL(migration.sql))  # type: ignore[arg-type]
+                    conn.execute(sql.SQL(migration.sql))
                     conn.execute("INSERT INTO pgvpn.schema_migrations (version, name) "
                                  "VALUES (%s, %s)", [migration.version, migration.name])
             except psycopg.errors.InsufficientPrivilege as exc:

@@ -1,0 +1,48 @@
+"""throughput.png: every profile's per-second throughput on one log-scale chart.
+
+The chart is meant to be read without the table: each line's label carries the
+profile, its average rate and whether it logs; the blog's published 3.93 Mbit/s
+is drawn as a reference line. Rendered with the Agg canvas directly (no pyplot,
+no display, no global state), so it works headless and inside tests.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from lab.report import BLOG_V1_MBPS, succeeded
+
+FLOOR_MBPS = 0.01  # a second with nothing received is drawn here: log(0) has no place
+
+
+def plot_throughput(report: dict[str, Any], path: Path) -> bool:
+    """Write the chart to `path`; False (and no file) when no result has intervals."""
+    runs = [r for r in succeeded(report["results"]) if r.get("intervals")]
+    if not runs:
+        return False
+    figure = Figure(figsize=(9, 5.2), dpi=110, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for run in runs:
+        times = [0.0] + [float(i["t"]) for i in run["intervals"]]
+        rates = [max(float(i["mbps"]), FLOOR_MBPS) for i in run["intervals"]]
+        logged = "logged" if run["logged"] else "NOT logged"
+        axes.stairs(rates, times, linewidth=2, baseline=None,
+                    label=f"{run['profile']}: {run['receiver_mbps']:.1f} Mbit/s avg, "
+                          f"MTU {run['mtu']}, {logged}")
+    axes.axhline(BLOG_V1_MBPS, color="grey", linestyle="--", linewidth=1,
+                 label=f"blog-v1 as published: {BLOG_V1_MBPS} Mbit/s")
+    axes.set_yscale("log")
+    axes.set_xlim(left=0)
+    axes.set_xlabel("seconds into the iperf3 run")
+    axes.set_ylabel("received Mbit/s per second (log scale)")
+    axes.set_title(f"pgvpn: iperf3 TCP through PostgreSQL, per transport profile "
+                   f"({report.get('backend', '?')} lab, receiver side)")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(loc="lower right", fontsize="small")
+    figure.savefig(path)
+    return True
