@@ -1,36 +1,49 @@
-"""`lab bench`: iperf3 through the tunnel and over the underlay, as one report.
+"""`lab bench`: iperf3 through the tunnel and over the underlay, for one or more profiles.
 
 The headline is the receiver-side rate; the underlay (peer to postgres host, no
 tunnel) is measured with the same settings so the tunnel's cost is a ratio.
+Every wait is bounded (iperf3 runs with a fixed -t and a timeout), so a profile
+that stalls fails with a message instead of hanging the run.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from datetime import UTC, datetime
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from lab.backend import LabError, Progress
 from lab.controller import Lab
-from lab.measure import iperf, ping
+from lab.measure import IperfResult, iperf, ping
+from lab.report import BLOG_V1_MBPS
+from pgvpn.transports import PROFILES
 
-BLOG_V1_MBPS = 3.93
+LOG_SETTLE_TIMEOUT = 15.0  # seconds a slow profile gets to commit what it still holds
+
+
+def measure_underlay(lab: Lab, duration: float, progress: Progress) -> IperfResult:
+    """iperf3 from the first peer to the postgres host: the same path, without the tunnel."""
+    topology = lab.topology
+    client = topology.agents[0]
+    progress(f"underlay: iperf3 {client.name} -> {topology.database.name} for {duration:g}s")
+    return iperf(lab.backend, server=topology.database.name,
+                 address=str(topology.database_address_for(client)), client=client.name,
+                 duration=duration)
 
 
 def bench_profile(lab: Lab, duration: float, progress: Progress,
-                  raw_dir: Path | None = None) -> dict[str, Any]:
-    """Measure the running lab once: underlay, tunnel, RTT, packets logged."""
+                  raw_dir: Path | None = None, underlay: IperfResult | None = None
+                  ) -> dict[str, Any]:
+    """Measure the running lab once: underlay (unless given), tunnel, RTT, packets logged."""
     topology = lab.topology
     client, server = topology.agents[0], topology.agents[1]
     if server.tunnel_address is None:
         raise LabError(f"{server.name} has no TUN_IP in compose.yaml")
-    database_address = str(topology.database_address_for(client))
-
-    progress(f"underlay: iperf3 {client.name} -> {topology.database.name} for {duration:g}s")
-    underlay = iperf(lab.backend, server=topology.database.name, address=database_address,
-                     client=client.name, duration=duration)
+    own_underlay = underlay is None
+    if underlay is None:
+        underlay = measure_underlay(lab, duration, progress)
     before = lab.log_totals()
     progress(f"tunnel: iperf3 {client.name} -> {server.name} ({server.tunnel_address}) "
              f"for {duration:g}s, profile {lab.settings.profile}")
@@ -38,12 +51,13 @@ def bench_profile(lab: Lab, duration: float, progress: Progress,
                    client=client.name, duration=duration)
     progress("tunnel: ping RTT sample")
     rtt = ping(lab.backend, client.name, server.tunnel_address, count=20, interval=0.1)
-    time.sleep(0.5)  # let the last batches commit before counting rows
-    after = lab.log_totals()
+    after = settled_log_totals(lab)
     if raw_dir is not None:
         raw_dir.mkdir(parents=True, exist_ok=True)
         name = lab.settings.profile
-        (raw_dir / f"iperf3-underlay-{name}.json").write_text(json.dumps(underlay.raw, indent=1))
+        if own_underlay:
+            (raw_dir / f"iperf3-underlay-{name}.json").write_text(
+                json.dumps(underlay.raw, indent=1))
         (raw_dir / f"iperf3-tunnel-{name}.json").write_text(json.dumps(tunnel.raw, indent=1))
     return {
         "profile": lab.settings.profile,
@@ -63,43 +77,49 @@ def bench_profile(lab: Lab, duration: float, progress: Progress,
         "ping_loss": rtt.transmitted - rtt.received,
         "packets_logged": after["packets"] - before["packets"],
         "bytes_logged": after["bytes"] - before["bytes"],
-        "logged": True,
+        "logged": PROFILES[lab.settings.profile].logged,
         "intervals": [{"t": i["t"], "mbps": round(i["mbps"], 2)} for i in tunnel.intervals],
     }
 
 
-def build_report(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """report.json: the first result's fields at the top, every result under `results`."""
-    report = dict(results[0])
-    report["generated_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-    report["results"] = results
-    return report
+
+def settled_log_totals(lab: Lab, timeout: float = LOG_SETTLE_TIMEOUT) -> dict[str, Any]:
+    """The log's totals once they stop growing: a slow profile may still be writing."""
+    deadline = time.monotonic() + timeout
+    totals = lab.log_totals()
+    while time.monotonic() < deadline:
+        time.sleep(0.5)  # let the last packets commit before counting rows
+        again = lab.log_totals()
+        if again == totals:
+            break
+        totals = again
+    return totals
 
 
-def render_markdown(report: dict[str, Any]) -> str:
-    lines = [
-        "# pgvpn lab bench",
-        "",
-        f"Generated {report['generated_at']} on the **{report['backend']}** backend; "
-        f"iperf3 TCP, {report['duration_s']:g} s, receiver-side rate.",
-        "",
-        "| profile | logged | MTU | tunnel Mbit/s | underlay Mbit/s | tunnel/underlay "
-        "| x blog-v1 (3.93) | RTT avg ms | retransmits | packets logged | MB logged |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in report["results"]:
-        ratio = r["tunnel_to_underlay"]
-        lines.append(
-            f"| {r['profile']} | {'yes' if r['logged'] else 'no'} | {r['mtu']} "
-            f"| {r['receiver_mbps']:.1f} | {r['underlay_mbps']:.0f} "
-            f"| {f'{ratio:.1%}' if ratio is not None else 'n/a'} "
-            f"| {r['times_blog_v1_published']:.1f}x | {r['rtt_ms'].get('avg', float('nan')):.2f} "
-            f"| {r['retransmits']} | {r['packets_logged']} | {r['bytes_logged'] / 1e6:.1f} |")
-    lines += ["", "Raw iperf3 JSON is kept beside this file.", ""]
-    return "\n".join(lines)
+def bench_profiles(lab: Lab, profiles: list[str], duration: float, progress: Progress,
+                   raw_dir: Path | None = None,
+                   on_result: Callable[[dict[str, Any]], None] | None = None
+                   ) -> list[dict[str, Any]]:
+    """Bench each profile in turn on the same lab, with the same settings.
 
-
-def write_report(report: dict[str, Any], out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / "report.md").write_text(render_markdown(report))
+    Before each profile the agents restart with it and every profile's tables are
+    emptied. The underlay is measured once, since no profile touches it. A profile
+    whose run fails is reported as `{"profile", "logged", "error"}` and the run goes on.
+    """
+    underlay = measure_underlay(lab, duration, progress)
+    if raw_dir is not None:
+        raw_dir.mkdir(parents=True, exist_ok=True)
+        (raw_dir / "iperf3-underlay.json").write_text(json.dumps(underlay.raw, indent=1))
+    results = []
+    for name in profiles:
+        run = lab.with_profile(name)
+        try:
+            run.restart_empty(progress)
+            result = bench_profile(run, duration, progress, raw_dir, underlay=underlay)
+        except LabError as exc:
+            progress(f"{name} failed: {exc}")
+            result = {"profile": name, "logged": PROFILES[name].logged, "error": str(exc)}
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+    return results

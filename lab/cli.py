@@ -14,8 +14,10 @@ from rich.table import Table
 
 from lab import state
 from lab.backend import LabError
-from lab.bench import bench_profile, build_report, render_markdown, write_report
+from lab.bench import bench_profile, bench_profiles
 from lab.controller import BACKENDS, Lab, make_backend
+from lab.live import BenchDisplay
+from lab.report import build_report, render_markdown, write_report
 from lab.topology import TopologyError
 from pgvpn.errors import PgvpnError
 from pgvpn.transports import PROFILES
@@ -27,6 +29,7 @@ typical session:
   lab check                      # what this host has and lacks
   lab up                         # Docker if an engine answers, else namespaces
   lab bench --duration 10        # iperf3 through the tunnel; report in reports/<time>/
+  lab bench --profile all        # every transport profile in turn, side by side
   lab status                     # hosts, addresses, agent health, packets logged
   lab exec peer-a -- ping -c3 10.230.0.2
   lab down                       # removes everything the lab made, even after a crash
@@ -78,8 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="iperf3 through the tunnel and over the underlay; writes a report",
         description="Measure the running lab (starting it first if needed): iperf3 "
         "peer-a -> peer-b over the tunnel, the same over the underlay (peer-a -> postgres "
-        "host) for the tunnel's cost as a ratio, and a ping RTT sample. Writes report.json "
-        "and report.md to --out and prints a summary.")
+        "host) for the tunnel's cost as a ratio, and a ping RTT sample. Writes report.json, "
+        "report.md and throughput.png to --out and prints a summary. With several profiles "
+        "(--profile all, or a comma-separated list) each runs in turn: agents restarted "
+        "with it, tables emptied, the same iperf3 settings.")
     bench.add_argument("--duration", type=float, default=10.0, help="seconds per iperf3 run")
     bench.add_argument("--out", type=Path, default=None,
                        help="report folder (default reports/<timestamp>/)")
@@ -87,14 +92,31 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also write the JSON report to PATH, or to stdout with '-'")
     bench.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
                        help="backend to use if no lab is up yet")
-    add_lab_settings(bench)
+    add_lab_settings(bench, several=True)
     return parser
 
 
-def add_lab_settings(parser: argparse.ArgumentParser) -> None:
+def add_lab_settings(parser: argparse.ArgumentParser, *, several: bool = False) -> None:
     parser.add_argument("--mtu", type=int, default=None, help="TUN MTU (default 1500)")
-    parser.add_argument("--profile", choices=sorted(PROFILES), default=None,
-                        help="transport profile (default batched)")
+    if several:
+        parser.add_argument("--profile", type=profile_list, default=None,
+                            metavar="NAME[,NAME...]|all",
+                            help="transport profile(s), run in turn: "
+                            f"{', '.join(PROFILES)}, or all (default: the lab's, else batched)")
+    else:
+        parser.add_argument("--profile", choices=list(PROFILES), default=None,
+                            help="transport profile (default batched)")
+
+
+def profile_list(text: str) -> list[str]:
+    """'all' or comma-separated profile names, in the order given, without repeats."""
+    names = list(PROFILES) if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in PROFILES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown profile {', '.join(unknown) or repr(text)}; choose from "
+            f"{', '.join(PROFILES)}, or all")
+    return list(dict.fromkeys(names))
 
 
 def requested_settings(args: argparse.Namespace) -> state.LabSettings:
@@ -190,22 +212,33 @@ def cmd_restart(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    profiles: list[str] = args.profile or []
+    args.profile = profiles[0] if profiles else None  # the lab comes up with the first
     settings = requested_settings(args)
     lab = Lab(make_backend(settings.backend, settings), settings)
     lab.up(progress)  # a no-op on a healthy lab with these settings
     out = args.out or Path("reports") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    result = bench_profile(lab, args.duration, progress, raw_dir=out)
-    report = build_report([result])
+    if len(profiles) > 1:
+        with BenchDisplay(err, profiles) as display:
+            results = bench_profiles(lab, profiles, args.duration, display.progress,
+                                     raw_dir=out, on_result=display.finished)
+        progress(f"the lab stays up with profile {profiles[-1]}")
+    else:
+        results = [bench_profile(lab, args.duration, progress, raw_dir=out)]
+    report = build_report(results)
     write_report(report, out)
     text = json.dumps(report, indent=2)
     if args.json_path == "-":
         print(text)
-        err.print(render_markdown(report))
+        sys.stderr.write(render_markdown(report))  # plain: no wrapping, no rich markup
     else:
         if args.json_path:
             Path(args.json_path).write_text(text + "\n")
         print(render_markdown(report))
     progress(f"report written to {out}/")
+    if report["failed"]:
+        err.print(f"[red]lab: failed profile(s):[/] {', '.join(report['failed'])}")
+        return 1
     return 0
 
 

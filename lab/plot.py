@@ -13,10 +13,24 @@ from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from lab.report import BLOG_V1_MBPS, succeeded
 
 FLOOR_MBPS = 0.01  # a second with nothing received is drawn here: log(0) has no place
+MIN_INTERVAL_S = 0.5  # iperf3's last interval is often a few ms long: noise, not a rate
+
+
+def steps(intervals: list[dict[str, float]]) -> tuple[list[float], list[float]]:
+    """Interval edges and rates for a step plot, without the short trailing fragment."""
+    edges, rates = [0.0], []
+    for interval in intervals:
+        end = float(interval["t"])
+        if end - edges[-1] < MIN_INTERVAL_S and rates:
+            continue
+        edges.append(end)
+        rates.append(max(float(interval["mbps"]), FLOOR_MBPS))
+    return edges, rates
 
 
 def plot_throughput(report: dict[str, Any], path: Path) -> bool:
@@ -28,21 +42,24 @@ def plot_throughput(report: dict[str, Any], path: Path) -> bool:
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     for run in runs:
-        times = [0.0] + [float(i["t"]) for i in run["intervals"]]
-        rates = [max(float(i["mbps"]), FLOOR_MBPS) for i in run["intervals"]]
+        edges, rates = steps(run["intervals"])
         logged = "logged" if run["logged"] else "NOT logged"
-        axes.stairs(rates, times, linewidth=2, baseline=None,
+        axes.stairs(rates, edges, linewidth=2, baseline=None,
                     label=f"{run['profile']}: {run['receiver_mbps']:.1f} Mbit/s avg, "
                           f"MTU {run['mtu']}, {logged}")
     axes.axhline(BLOG_V1_MBPS, color="grey", linestyle="--", linewidth=1,
                  label=f"blog-v1 as published: {BLOG_V1_MBPS} Mbit/s")
     axes.set_yscale("log")
+    # plain numbers (20, not 2x10^1), and between decades only 2 and 5, to stay legible
+    axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axes.yaxis.set_minor_formatter(FuncFormatter(
+        lambda value, _: f"{value:g}" if f"{value:e}"[0] in "25" else ""))
     axes.set_xlim(left=0)
     axes.set_xlabel("seconds into the iperf3 run")
-    axes.set_ylabel("received Mbit/s per second (log scale)")
+    axes.set_ylabel("received, Mbit/s in each second (log scale)")
     axes.set_title(f"pgvpn: iperf3 TCP through PostgreSQL, per transport profile "
                    f"({report.get('backend', '?')} lab, receiver side)")
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(loc="lower right", fontsize="small")
+    figure.legend(loc="outside lower center", ncols=2, fontsize="small")
     figure.savefig(path)
     return True

@@ -57,6 +57,23 @@ class LabHandle:
         with psycopg.connect(self.conninfo(), autocommit=True) as conn:
             return conn.execute(query, params).fetchall()
 
+    def leftovers(self) -> list[str]:
+        """Anything of this lab's that still exists: namespaces, Docker objects, state."""
+        found = []
+        listing = subprocess.run(["ip", "-j", "netns", "list"], capture_output=True,
+                                 text=True, check=True).stdout
+        found += [n["name"] for n in json.loads(listing or "[]")
+                  if n["name"] in {f"{self.name}-{h}" for h in ("postgres", "peer-a", "peer-b")}]
+        if shutil.which("docker") and self.backend == "docker":
+            label = f"label=io.pgvpn.project={self.name}"
+            for kind in (["ps", "-a"], ["network", "ls"], ["volume", "ls"]):
+                names = subprocess.run(["docker", *kind, "-q", "--filter", label],
+                                       capture_output=True, text=True, check=True).stdout
+                found += [f"docker {kind[0]} {n}" for n in names.split()]
+        if self.state_dir.exists():
+            found.append(str(self.state_dir))
+        return found
+
     def tun_counters(self, host: str) -> dict[str, int]:
         shown = json.loads(self.exec(host, "ip", "-s", "-j", "link", "show", "pgvpn0").stdout)
         stats = shown[0]["stats64"]
@@ -117,6 +134,8 @@ def running_lab(backend: str, name: str) -> Iterator[LabHandle]:
         yield lab
     finally:
         lab.cli("down")
+        leftovers = lab.leftovers()
+        assert not leftovers, f"lab down left these behind: {leftovers}"
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -49,12 +50,13 @@ def test_up_on_a_healthy_lab_changes_nothing(netns_lab: LabHandle) -> None:
     assert {h: tun_index(netns_lab, h) for h in ("peer-a", "peer-b")} == before
 
 
-def test_bench_json_on_stdout_and_reports_on_disk(netns_lab: LabHandle, tmp_path: os.PathLike
+def test_bench_json_on_stdout_and_reports_on_disk(any_lab: LabHandle, tmp_path: os.PathLike
                                                   ) -> None:
     out = os.path.join(tmp_path, "bench")
-    done = netns_lab.cli("bench", "--duration", "2", "--out", out, "--json", "-")
+    done = any_lab.cli("bench", "--duration", "2", "--out", out, "--json", "-")
     report = json.loads(done.stdout)  # stdout holds the JSON and nothing else
     assert set(report) >= REQUIRED_FIELDS
+    assert report["backend"] == any_lab.backend
     assert report["receiver_mbps"] > 0 and report["underlay_mbps"] > report["receiver_mbps"]
     assert report["packets_logged"] > 1000 and report["bytes_logged"] > 1_000_000
     assert set(report["rtt_ms"]) == {"min", "avg", "max"}
@@ -66,7 +68,9 @@ def test_bench_json_on_stdout_and_reports_on_disk(netns_lab: LabHandle, tmp_path
 def test_check_diagnoses_the_host() -> None:
     done = subprocess.run([sys.executable, "-m", "lab.cli", "check"], capture_output=True,
                           text=True, cwd=ROOT, check=False)
-    assert "netns  backend" in done.stderr and "docker backend" in done.stderr
+    assert re.search(r"^netns +backend: ", done.stderr, re.MULTILINE)
+    assert re.search(r"^docker +backend: ", done.stderr, re.MULTILINE)
+    assert re.search(r"^iperf3 *: ", done.stderr, re.MULTILINE)
 
 
 def namespaces(prefix: str) -> list[str]:

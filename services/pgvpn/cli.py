@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from pgvpn import __version__, admin, db, migrate
+from pgvpn import __version__, admin, db, logcli, migrate
 from pgvpn.config import add_arguments, load_config
 from pgvpn.errors import PgvpnError
 
@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="file holding the password, or '-' for standard input")
     add_peer.add_argument("--database-url", default=os.environ.get("DATABASE_URL", ""),
                           help="owner's connection string (default $DATABASE_URL or PG* vars)")
+    logcli.add_parsers(commands)  # log, stats, export, replay, prune, retention
     return parser
 
 
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return run_agent(args)
+        if args.command in logcli.HANDLERS:
+            return logcli.run(args)
         return run_db(args)
     except PgvpnError as exc:
         print(f"pgvpn: error: {exc}", file=sys.stderr)
