@@ -6,6 +6,7 @@ bench and ping only ever call `exec`.
 
 from __future__ import annotations
 
+import json
 import subprocess
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from lab.topology import Host, Topology
 
 Progress = Callable[[str], None]
+TUN_DEVICE = "pgvpn0"  # the agents' default tun_name
 
 
 class LabError(Exception):
@@ -91,6 +93,29 @@ class Backend(ABC):
     @abstractmethod
     def destroy(self, progress: Progress) -> None:
         """Remove everything this backend made for the lab, found by label or prefix."""
+
+    def tunnel_addresses(self, host: str) -> list[str]:
+        """The global addresses of an agent's TUN device while it is up, else []."""
+        shown = self.exec(host, ["ip", "-j", "addr", "show", "dev", TUN_DEVICE], timeout=10)
+        if shown.returncode != 0:
+            return []
+        links = json.loads(shown.stdout or "[]")
+        return [f"{a['local']}/{a['prefixlen']}" for link in links if "UP" in link["flags"]
+                for a in link.get("addr_info", []) if a.get("scope") == "global"]
+
+    # Optional, for `lab replay`: a backend without them says so in one line.
+    def pgvpn_command(self) -> list[str]:
+        """How to run the `pgvpn` command inside a host (the agent image's entry point)."""
+        return ["pgvpn"]
+
+    def copy_in(self, host: str, name: str, data: bytes) -> str:
+        """Put a file into `host` (replaced if there); returns its path inside the host."""
+        raise LabError(f"the {self.name} backend cannot copy files into its hosts yet")
+
+    def ensure_scratch_host(self, progress: Progress) -> str:
+        """Make (once) a host with no network links for replays; returns its name."""
+        raise LabError(f"the {self.name} backend has no scratch host yet: replay into a "
+                       "peer instead (--into peer-a or peer-b)")
 
     def restart(self, host: Host, progress: Progress) -> None:
         self.stop(host)

@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from lab import state
+from lab import logtools, state
 from lab.backend import LabError
 from lab.bench import bench_profile, bench_profiles
 from lab.controller import BACKENDS, Lab, make_backend
@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
                        help="backend to use if no lab is up yet")
     add_lab_settings(bench, several=True)
+    logtools.add_parsers(commands)  # packets, stats, export, replay
     return parser
 
 
@@ -180,7 +181,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     if "error" in log:
         print(f"packet log: unavailable ({log['error']})")
     else:
-        print(f"packet log: {log['packets']} packets, {log['bytes'] / 1e6:.1f} MB")
+        print(f"packet log: {log['packets']} packets, {log['bytes'] / 1e6:.1f} MB"
+              + (f"; {log['disk_bytes'] / 1e6:.1f} MB on disk in {log['partitions']} "
+                 f"partitions; {log['span']}; retention {log['retention']}"
+                 if "disk_bytes" in log else ""))
     return 0
 
 
@@ -259,7 +263,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"check": cmd_check, "up": cmd_up, "down": cmd_down, "status": cmd_status,
-            "exec": cmd_exec, "logs": cmd_logs, "restart": cmd_restart, "bench": cmd_bench}
+            "exec": cmd_exec, "logs": cmd_logs, "restart": cmd_restart, "bench": cmd_bench,
+            "packets": logtools.cmd_packets, "stats": logtools.cmd_stats,
+            "export": logtools.cmd_export,
+            "replay": logtools.cmd_replay}
 
 
 def main(argv: list[str] | None = None) -> int:

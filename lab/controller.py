@@ -17,9 +17,20 @@ from lab import state, topology
 from lab.backend import Backend, HostState, LabError, Progress
 from lab.measure import wait_for_ping
 from pgvpn import admin, migrate
+from pgvpn.timespec import format_duration
 from pgvpn.transports import PROFILES
 
 BACKENDS = ("docker", "netns")
+# Oldest and newest along each peer's (sender, seq) index: no scan of the whole log.
+LOG_STORAGE = """
+SELECT (SELECT coalesce(sum(bytes), 0) FROM pgvpn.log_partitions),
+       (SELECT count(*) FROM pgvpn.log_partitions),
+       (SELECT min((SELECT p.logged_at FROM pgvpn.packets p WHERE p.sender = s.name
+                    ORDER BY p.seq LIMIT 1)) FROM pgvpn.peers s),
+       (SELECT max((SELECT p.logged_at FROM pgvpn.packets p WHERE p.sender = s.name
+                    ORDER BY p.seq DESC LIMIT 1)) FROM pgvpn.peers s),
+       (SELECT retention FROM pgvpn.log_settings)
+"""
 TUNNEL_TIMEOUT = 45.0
 
 
@@ -184,6 +195,21 @@ class Lab:
             "hosts": [vars(h) for h in hosts]}
         try:
             report["log"] = self.log_totals()
+            if PROFILES[self.settings.profile].log_table == "pgvpn.packets":
+                report["log"].update(self.log_storage())
         except (LabError, psycopg.Error) as exc:
             report["log"] = {"error": str(exc).strip()}
         return report
+
+    def log_storage(self) -> dict[str, Any]:
+        """pgvpn.packets on disk: its partitions' size, their number, the time span logged."""
+        with self.admin() as conn:
+            row = conn.execute(LOG_STORAGE).fetchone()
+        assert row is not None
+        size, partitions, first, last, keep = row
+        span = (f"{first:%Y-%m-%d %H:%M:%S} .. {last:%Y-%m-%d %H:%M:%S} "
+                f"({format_duration(last - first)})" if first else "empty")
+        return {"disk_bytes": int(size), "partitions": int(partitions),
+                "first": first.isoformat() if first else None,
+                "last": last.isoformat() if last else None, "span": span,
+                "retention": format_duration(keep) if keep else "forever"}

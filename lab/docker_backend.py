@@ -7,7 +7,6 @@ finds what to remove by that label alone, so it works even after a crash.
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -24,7 +23,6 @@ PUBLIC_BASE = "debian:bookworm-slim"
 LOCAL_BASE = "pgvpn/debian:bookworm"
 READY_TIMEOUT = 90.0
 STOP_TIMEOUT = 10
-TUN_NAME = "pgvpn0"
 
 
 def compose_command() -> list[str] | None:
@@ -164,7 +162,7 @@ class DockerBackend(Backend):
         if host.role == "database":
             health = container.attrs["State"].get("Health", {}).get("Status")
             return bool(health == "healthy")
-        return bool(self._tunnel_addresses(host.name))
+        return bool(self.tunnel_addresses(host.name))
 
     def stop(self, host: Host) -> None:
         self.compose("stop", "-t", str(STOP_TIMEOUT), host.name).check(f"stopping {host.name}")
@@ -229,14 +227,6 @@ class DockerBackend(Backend):
                     or self.client.networks.list(filters=label)
                     or self.client.volumes.list(filters=label))
 
-    def _tunnel_addresses(self, host: str) -> list[str]:
-        shown = self.exec(host, ["ip", "-j", "addr", "show", "dev", TUN_NAME], timeout=10)
-        if shown.returncode != 0:
-            return []
-        links = json.loads(shown.stdout or "[]")
-        return [f"{a['local']}/{a['prefixlen']}" for link in links if "UP" in link["flags"]
-                for a in link.get("addr_info", []) if a.get("scope") == "global"]
-
     def states(self) -> list[HostState]:
         result = []
         for host in self.topology.hosts.values():
@@ -247,7 +237,7 @@ class DockerBackend(Backend):
             result.append(HostState(
                 host.name, host.role, running,
                 {net: str(addr) for net, addr in host.addresses.items()},
-                self._tunnel_addresses(host.name) if running and host.role == "agent" else [],
+                self.tunnel_addresses(host.name) if running and host.role == "agent" else [],
                 f"container {container.name}" + (f", {health}" if health else "")
                 if container is not None else "container missing"))
         return result

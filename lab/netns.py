@@ -21,12 +21,14 @@ from pathlib import Path
 import psycopg
 
 from lab import state
-from lab.backend import Backend, ExecResult, HostState, LabError, Progress, run
+from lab.backend import TUN_DEVICE, Backend, ExecResult, HostState, LabError, Progress, run
 from lab.topology import SECRETS_DIR, Host
 
 PREFIX = f"{state.LAB_NAME}-"
+# A host with no links at all, made on demand by `lab replay` and removed by `lab down`:
+# whatever a replay makes its stack answer cannot leave it.
+SCRATCH_HOST = "replay"
 PG_PORT = 5432
-TUN_NAME = "pgvpn0"
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 POSTGRES_SETTINGS = """
@@ -56,7 +58,7 @@ class NetnsBackend(Backend):
         return state.STATE_DIR / "netns"
 
     def namespace(self, host: str) -> str:
-        if host not in self.topology.hosts:
+        if host not in self.topology.hosts and host != SCRATCH_HOST:
             raise LabError(f"no host {host!r} in the lab; hosts: {', '.join(self.topology.hosts)}")
         return PREFIX + host
 
@@ -79,7 +81,8 @@ class NetnsBackend(Backend):
         """This lab's namespaces: exactly <lab name>-<host>, never another lab's."""
         listing = run(["ip", "-j", "netns", "list"]).stdout.strip()
         present = {entry["name"] for entry in json.loads(listing or "[]")}
-        return [PREFIX + host for host in self.topology.hosts if PREFIX + host in present]
+        return [PREFIX + host for host in (*self.topology.hosts, SCRATCH_HOST)
+                if PREFIX + host in present]
 
     def create(self, progress: Progress) -> None:
         existing = set(self.existing_namespaces())
@@ -182,12 +185,12 @@ class NetnsBackend(Backend):
         self._spawn(host.name, [sys.executable, "-m", "pgvpn.cli", "run"],
                     self.agent_environment(host))
         deadline = time.monotonic() + READY_TIMEOUT
-        while not self._tunnel_addresses(host.name):
+        while not self.tunnel_addresses(host.name):
             if self._pid(host.name) is None:
                 raise LabError(f"agent {host.name} exited during start; log:\n"
                                f"{self.logs(host.name, 15)}")
             if time.monotonic() > deadline:
-                raise LabError(f"agent {host.name}'s TUN device {TUN_NAME} did not come up "
+                raise LabError(f"agent {host.name}'s TUN device {TUN_DEVICE} did not come up "
                                f"within {READY_TIMEOUT:.0f}s; log:\n{self.logs(host.name, 15)}")
             time.sleep(0.1)
 
@@ -232,16 +235,27 @@ class NetnsBackend(Backend):
     def admin_conninfo(self, dbname: str = "pgvpn") -> str:
         return f"host={self.root / 'run'} port={PG_PORT} user=postgres dbname={dbname}"
 
+    # ------------------------------------------------- log tools (lab replay)
+    def pgvpn_command(self) -> list[str]:
+        return [sys.executable, "-m", "pgvpn.cli"]
+
+    def copy_in(self, host: str, name: str, data: bytes) -> str:
+        self.namespace(host)  # namespaces share the file system: any host reads it there
+        path = self.root / "files" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return str(path)
+
+    def ensure_scratch_host(self, progress: Progress) -> str:
+        ns = PREFIX + SCRATCH_HOST
+        if ns not in self.existing_namespaces():
+            progress(f"namespace {ns} (scratch host for replays, no links)")
+            run(["ip", "netns", "add", ns]).check(f"creating namespace {ns}")
+            run(["ip", "-n", ns, "link", "set", "lo", "up"]).check("loopback up")
+        return SCRATCH_HOST
+
     def exists(self) -> bool:
         return bool(self.existing_namespaces())
-
-    def _tunnel_addresses(self, host: str) -> list[str]:
-        shown = run(["ip", "-n", self.namespace(host), "-j", "addr", "show", "dev", TUN_NAME])
-        if shown.returncode != 0:
-            return []
-        links = json.loads(shown.stdout or "[]")
-        return [f"{a['local']}/{a['prefixlen']}" for link in links if "UP" in link["flags"]
-                for a in link.get("addr_info", []) if a.get("scope") == "global"]
 
     def states(self) -> list[HostState]:
         present = set(self.existing_namespaces())
@@ -252,7 +266,7 @@ class NetnsBackend(Backend):
             result.append(HostState(
                 host.name, host.role, running,
                 {net: str(addr) for net, addr in host.addresses.items()},
-                self._tunnel_addresses(host.name) if running and host.role == "agent" else [],
+                self.tunnel_addresses(host.name) if running and host.role == "agent" else [],
                 "" if exists else "namespace missing"))
         return result
 

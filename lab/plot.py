@@ -23,7 +23,8 @@ MIN_INTERVAL_S = 0.5  # iperf3's last interval is often a few ms long: noise, no
 
 def steps(intervals: list[dict[str, float]]) -> tuple[list[float], list[float]]:
     """Interval edges and rates for a step plot, without the short trailing fragment."""
-    edges, rates = [0.0], []
+    edges: list[float] = [0.0]
+    rates: list[float] = []
     for interval in intervals:
         end = float(interval["t"])
         if end - edges[-1] < MIN_INTERVAL_S and rates:

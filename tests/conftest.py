@@ -74,11 +74,35 @@ class LabHandle:
             found.append(str(self.state_dir))
         return found
 
+    def use_profile(self, profile: str) -> None:
+        """Run the agents with transport `profile` (`lab up` restarts them only on a change)."""
+        self.cli("up", "--profile", profile)
+
+    def logged_by_sender(self, table: str) -> dict[str, int]:
+        """Rows per sender in a profile's packet table (Profile.log_table)."""
+        rows = self.sql(f"SELECT sender, count(*) FROM {table} GROUP BY sender")
+        return {sender: int(count) for sender, count in rows}
+
     def tun_counters(self, host: str) -> dict[str, int]:
         shown = json.loads(self.exec(host, "ip", "-s", "-j", "link", "show", "pgvpn0").stdout)
         stats = shown[0]["stats64"]
         return {"tx": stats["tx"]["packets"], "rx": stats["rx"]["packets"],
                 "tx_dropped": stats["tx"]["dropped"]}
+
+    def pgvpn(self, *args: str, timeout: float = 120, check: bool = True
+              ) -> subprocess.CompletedProcess[bytes]:
+        """The `pgvpn` command run here with the operator's connection (the log tools)."""
+        env = {**self.env, "DATABASE_URL": self.conninfo()}
+        done = subprocess.run([sys.executable, "-m", "pgvpn.cli", *args], capture_output=True,
+                              timeout=timeout, env=env, cwd=ROOT, check=False)
+        if check and done.returncode != 0:
+            raise AssertionError(f"pgvpn {' '.join(args)} exited {done.returncode}:\n"
+                                 f"{done.stderr.decode(errors='replace')}")
+        return done
+
+    def namespace(self, host: str) -> str:
+        """A host's network namespace (namespace backend): <lab name>-<host>."""
+        return f"{self.name}-{host}"
 
     def wait_settled(self, timeout: float = 20) -> None:
         """Wait until every logged packet was read by its receiver."""

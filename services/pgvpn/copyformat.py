@@ -11,19 +11,19 @@ from collections.abc import Sequence
 
 SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)  # no OIDs, no extension
 TRAILER = struct.pack("!h", -1)
-# The column list that `encode_packet_rows` fills, in order.
-PACKET_COLUMNS = "sender, seq, receiver, length, data"
+# The column list that `encode_packet_rows` fills, in order.  No `sender`: the
+# database fills it in from the session's role (sql/004_peer_isolation.sql), and a
+# peer may not write it, so that no peer can log packets in another's name.
+PACKET_COLUMNS = "seq, receiver, length, data"
 
 _INT8 = struct.Struct("!q")
 _LENGTH_AND_DATA = struct.Struct("!iii")  # length column: 4-byte value; then data's size
 
 
-def encode_packet_rows(sender: str, receiver: str, first_seq: int,
-                       packets: Sequence[bytes]) -> bytes:
-    """Encode rows (sender, first_seq + i, receiver, len, packet) for COPY ... (FORMAT BINARY)."""
-    sender_b = sender.encode()
+def encode_packet_rows(receiver: str, first_seq: int, packets: Sequence[bytes]) -> bytes:
+    """Encode rows (first_seq + i, receiver, len, packet) for COPY ... (FORMAT BINARY)."""
     receiver_b = receiver.encode()
-    before_seq = struct.pack("!hi", 5, len(sender_b)) + sender_b + struct.pack("!i", 8)
+    before_seq = struct.pack("!hi", 4, 8)
     after_seq = struct.pack("!i", len(receiver_b)) + receiver_b
     parts = [SIGNATURE]
     append = parts.append

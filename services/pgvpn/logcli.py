@@ -382,8 +382,22 @@ HANDLERS: dict[str, Handler] = {"log": cmd_log, "stats": cmd_stats, "export": cm
                                 "retention": cmd_retention}
 
 
+def validate(args: argparse.Namespace) -> None:
+    """Check every option that can be wrong before connecting: bad input, not the
+    database, should be what a typo reports."""
+    if hasattr(args, "since"):
+        filter_from_args(args)
+    for name in ("older_than", "partition_step", "ahead", "max_gap"):
+        if getattr(args, name, None):
+            parse_duration(getattr(args, name))
+    keep = getattr(args, "keep", None)
+    if keep and keep.strip().lower() not in {"forever", "off", "none"}:
+        parse_positive_duration(keep)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run one log command with its own connection; errors become one line."""
+    validate(args)
     if args.command == "replay" and args.input:  # a file needs no database
         return guarded(lambda: cmd_replay(None, args))
     name = f"pgvpn {args.command}"
@@ -398,11 +412,19 @@ def run(args: argparse.Namespace) -> int:
 def guarded(action: Callable[[], int]) -> int:
     """Database errors as one line; a closed pipe (| head) is a normal end."""
     try:
-        return action()
+        with database_errors():
+            return action()
     except BrokenPipeError:
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+@contextlib.contextmanager
+def database_errors() -> Iterator[None]:
+    """Turn what the server says into one PgvpnError line with what to do about it."""
+    try:
+        yield
     except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedFunction) as exc:
         raise PgvpnError(f"{exc.diag.message_primary}: the schema predates the log tools; "
                          "run 'pgvpn db migrate' as the owner") from None

@@ -80,18 +80,22 @@ class Table:
     def print(self, out: TextIO | None = None) -> None:
         out = out or sys.stdout
         try:
+            from rich import box
             from rich.console import Console
             from rich.table import Table as RichTable
         except ImportError:
             self._print_plain(out)
             return
-        table = RichTable(title=self.title, caption=self.caption or None,
-                          caption_justify="left")
+        table = RichTable(title=self.title, caption=self.caption or None, box=box.SIMPLE_HEAD,
+                          caption_justify="left", title_justify="left")
         for column in self.columns:
-            table.add_column(column, justify="right" if column in self.right else "left")
+            table.add_column(column, justify="right" if column in self.right else "left",
+                             no_wrap=True)
         for row in self.rows:
             table.add_row(*row)
-        Console(file=out, highlight=False, soft_wrap=False).print(table)
+        # A terminal gets its own width; a pipe or file gets whole lines, never wrapped.
+        width = None if out.isatty() else 240
+        Console(file=out, highlight=False, width=width).print(table)
 
     def _print_plain(self, out: TextIO) -> None:
         widths = [max([len(c)] + [len(r[i]) for r in self.rows])
@@ -121,7 +125,7 @@ def packet_table(packets: Sequence[LoggedPacket], title: str) -> Table:
                           "bytes"], right=["id", "bytes"])
     for p in packets:
         table.add(local_time(p.logged_at, with_date=len(days) > 1), p.id,
-                  f"{p.sender} > {p.receiver}", p.protocol or "?",
+                  f"{p.sender}>{p.receiver}", p.protocol or "?",
                   endpoint(p.src, p.src_port), endpoint(p.dst, p.dst_port), info(p), p.length)
     zone = datetime.now().astimezone().strftime("%Z")
     table.caption = f"{len(packets)} packet(s); times in {zone}"
@@ -173,7 +177,9 @@ def stats_table(rows: Sequence[Aggregate], by: str, title: str,
 def prune_lines(report: PruneReport) -> list[str]:
     verb = "would drop" if report.dry_run else "dropped"
     lines = [f"{verb} {p.name} ({local_time(p.range_from)[:16]} .. "
-             f"{local_time(p.range_to)[:16]}, {human_bytes(p.bytes)})" for p in report.dropped]
+             f"{local_time(p.range_to)[:16]}, {human_bytes(p.bytes)}"
+             + (f", ~{p.estimated_rows} rows)" if p.estimated_rows is not None else ")")
+             for p in report.dropped]
     lines += [f"kept {p.name}: {p.keep_reason}" for p in report.kept]
     size = human_bytes(sum(p.bytes for p in report.dropped))
     lines.append(f"{verb} {len(report.dropped)} partition(s), {size}, older than "
@@ -184,6 +190,11 @@ def prune_lines(report: PruneReport) -> list[str]:
 
 def settings_lines(settings: LogSettings) -> list[str]:
     keep = format_duration(settings.retention) if settings.retention else "forever"
-    return [f"retention:        {keep}",
-            f"partition step:   {format_duration(settings.partition_step)}",
-            f"partitions ahead: {format_duration(settings.partitions_ahead)}"]
+    lines = [f"retention:        {keep}",
+             f"partition step:   {format_duration(settings.partition_step)}",
+             f"partitions ahead: {format_duration(settings.partitions_ahead)}"]
+    if settings.retention and settings.retention < settings.partition_step:
+        lines.append(f"note: whole partitions are dropped, so up to "
+                     f"{format_duration(settings.retention + settings.partition_step)} is kept; "
+                     "a finer --partition-step keeps closer to the policy")
+    return lines

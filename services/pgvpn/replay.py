@@ -17,6 +17,7 @@ the target answered.
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import json
 import time
@@ -28,6 +29,7 @@ from typing import BinaryIO
 from pgvpn.errors import PgvpnError
 from pgvpn.packets import packet_problem
 from pgvpn.pcap import is_pcap, read_pcap
+from pgvpn.timespec import format_duration
 
 Timed = tuple[datetime, bytes]
 DEFAULT_TUN = "pgvpn-replay"
@@ -46,7 +48,9 @@ class ReplayResult:
 def read_input(stream: BinaryIO) -> Iterator[Timed]:
     """Packets from a pcap (pgvpn export, tshark, tcpdump) or from JSON lines with
     `logged_at` and hex `data` (pgvpn log --json --data)."""
-    head = stream.peek(4)[:4] if hasattr(stream, "peek") else b""
+    if not hasattr(stream, "peek"):
+        stream = io.BufferedReader(stream)  # type: ignore[type-var]
+    head = stream.peek(4)[:4]
     if is_pcap(head):
         yield from read_pcap(stream)
         return
@@ -82,7 +86,7 @@ def schedule(packets: Iterable[Timed], speed: float, max_gap: float | None
     return result
 
 
-def _destination(packet: bytes) -> str | None:
+def destination(packet: bytes) -> str | None:
     if packet[0] >> 4 == 4 and len(packet) >= 20:
         return str(ipaddress.IPv4Address(packet[16:20]))
     if packet[0] >> 4 == 6 and len(packet) >= 40:
@@ -90,7 +94,7 @@ def _destination(packet: bytes) -> str | None:
     return None
 
 
-def _source(packet: bytes) -> str | None:
+def source(packet: bytes) -> str | None:
     if packet[0] >> 4 == 4 and len(packet) >= 20:
         return str(ipaddress.IPv4Address(packet[12:16]))
     if packet[0] >> 4 == 6 and len(packet) >= 40:
@@ -111,7 +115,7 @@ def replay(packets: list[Timed], *, tun_name: str = DEFAULT_TUN,
         raise PgvpnError("nothing to replay: no whole IPv4/IPv6 packet was selected")
     timeline = schedule(valid, speed, max_gap)
     logged_span = (max(t for t, _ in valid) - min(t for t, _ in valid)).total_seconds()
-    replayed_sources = {_source(p) for _, p in valid}
+    replayed_sources = {source(p) for _, p in valid}
     mtu = max(1500, max(len(p) for _, p in valid))
     answered = 0
 
@@ -120,13 +124,13 @@ def replay(packets: list[Timed], *, tun_name: str = DEFAULT_TUN,
         while (left := until - time.monotonic()) > 0:
             if tun.wait_readable(left):
                 for reply in tun.read_available(256):
-                    answered += _destination(reply) in replayed_sources
+                    answered += destination(reply) in replayed_sources
 
     with TunDevice(tun_name, mtu) as tun:
         tun.configure(list(addresses or []))
         progress(f"replaying {len(valid)} packets into {tun_name} "
                  f"({'as fast as possible' if speed <= 0 else f'at {speed:g}x the logged pace'}"
-                 f", logged over {timedelta(seconds=round(logged_span, 3))})")
+                 f", logged over {format_duration(timedelta(seconds=logged_span))})")
         start = time.monotonic()
         for offset, data in timeline:
             drain(start + offset)

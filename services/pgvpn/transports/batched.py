@@ -6,6 +6,9 @@ Why no row is skipped or delivered twice:
   time, so a sender's rows become visible strictly in `seq` order.
 - After a lost connection the uplink reads back the highest committed `seq`
   before resending, so an ambiguous commit is never logged twice.
+- The database, not this code, decides who sends and who reads
+  (sql/004_peer_isolation.sql): the COPY leaves `sender` to the session's role,
+  the downlink reads through the view pgvpn.inbox of packets addressed to it.
 - The downlink advances its cursor in the same statement that selects a batch,
   and writes to the TUN only after that statement committed: a crash can drop
   packets in flight (TCP inside the tunnel recovers them) but never repeat one.
@@ -26,7 +29,7 @@ log = logging.getLogger(__name__)
 COPY_PACKETS = f"COPY pgvpn.packets ({PACKET_COLUMNS}) FROM STDIN (FORMAT BINARY)"
 NEXT_BATCH = """
 WITH batch AS (
-    SELECT seq, data FROM pgvpn.packets
+    SELECT seq, data FROM pgvpn.inbox
     WHERE receiver = %(me)s AND sender = %(peer)s AND seq > %(after)s
     ORDER BY seq LIMIT %(limit)s
 ), advanced AS (
@@ -36,13 +39,15 @@ WITH batch AS (
 )
 SELECT seq, data FROM batch ORDER BY seq
 """
+# The cursor moves past packets older than max_replay_age; returns (new, old) last_seq.
 SKIP_STALE = """
+WITH old AS (SELECT last_seq FROM pgvpn.cursors WHERE receiver = %(me)s AND sender = %(peer)s)
 UPDATE pgvpn.cursors SET last_seq = greatest(last_seq, coalesce((
-    SELECT max(seq) FROM pgvpn.packets
+    SELECT max(seq) FROM pgvpn.inbox
     WHERE receiver = %(me)s AND sender = %(peer)s
       AND logged_at < now() - make_interval(secs => %(max_age)s)), 0)), updated_at = now()
 WHERE receiver = %(me)s AND sender = %(peer)s
-RETURNING last_seq
+RETURNING last_seq, (SELECT last_seq FROM old)
 """
 IDLE_POLL = 1.0  # seconds: a lost notification costs at most this much latency
 
@@ -67,8 +72,7 @@ class BatchedUplink(Uplink):
     def _open(self) -> psycopg.Connection:
         conn = self.session.connect("uplink")
         lock_name(conn, "sender", self.config.name)
-        row = conn.execute("SELECT coalesce(max(seq), 0) FROM pgvpn.packets WHERE sender = %s",
-                           [self.config.name]).fetchone()
+        row = conn.execute("SELECT pgvpn.last_sent_seq()").fetchone()
         self.committed_seq = int(row[0]) if row else 0
         return conn
 
@@ -78,7 +82,7 @@ class BatchedUplink(Uplink):
 
     def send(self, packets: list[bytes]) -> None:
         first_seq = self.committed_seq + 1
-        payload = encode_packet_rows(self.config.name, self.config.peer, first_seq, packets)
+        payload = encode_packet_rows(self.config.peer, first_seq, packets)
 
         def write() -> None:
             if self.committed_seq >= first_seq:
@@ -114,10 +118,20 @@ class BatchedDownlink(Downlink):
         listener.execute(f'LISTEN "{channel_for(self.config.name)}"')
         reader = self.session.connect("downlink")
         lock_name(reader, "receiver", self.config.name)
-        reader.execute("INSERT INTO pgvpn.cursors (receiver, sender) VALUES (%(me)s, %(peer)s) "
-                       "ON CONFLICT DO NOTHING", self.params)
+        try:
+            reader.execute("INSERT INTO pgvpn.cursors (receiver, sender) "
+                           "VALUES (%(me)s, %(peer)s) ON CONFLICT DO NOTHING", self.params)
+        except psycopg.errors.ForeignKeyViolation:
+            reader.close()
+            listener.close()
+            raise DatabaseError(f"peer {self.config.peer!r} is not registered: the database "
+                                f"owner adds it with 'pgvpn db add-peer {self.config.peer}'"
+                                ) from None
         row = reader.execute(SKIP_STALE, self.params).fetchone()
         self.params["after"] = int(row[0]) if row else 0
+        if row and row[0] > row[1]:
+            log.info("skipped %d packets from %s older than %gs: not replayed into a live "
+                     "interface", row[0] - row[1], self.config.peer, self.config.max_replay_age)
         self.more_waiting = True
         return reader, listener
 

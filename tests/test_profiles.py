@@ -1,0 +1,185 @@
+"""Every transport profile carries real traffic, and every logged one logs each packet.
+
+Integration tests run on the session's namespace lab, one profile after another
+(the profile fixture is module-scoped, so pytest groups the tests by profile and
+restarts the agents once per profile). The report tests are pure unit tests.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lab.measure import iperf, ping
+from lab.plot import plot_throughput
+from lab.report import build_report, render_markdown, write_report
+from pgvpn.transports import PROFILES, Profile
+from tests.conftest import CliBackend, LabHandle
+
+PEER_A, PEER_B = "10.230.0.1", "10.230.0.2"
+LOG_TIMEOUT = 60.0  # seconds for a slow profile to commit what its TUN handed it
+
+
+@pytest.fixture(scope="module")
+def profile_lab(netns_lab: LabHandle) -> Iterator[LabHandle]:
+    """The session's lab, handed back on the default profile whatever ran here."""
+    yield netns_lab
+    netns_lab.use_profile("batched")
+
+
+@pytest.fixture(scope="module", params=list(PROFILES))
+def lab_on(request: pytest.FixtureRequest, profile_lab: LabHandle
+           ) -> tuple[LabHandle, Profile]:
+    profile_lab.use_profile(request.param)
+    return profile_lab, PROFILES[request.param]
+
+
+def test_ping_both_ways(lab_on: tuple[LabHandle, Profile]) -> None:
+    lab, profile = lab_on
+    backend = CliBackend(lab)
+    for host, target in (("peer-a", PEER_B), ("peer-b", PEER_A)):
+        result = ping(backend, host, target, count=3, interval=0.2)
+        assert result.received == 3, f"{profile.name}: {host} -> {target}: {result}"
+
+
+Snapshot = tuple[int, int, dict[str, int]]
+
+
+def snapshot(lab: LabHandle, profile: Profile) -> Snapshot:
+    """Packets each TUN handed to its agent, and rows per sender in the profile's log."""
+    logged = lab.logged_by_sender(profile.log_table) if profile.log_table else {}
+    return lab.tun_counters("peer-a")["tx"], lab.tun_counters("peer-b")["tx"], logged
+
+
+def quiet_snapshot(lab: LabHandle, profile: Profile) -> Snapshot:
+    """A snapshot taken when nothing is in flight (the kernel's IPv6 chatter included)."""
+    previous = None
+    deadline = time.monotonic() + LOG_TIMEOUT
+    while time.monotonic() < deadline:
+        current = snapshot(lab, profile)
+        if current == previous:
+            return current
+        previous = current
+        time.sleep(0.5)
+    raise AssertionError(f"{profile.name}: the tunnel never went quiet")
+
+
+def test_short_iperf3_and_every_packet_logged(lab_on: tuple[LabHandle, Profile]) -> None:
+    lab, profile = lab_on
+    tx_a0, tx_b0, logged0 = quiet_snapshot(lab, profile)
+
+    result = iperf(CliBackend(lab), server="peer-b", address=PEER_B, client="peer-a",
+                   duration=3)
+    assert result.bytes_received > 1_000_000, f"{profile.name}: {result.receiver_mbps} Mbit/s"
+    assert result.bytes_received >= 0.8 * result.bytes_sent, profile.name
+
+    if not profile.logged:
+        assert profile.log_table is None and profile.log_totals_query() is None
+        return
+    # Rows are committed a little after the TUN hands packets over: wait for the log
+    # to catch up, then require exact equality, per sending peer.
+    deadline = time.monotonic() + LOG_TIMEOUT
+    while True:
+        tx_a1, tx_b1, logged1 = snapshot(lab, profile)
+        sent = {"peer-a": tx_a1 - tx_a0, "peer-b": tx_b1 - tx_b0}
+        rows = {peer: logged1.get(peer, 0) - logged0.get(peer, 0) for peer in sent}
+        if rows == sent or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert rows == sent, f"{profile.name}: rows logged {rows} != packets sent {sent}"
+    assert sent["peer-a"] > 700 and sent["peer-b"] > 100, sent
+
+
+# ------------------------------------------------------------------ pure unit tests
+
+def fake_result(profile: str, mbps: float, *, logged: bool = True) -> dict[str, Any]:
+    """What lab.bench.bench_profile returns, with made-up figures."""
+    return {
+        "profile": profile, "backend": "netns", "mtu": 65000 if "jumbo" in profile else 1500,
+        "duration_s": 10.0, "receiver_mbps": mbps, "sender_mbps": mbps * 1.01,
+        "retransmits": 3, "bytes_sent": 10**7, "bytes_received": 10**7,
+        "underlay_mbps": 13000.0, "tunnel_to_underlay": mbps / 13000,
+        "times_blog_v1_published": round(mbps / 3.93, 1),
+        "rtt_ms": {"min": 1.0, "avg": 2.5, "max": 4.0}, "ping_loss": 0,
+        "packets_logged": 12345 if logged else 0, "bytes_logged": 2_000_000 if logged else 0,
+        "logged": logged,
+        "intervals": [{"t": 1.0, "mbps": mbps * 0.9}, {"t": 2.0, "mbps": mbps * 1.1},
+                      {"t": 2.004, "mbps": 0.0}],
+    }
+
+
+def several_results() -> list[dict[str, Any]]:
+    return [fake_result("blog-v1", 10.0), fake_result("blog-v2", 20.0),
+            fake_result("notify-only", 60.0, logged=False), fake_result("batched", 300.0),
+            {"profile": "batched-jumbo", "logged": True, "error": "iperf3 did not finish\n"
+             "within 70s | see 'lab logs'"}]
+
+
+def test_single_profile_report_keeps_its_fields_at_the_top() -> None:
+    result = fake_result("batched", 300.0)
+    report = build_report([result])
+    assert {k: report[k] for k in result} == result
+    assert report["results"][0]["profile"] == "batched" and report["failed"] == []
+    assert report["results"][0]["times_blog_v1_measured"] is None
+    markdown = render_markdown(report)
+    assert "| batched | yes | 1500 | - | 300.0 | n/a | 76.3x |" in markdown
+
+
+def test_several_profiles_side_by_side() -> None:
+    report = build_report(several_results())
+    assert report["profiles"] == list(PROFILES)
+    assert report["failed"] == ["batched-jumbo"]
+    assert (report["backend"], report["duration_s"]) == ("netns", 10.0)
+    by_name = {r["profile"]: r for r in report["results"]}
+    assert by_name["blog-v2"]["times_blog_v1_measured"] == 2.0
+    assert by_name["notify-only"]["logged"] is False
+    json.dumps(report)  # report.json must serialise
+
+    markdown = render_markdown(report, chart="throughput.png")
+    table = [line for line in markdown.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + len(PROFILES)  # the header, then one row per profile
+    assert all(line.count("|") == table[0].count("|") for line in table)
+    assert "| blog-v1 | yes | 1500 | 3.93 | 10.0 | 1.0x |" in markdown
+    assert "| blog-v2 | yes | 1500 | ~39 (10x) | 20.0 | 2.0x |" in markdown
+    assert "| notify-only | no | 1500 | ~390 (100x) | 60.0 | 6.0x |" in markdown
+    assert "| batched-jumbo | yes | | - | **failed**: iperf3 did not finish within 70s / " \
+        in markdown
+    assert "batched is 30.0x the measured blog-v1 (target at least 25x: **met**)" in markdown
+    assert "blog-v1 < blog-v2 < batched: **held**" in markdown
+    assert "![per-second throughput of each profile](throughput.png)" in markdown
+
+
+def test_expected_order_that_did_not_hold_is_said_so() -> None:
+    report = build_report([fake_result("blog-v1", 10.0), fake_result("blog-v2", 9.0),
+                           fake_result("batched", 200.0)])
+    markdown = render_markdown(report)
+    assert "**did not hold**" in markdown and "20.0x" in markdown and "**not met**" in markdown
+
+
+def test_report_files_and_chart_are_written(tmp_path: Path) -> None:
+    report = build_report(several_results())
+    write_report(report, tmp_path)
+    png = (tmp_path / "throughput.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+    assert json.loads((tmp_path / "report.json").read_text())["failed"] == ["batched-jumbo"]
+    assert "(throughput.png)" in (tmp_path / "report.md").read_text()
+
+
+def test_plot_skips_a_report_without_any_measured_interval(tmp_path: Path) -> None:
+    report = build_report([{"profile": "blog-v1", "logged": True, "error": "stalled"}])
+    assert plot_throughput(report, tmp_path / "none.png") is False
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_profiles_say_where_they_log() -> None:
+    for profile in PROFILES.values():
+        assert (profile.log_table is not None) == profile.logged, profile.name
+        if profile.log_table:
+            assert profile.log_table in profile.tables
+    assert PROFILES["notify-only"].default_mtu(65000) < 8000 * 3 // 4  # fits a NOTIFY
+    assert PROFILES["batched-jumbo"].default_mtu(1500) == 65000
