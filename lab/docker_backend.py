@@ -7,6 +7,7 @@ finds what to remove by that label alone, so it works even after a crash.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,23 @@ READY_TIMEOUT = 90.0
 STOP_TIMEOUT = 10
 
 
+IMAGE_SOURCES = ("pyproject.toml", "services", "sql", "images")
+
+
+def source_digest() -> str:
+    """A short hash of every file the images are built from."""
+    digest = hashlib.sha256()
+    for top in IMAGE_SOURCES:
+        base = ROOT / top
+        paths = sorted(base.rglob("*")) if base.is_dir() else [base]
+        for path in paths:
+            relative = path.relative_to(ROOT)
+            if path.is_file() and ".wheelhouse" not in relative.parts \
+                    and "__pycache__" not in relative.parts:
+                digest.update(str(relative).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
 def compose_command() -> list[str] | None:
     """`docker compose` (v2 plugin) if present, else `docker-compose` (v1), else None."""
     if shutil.which("docker") and run(["docker", "compose", "version"]).returncode == 0:
@@ -40,6 +58,10 @@ class DockerBackend(Backend):
     def __init__(self, topology: Topology, env: dict[str, str] | None = None) -> None:
         super().__init__(topology, env)
         self._client: Any = None
+        # Images are tagged by what they are built from: the same sources give the same
+        # tag, so `lab up` on a healthy lab rebuilds and recreates nothing, and a changed
+        # agent can never hide behind an old image of the same name.
+        self.env.setdefault("PGVPN_IMAGE_TAG", source_digest())
 
     # ----------------------------------------------------------------- engine
     @property
@@ -121,7 +143,21 @@ class DockerBackend(Backend):
                            "(scripts/make-base-image.sh)")
         return LOCAL_BASE
 
+    def _images_present(self) -> bool:
+        import docker
+
+        for service in self.topology.hosts:
+            name = "pgvpn-postgres" if self.topology.hosts[service].role == "database" \
+                else "pgvpn-agent"
+            try:
+                self.client.images.get(f"{name}:{self.env['PGVPN_IMAGE_TAG']}")
+            except docker.errors.ImageNotFound:
+                return False
+        return True
+
     def build_images(self, progress: Progress) -> None:
+        if self._images_present():
+            return
         self.env["PGVPN_BASE_IMAGE"] = self._base_image(progress)
         progress("building the wheelhouse (pgvpn and its dependencies)")
         wheels = run([str(ROOT / "scripts" / "build-wheelhouse.sh")], timeout=900)
