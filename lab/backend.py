@@ -6,6 +6,7 @@ bench and ping only ever call `exec`.
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 from abc import ABC, abstractmethod
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from lab.topology import Host, Topology
 
 Progress = Callable[[str], None]
+COPY_CHUNK = 96 * 1024  # base64 characters per exec: under Linux's 128 kB per argument
 TUN_DEVICE = "pgvpn0"  # the agents' default tun_name
 
 
@@ -73,6 +75,10 @@ class Backend(ABC):
         """Stop a host's service gracefully (SIGTERM, then SIGKILL after a timeout)."""
 
     @abstractmethod
+    def kill(self, host: Host) -> None:
+        """Kill a host's service with SIGKILL: a crash, no clean shutdown (fault tests)."""
+
+    @abstractmethod
     def exec(self, host: str, argv: Sequence[str], *, timeout: float = 60) -> ExecResult:
         """Run a command inside a host; never raises for a non-zero exit."""
 
@@ -109,8 +115,19 @@ class Backend(ABC):
         return ["pgvpn"]
 
     def copy_in(self, host: str, name: str, data: bytes) -> str:
-        """Put a file into `host` (replaced if there); returns its path inside the host."""
-        raise LabError(f"the {self.name} backend cannot copy files into its hosts yet")
+        """Put a file into `host` (replaced if there); returns its path inside the host.
+
+        This default works on any backend through `exec` alone: base64 in pieces that
+        fit one command-line argument, appended by the host's shell. Fine for the
+        small files replay copies; a backend with a faster way overrides it.
+        """
+        path = f"/tmp/{name}"
+        encoded = base64.b64encode(data).decode()
+        self.exec(host, ["sh", "-c", ': > "$0"', path]).check(f"creating {path} in {host}")
+        for start in range(0, len(encoded), COPY_CHUNK):
+            self.exec(host, ["sh", "-c", 'printf %s "$1" | base64 -d >> "$0"', path,
+                             encoded[start:start + COPY_CHUNK]]).check(f"writing {path}")
+        return path
 
     def ensure_scratch_host(self, progress: Progress) -> str:
         """Make (once) a host with no network links for replays; returns its name."""

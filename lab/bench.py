@@ -47,8 +47,13 @@ def bench_profile(lab: Lab, duration: float, progress: Progress,
     before = lab.log_totals()
     progress(f"tunnel: iperf3 {client.name} -> {server.name} ({server.tunnel_address}) "
              f"for {duration:g}s, profile {lab.settings.profile}")
-    tunnel = iperf(lab.backend, server=server.name, address=server.tunnel_address,
-                   client=client.name, duration=duration)
+    try:
+        tunnel = iperf(lab.backend, server=server.name, address=server.tunnel_address,
+                       client=client.name, duration=duration)
+    except LabError as exc:  # bounded by iperf's timeout: say which profile stalled
+        raise LabError(f"the tunnel stalled or failed with profile {lab.settings.profile}: "
+                       f"{exc}; see 'lab logs {client.name}' and 'lab logs {server.name}'"
+                       ) from None
     progress("tunnel: ping RTT sample")
     rtt = ping(lab.backend, client.name, server.tunnel_address, count=20, interval=0.1)
     after = settled_log_totals(lab)

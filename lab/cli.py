@@ -18,7 +18,7 @@ from lab.bench import bench_profile, bench_profiles
 from lab.controller import BACKENDS, Lab, make_backend
 from lab.live import BenchDisplay
 from lab.report import build_report, render_markdown, write_report
-from lab.topology import TopologyError
+from lab.topology import Host, TopologyError
 from pgvpn.errors import PgvpnError
 from pgvpn.transports import PROFILES
 
@@ -76,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     restart = commands.add_parser("restart", help="restart a host's service")
     restart.add_argument("host")
+    restart.add_argument("--kill", action="store_true",
+                         help="SIGKILL it first (a crash, no clean shutdown)")
+    stop = commands.add_parser("stop", help="stop a host's service (e.g. to inject a fault)")
+    stop.add_argument("host")
+    stop.add_argument("--kill", action="store_true",
+                      help="SIGKILL (a crash, no clean shutdown) instead of a clean stop")
+    start = commands.add_parser("start", help="start a host's service stopped by 'lab stop'")
+    start.add_argument("host")
 
     bench = commands.add_parser(
         "bench", help="iperf3 through the tunnel and over the underlay; writes a report",
@@ -99,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_lab_settings(parser: argparse.ArgumentParser, *, several: bool = False) -> None:
     parser.add_argument("--mtu", type=int, default=None, help="TUN MTU (default 1500)")
+    parser.add_argument("--tls", action=argparse.BooleanOptionalAction, default=None,
+                        help="agents reach postgres over TLS, verifying its certificate "
+                        "(default); --no-tls lets them use plaintext, to measure what TLS "
+                        "costs")
     if several:
         parser.add_argument("--profile", type=profile_list, default=None,
                             metavar="NAME[,NAME...]|all",
@@ -132,7 +144,8 @@ def requested_settings(args: argparse.Namespace) -> state.LabSettings:
     if backend == "auto":
         backend = make_backend("auto", state.LabSettings("auto", mtu, "batched")).name
     profile = args.profile or (current.profile if current else "batched")
-    return state.LabSettings(backend=backend, mtu=mtu, profile=profile)
+    tls = args.tls if args.tls is not None else (current.tls if current else True)
+    return state.LabSettings(backend=backend, mtu=mtu, profile=profile, tls=tls)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -140,7 +153,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     lab = Lab(make_backend(settings.backend, settings), settings)
     lab.up(progress)
     progress(f"lab is up on the {settings.backend} backend (mtu {lab.effective_mtu}, "
-             f"profile {settings.profile})")
+             f"profile {settings.profile}, "
+             + ("TLS verify-full)" if settings.tls else "agents WITHOUT TLS)"))
     return 0
 
 
@@ -169,7 +183,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     table = Table(title=f"pgvpn lab ({report['backend']}, mtu {report['mtu']}, "
-                  f"profile {report['profile']})")
+                  f"profile {report['profile']}, "
+                  f"{'TLS' if report.get('tls', True) else 'NO TLS'})")
     for column in ("host", "role", "running", "underlay", "tunnel", "detail"):
         table.add_column(column)
     for host in report["hosts"]:
@@ -182,9 +197,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"packet log: unavailable ({log['error']})")
     else:
         print(f"packet log: {log['packets']} packets, {log['bytes'] / 1e6:.1f} MB"
-              + (f"; {log['disk_bytes'] / 1e6:.1f} MB on disk in {log['partitions']} "
-                 f"partitions; {log['span']}; retention {log['retention']}"
-                 if "disk_bytes" in log else ""))
+              + (f" ({log['disk_bytes'] / 1e6:.1f} MB on disk in {log['partitions']} "
+                 "partitions)" if "disk_bytes" in log else ""))
+        if "span" in log:
+            print(f"log span:   {log['span']}; retention {log['retention']}")
     return 0
 
 
@@ -208,10 +224,39 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 def cmd_restart(args: argparse.Namespace) -> int:
     lab = Lab.current()
-    if args.host not in lab.topology.hosts:
-        raise LabError(f"no host {args.host!r}; hosts: {', '.join(lab.topology.hosts)}")
-    lab.backend.restart(lab.topology.hosts[args.host], progress)
+    host = lab_host(lab, args.host)
+    if args.kill:
+        progress(f"killing {host.name} (SIGKILL)")
+        lab.backend.kill(host)
+        lab.backend.start(host, progress)
+    else:
+        lab.backend.restart(host, progress)
     lab.wait_for_tunnel(progress)
+    return 0
+
+
+def lab_host(lab: Lab, name: str) -> Host:
+    if name not in lab.topology.hosts:
+        raise LabError(f"no host {name!r}; hosts: {', '.join(lab.topology.hosts)}")
+    return lab.topology.hosts[name]
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    lab = Lab.current()
+    host = lab_host(lab, args.host)
+    if args.kill:
+        progress(f"killing {host.name} (SIGKILL)")
+        lab.backend.kill(host)
+    else:
+        progress(f"stopping {host.name}")
+        lab.backend.stop(host)
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    """Start one host and wait for it alone: its peer may be stopped on purpose."""
+    lab = Lab.current()
+    lab.backend.start(lab_host(lab, args.host), progress)
     return 0
 
 
@@ -254,7 +299,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         usable += problem is None
         err.print(f"{name:7s} backend: " + ("[green]ready[/]" if problem is None
                                             else f"[red]not available[/]: {problem}"))
-    packages = {"iperf3": "iperf3", "ping": "iputils-ping", "ip": "iproute2"}
+    packages = {"iperf3": "iperf3", "ping": "iputils-ping", "ip": "iproute2",
+                "openssl": "openssl"}
     for tool, package in packages.items():
         found = shutil.which(tool)
         err.print(f"{tool:7s}: " + (f"[green]{found}[/]" if found
@@ -264,6 +310,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 COMMANDS = {"check": cmd_check, "up": cmd_up, "down": cmd_down, "status": cmd_status,
             "exec": cmd_exec, "logs": cmd_logs, "restart": cmd_restart, "bench": cmd_bench,
+            "stop": cmd_stop, "start": cmd_start,
             "packets": logtools.cmd_packets, "stats": logtools.cmd_stats,
             "export": logtools.cmd_export,
             "replay": logtools.cmd_replay}

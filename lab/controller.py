@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 
-from lab import state, topology
+from lab import state, tls, topology
 from lab.backend import Backend, HostState, LabError, Progress
 from lab.measure import wait_for_ping
 from pgvpn import admin, migrate
@@ -40,6 +40,11 @@ def lab_environment(settings: state.LabSettings) -> dict[str, str]:
     env.update({"PGVPN_LAB_NAME": state.LAB_NAME,
                 "PGVPN_MTU": str(settings.mtu), "PGVPN_PROFILE": settings.profile,
                 "PGVPN_LAB_SECRETS": str(state.secrets_dir())})
+    # The server always offers TLS; without it (--no-tls) it also accepts plaintext
+    # and the agents, explicitly allowed to, use it.
+    env.update({"PGVPN_SSL": "require", "PGVPN_SSLMODE": "verify-full",
+                "PGVPN_ALLOW_PLAINTEXT": "false"} if settings.tls else
+               {"PGVPN_SSL": "on", "PGVPN_SSLMODE": "disable", "PGVPN_ALLOW_PLAINTEXT": "true"})
     return env
 
 
@@ -107,7 +112,8 @@ class Lab:
             for agent in self.topology.agents:
                 if changed:
                     progress(f"restarting {agent.name} with mtu {self.effective_mtu}, "
-                             f"profile {self.settings.profile}")
+                             f"profile {self.settings.profile}"
+                             + ("" if self.settings.tls else ", WITHOUT TLS"))
                     self.backend.stop(agent)
                 self.backend.start(agent, progress)
             self.wait_for_tunnel(progress)
@@ -124,13 +130,22 @@ class Lab:
                 progress(f"waiting for {agent.name} -> {peer} over the tunnel")
                 wait_for_ping(self.backend, agent.name, peer, TUNNEL_TIMEOUT)
 
+    def _password_secrets(self) -> list[str]:
+        """The secrets that are passwords; the others are TLS files (lab.tls)."""
+        return [name for name in self.topology.secret_files if name not in tls.FILES]
+
     def _ensure_secrets(self) -> None:
         pgpass_users = {a.name: a.environment["PGUSER"] for a in self.topology.agents}
-        state.ensure_secrets(list(self.topology.secret_files), pgpass_users)
+        state.ensure_secrets(self._password_secrets(), pgpass_users)
+        database = self.topology.database
+        tls.ensure_certificates(state.secrets_dir(), lab_name=state.LAB_NAME,
+                                names=[database.name, "localhost"],
+                                addresses=[*map(str, database.addresses.values()),
+                                           "127.0.0.1"])
 
     def _prepare_database(self, progress: Progress) -> None:
         """Owner's work: the database, the schema, one login role per agent."""
-        passwords = state.ensure_secrets(list(self.topology.secret_files),
+        passwords = state.ensure_secrets(self._password_secrets(),
                                          {a.name: a.environment["PGUSER"]
                                           for a in self.topology.agents})
         with psycopg.connect(self.backend.admin_conninfo("postgres"), autocommit=True) as conn:
@@ -191,7 +206,7 @@ class Lab:
         hosts: list[HostState] = self.backend.states()
         report: dict[str, Any] = {
             "backend": self.backend.name, "mtu": self.effective_mtu,
-            "profile": self.settings.profile,
+            "profile": self.settings.profile, "tls": self.settings.tls,
             "hosts": [vars(h) for h in hosts]}
         try:
             report["log"] = self.log_totals()

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lab import state
+from lab import state, tls
 from lab.backend import Backend, ExecResult, HostState, LabError, Progress, run
 from lab.topology import LABEL, ROOT, Host, Topology
 
@@ -203,6 +203,12 @@ class DockerBackend(Backend):
     def stop(self, host: Host) -> None:
         self.compose("stop", "-t", str(STOP_TIMEOUT), host.name).check(f"stopping {host.name}")
 
+    def kill(self, host: Host) -> None:
+        container = self._container(host.name)
+        if container is not None and container.status == "running":
+            container.kill(signal="SIGKILL")
+            container.wait(timeout=STOP_TIMEOUT)
+
     def destroy(self, progress: Progress) -> None:
         label = {"label": f"{LABEL}={state.LAB_NAME}"}
         for container in self.client.containers.list(all=True, filters=label):
@@ -254,8 +260,10 @@ class DockerBackend(Backend):
     def admin_conninfo(self, dbname: str = "pgvpn") -> str:
         address = next(iter(self.topology.database.addresses.values()))
         password = (state.secrets_dir() / "owner").read_text().strip()
+        # The operator's connection crosses the lab's network too: TLS, verified.
         return (f"host={address} port=5432 user=postgres dbname={dbname} "
-                f"password={password} sslmode=prefer")
+                f"password={password} sslmode=verify-full "
+                f"sslrootcert={state.secrets_dir() / tls.CA_CERT}")
 
     def exists(self) -> bool:
         label = {"label": f"{LABEL}={state.LAB_NAME}"}

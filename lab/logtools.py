@@ -122,8 +122,9 @@ def progress(message: str) -> None:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    lab = Lab.current()
     args.input = None
+    logcli.validate(args)  # typos are reported before anything is selected or made
+    lab = Lab.current()
     with lab.admin() as conn, logcli.database_errors():
         packets = logcli.selection_for_replay(conn, args)
     if args.into == "replay":

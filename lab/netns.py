@@ -10,6 +10,7 @@ import contextlib
 import glob
 import json
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -114,6 +115,11 @@ class NetnsBackend(Backend):
     # ----------------------------------------------------------------- start
     def start(self, host: Host, progress: Progress) -> None:
         if self._pid(host.name) is not None:
+            if host.role == "database" and self._configure_postgres(host):
+                progress("postgres: TLS or access settings changed, reloading them")
+                with psycopg.connect(self.admin_conninfo("postgres"), connect_timeout=5,
+                                     autocommit=True) as conn:
+                    conn.execute("SELECT pg_reload_conf()")
             return
         if host.role == "database":
             self._start_postgres(host, progress)
@@ -147,16 +153,16 @@ class NetnsBackend(Backend):
             run([*as_postgres, str(bindir / "initdb"), "-D", str(data), "-U", "postgres",
                  "-E", "UTF8", "--auth-local=trust", "--auth-host=scram-sha-256"],
                 timeout=120).check("initdb")
-            subnets = [str(n.subnet) for n in self.topology.networks.values()]
-            hba = ["local all all trust"] + [
-                f"host pgvpn +pgvpn_agent {subnet} scram-sha-256" for subnet in subnets]
-            (data / "pg_hba.conf").write_text("\n".join(hba) + "\n")
             listen = ",".join(str(a) for a in host.addresses.values())
             with open(data / "postgresql.conf", "a") as conf:
                 conf.write(POSTGRES_SETTINGS + f"listen_addresses = '{listen}'\n"
                            f"unix_socket_directories = '{sockets}'\nport = {PG_PORT}\n")
-        progress("starting postgres")
-        self._spawn(host.name, [*as_postgres, str(bindir / "postgres"), "-D", str(data)],
+        self._configure_postgres(host)
+        tls = ([] if host.environment.get("PGVPN_SSL", "off") == "off" else
+               ["-c", "ssl=on", "-c", f"ssl_cert_file={data / 'server.crt'}",
+                "-c", f"ssl_key_file={data / 'server.key'}"])
+        progress("starting postgres" + (" (TLS)" if tls else ""))
+        self._spawn(host.name, [*as_postgres, str(bindir / "postgres"), "-D", str(data), *tls],
                     {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"})
         deadline = time.monotonic() + READY_TIMEOUT
         while True:
@@ -169,6 +175,50 @@ class NetnsBackend(Backend):
                                    f"{READY_TIMEOUT:.0f}s ({exc}); log:\n"
                                    f"{self.logs(host.name, 15)}") from None
                 time.sleep(0.2)
+
+    def _configure_postgres(self, host: Host) -> bool:
+        """Write pg_hba.conf and the TLS files as compose.yaml's environment says.
+
+        As the Docker image's entrypoint does: PGVPN_SSL=require accepts agents over
+        TLS only, `on` also in plaintext, `off` offers no TLS. Done at every start
+        (and on `lab up` of a running lab), so a changed setting takes effect.
+        Returns True if anything changed.
+        """
+        data = self.root / "pgdata"
+        ssl = host.environment.get("PGVPN_SSL", "off")
+        kinds = {"require": ["hostssl"], "on": ["hostssl", "hostnossl"], "off": ["host"]}
+        if ssl not in kinds:
+            raise LabError(f"PGVPN_SSL={ssl!r} in compose.yaml: use off, on or require")
+        subnets = [str(n.subnet) for n in self.topology.networks.values()]
+        hba = ["# written by the lab at every start (lab/netns.py)", "local all all trust"]
+        hba += [f"{kind} pgvpn +pgvpn_agent {subnet} scram-sha-256"
+                for subnet in subnets for kind in kinds[ssl]]
+        files = {data / "pg_hba.conf": ("\n".join(hba) + "\n").encode()}
+        if ssl != "off":
+            for variable, target in (("PGVPN_SSL_CERT_FILE", "server.crt"),
+                                     ("PGVPN_SSL_KEY_FILE", "server.key")):
+                source = self.local_path(host.environment.get(variable, ""))
+                if not source.is_file():
+                    raise LabError(f"{variable}: {source} is missing; 'lab up' makes it")
+                files[data / target] = source.read_bytes()
+        changed = False
+        for path, content in files.items():
+            if path.exists() and path.read_bytes() == content:
+                continue
+            # postgres refuses a key that others may read: 0600 from the first byte
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(content)
+            shutil.chown(path, "postgres", "postgres")
+            changed = True
+        return changed
+
+    @staticmethod
+    def local_path(value: str) -> Path:
+        """Where a compose secret (/run/secrets/NAME) is on this host: the lab's secrets."""
+        if value.startswith(SECRETS_DIR + "/"):
+            return state.secrets_dir() / value.removeprefix(SECRETS_DIR + "/")
+        return Path(value)
 
     def agent_environment(self, host: Host) -> dict[str, str]:
         """The host's compose environment, with secret paths pointing at the lab's files."""
@@ -219,6 +269,33 @@ class NetnsBackend(Backend):
         if self._pid(host.name) is not None:
             os.kill(pid, signal.SIGKILL)
         (self.root / f"{host.name}.pid").unlink(missing_ok=True)
+
+    def kill(self, host: Host) -> None:
+        pid = self._pid(host.name)
+        if pid is None:
+            return
+        os.kill(pid, signal.SIGKILL)
+        # A killed postmaster's children notice and exit by themselves; a new one
+        # cannot start while they still hold its shared memory, nor while its own pid
+        # still exists, even as a zombie that nobody reaped yet: wait for all of them.
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while time.monotonic() < deadline and (
+                Path(f"/proc/{pid}").exists()
+                or (host.role == "database" and self._postgres_processes(host.name))):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)  # reaps it if we are its parent
+            time.sleep(0.1)
+        (self.root / f"{host.name}.pid").unlink(missing_ok=True)
+
+    def _postgres_processes(self, host: str) -> list[int]:
+        """Processes of the postgres user in the host's namespace (waited for, never killed)."""
+        found = []
+        uid = pwd.getpwnam("postgres").pw_uid
+        for pid in run(["ip", "netns", "pids", self.namespace(host)]).stdout.split():
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}").stat().st_uid == uid:
+                    found.append(int(pid))
+        return found
 
     # ------------------------------------------------------------ operations
     def exec(self, host: str, argv: Sequence[str], *, timeout: float = 60) -> ExecResult:

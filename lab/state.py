@@ -23,6 +23,9 @@ class LabSettings:
     backend: str
     mtu: int
     profile: str
+    # Agents reach postgres over TLS, verifying its certificate; False (`lab up --no-tls`)
+    # lets them connect in plaintext, which is only for measuring what TLS costs.
+    tls: bool = True
 
 
 def settings_path() -> Path:

@@ -185,11 +185,16 @@ BEGIN
     IF keep IS NULL THEN
         RETURN 0;
     END IF;
+    -- Both agents run their maintenance at about the same time, and `pgvpn prune`
+    -- may be at work: whoever holds the lock does the job, the others skip it.
+    IF NOT pg_try_advisory_xact_lock(hashtextextended('pgvpn.prune', 0)) THEN
+        RETURN 0;
+    END IF;
     FOR expired IN SELECT * FROM pgvpn.expired_partitions(now() - keep)
                    WHERE keep_reason IS NULL LOOP
         FOR attempt IN 1 .. 5 LOOP
             BEGIN
-                EXECUTE format('DROP TABLE %s', expired.partition);
+                EXECUTE format('DROP TABLE IF EXISTS %s', expired.partition);
                 dropped := dropped + 1;
                 EXIT;
             EXCEPTION WHEN lock_not_available THEN

@@ -19,9 +19,17 @@
 #                       be a root-only secret: it is read before privileges drop.
 #   PGVPN_HBA_CIDRS     networks allowed to connect over TCP with a password
 #                       (default: the private ranges Docker allocates from)
-#   PGVPN_SSL           off (default) | on (self-signed cert, TLS optional)
+#   PGVPN_SSL           off (default) | on (TLS offered, plaintext accepted)
 #                       | require (TLS required from the network)
+#   PGVPN_SSL_CERT_FILE, PGVPN_SSL_KEY_FILE
+#                       the server's certificate and key (e.g. Compose secrets made
+#                       by the lab's own CA, lab/tls.py); read at every start, as
+#                       root, so the key may be a root-only secret. Without them
+#                       PGVPN_SSL=on|require makes a self-signed certificate once.
 #   PGVPN_INITDB_ARGS   extra initdb arguments, e.g. --data-checksums
+#
+# PGVPN_SSL, PGVPN_HBA_CIDRS and the certificate files are applied at every start:
+# pg_hba.conf is rewritten from them, so changing them needs only a restart.
 #
 # Usage: entrypoint.sh [postgres [-c name=value ...]] | entrypoint.sh CMD ...
 set -euo pipefail
@@ -29,6 +37,7 @@ set -euo pipefail
 PGDATA=${PGDATA:-/var/lib/pgvpn/data}
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 SOCKDIR=/run/postgresql
+TLSDIR=/run/pgvpn-tls
 INITDIR=/docker-entrypoint-initdb.d
 MARKER=$PGDATA/.pgvpn-init-incomplete
 export PGDATA
@@ -62,6 +71,16 @@ if [[ $(id -u) -eq 0 ]]; then
             "$PGVPN_OWNER_PASSWORD_FILE" "$SOCKDIR/.pgvpn-owner-password"
         export PGVPN_OWNER_PASSWORD_FILE=$SOCKDIR/.pgvpn-owner-password
     fi
+    # The same for the TLS key: postgres refuses a key it does not own or that
+    # others may read, so it gets its own 0600 copy outside the data directory.
+    if [[ -n ${PGVPN_SSL_CERT_FILE:-}${PGVPN_SSL_KEY_FILE:-} ]]; then
+        [[ -r ${PGVPN_SSL_CERT_FILE:-} && -r ${PGVPN_SSL_KEY_FILE:-} ]] \
+            || die "cannot read PGVPN_SSL_CERT_FILE and PGVPN_SSL_KEY_FILE (both are needed)"
+        install -d -m 700 -o postgres -g postgres "$TLSDIR"
+        install -m 644 -o postgres -g postgres "$PGVPN_SSL_CERT_FILE" "$TLSDIR/server.crt"
+        install -m 600 -o postgres -g postgres "$PGVPN_SSL_KEY_FILE" "$TLSDIR/server.key"
+        export PGVPN_SSL_CERT_FILE=$TLSDIR/server.crt PGVPN_SSL_KEY_FILE=$TLSDIR/server.key
+    fi
     exec env HOME=/var/lib/postgresql USER=postgres LOGNAME=postgres \
         setpriv --reuid=postgres --regid=postgres --init-groups "$0" "$@"
 fi
@@ -75,7 +94,7 @@ hba_conf() {
         require) types="hostssl" ;;
     esac
     cat <<'EOF'
-# Written once by the pgvpn entrypoint at initdb time.
+# Written by the pgvpn entrypoint at every start, from PGVPN_SSL and PGVPN_HBA_CIDRS.
 # TYPE    DATABASE  USER  ADDRESS          METHOD
 # Local socket: only the matching OS user (postgres, for admin and hooks).
 local     all       all                    peer
@@ -114,7 +133,7 @@ init_cluster() {
         echo "include_dir '/etc/pgvpn/conf.d'"
     } >>"$PGDATA/postgresql.conf"
 
-    if [[ $ssl != off ]]; then
+    if [[ $ssl != off && -z ${PGVPN_SSL_CERT_FILE:-} ]]; then
         log "generating a self-signed TLS certificate (PGVPN_SSL=$ssl)"
         openssl req -new -x509 -days 3650 -nodes -subj "/CN=$HOSTNAME" \
             -newkey rsa:2048 -keyout "$PGDATA/server.key" \
@@ -171,6 +190,20 @@ else
     die "$PGDATA is neither empty nor a PostgreSQL data directory; refusing to touch it"
 fi
 
+ssl=${PGVPN_SSL:-off}
+case $ssl in off|on|require) ;; *) die "PGVPN_SSL must be off, on or require (got '$ssl')" ;; esac
+hba_conf "$ssl" >"$PGDATA/pg_hba.conf"
+tls_args=()
+if [[ $ssl != off && -n ${PGVPN_SSL_CERT_FILE:-} ]]; then
+    tls_args=(-c ssl=on -c "ssl_cert_file=$PGVPN_SSL_CERT_FILE"
+              -c "ssl_key_file=$PGVPN_SSL_KEY_FILE")
+    log "TLS with $PGVPN_SSL_CERT_FILE (PGVPN_SSL=$ssl)"
+elif [[ $ssl != off && ! -f $PGDATA/server.crt ]]; then
+    die "PGVPN_SSL=$ssl but no certificate: give PGVPN_SSL_CERT_FILE and PGVPN_SSL_KEY_FILE"
+elif [[ $ssl == off ]]; then
+    tls_args=(-c ssl=off)
+fi
+
 shift   # drop "postgres"
 log "starting postgres"
-exec "$PGBIN/postgres" -D "$PGDATA" "$@"
+exec "$PGBIN/postgres" -D "$PGDATA" "${tls_args[@]}" "$@"

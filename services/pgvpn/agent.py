@@ -17,7 +17,8 @@ from types import FrameType
 
 import psycopg
 
-from pgvpn import db, migrate
+from pgvpn import db, migrate, tlspolicy
+from pgvpn.admin import role_name
 from pgvpn.config import AgentConfig
 from pgvpn.errors import PgvpnError
 from pgvpn.packets import packet_problem
@@ -29,6 +30,34 @@ log = logging.getLogger("pgvpn.agent")
 HEARTBEAT_SECONDS = 5.0
 PARTITIONS_EVERY = 3600.0
 STATS_EVERY = 1.0
+BAD_INPUT_EVERY = 1.0  # seconds between warnings about bad frames or rows
+
+
+class BadInputLog:
+    """Warnings about frames or rows that are not packets: the first at once, then at
+    most one a second with a count, so that a flood of bad input cannot flood the log."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.pending = 0
+        self.last_problem = ""
+        self.next_at = 0.0
+        self.lock = threading.Lock()
+
+    def report(self, problem: str) -> None:
+        with self.lock:
+            self.pending += 1
+            self.last_problem = problem
+        if time.monotonic() >= self.next_at:
+            self.flush()
+
+    def flush(self) -> None:
+        with self.lock:
+            if not self.pending:
+                return
+            log.warning("%s: %d (last: %s)", self.what, self.pending, self.last_problem)
+            self.pending = 0
+            self.next_at = time.monotonic() + BAD_INPUT_EVERY
 
 
 class Agent:
@@ -39,6 +68,10 @@ class Agent:
         self.session = Session(config)
         self.dropped_from_tun = 0
         self.skipped_rows = 0
+        self.bad_frames = BadInputLog(f"dropped frames read from {config.tun_name} that are "
+                                      "not IPv4/IPv6 packets")
+        self.bad_rows = BadInputLog(f"skipped logged rows from {config.peer} that are not "
+                                    "packets for this TUN")
         self.failure: BaseException | None = None
 
     @property
@@ -47,11 +80,15 @@ class Agent:
 
     def run(self) -> None:
         """Run until SIGTERM/SIGINT or a fatal error; raises PgvpnError on the latter."""
-        control = db.connect(self.config.database_url, attempts=self.config.connect_attempts,
-                             application_name=f"pgvpn {self.config.name} control")
+        control = self.session.connect("control")
         with control:
             migrate.migrate(control)
+            self._check_identity(control)
             self._register(control)
+            security = tlspolicy.describe(control)
+            risk = tlspolicy.risks(control)
+            if risk:
+                log.warning("peer %s: %s", self.config.name, risk)
             with TunDevice(self.config.tun_name, self.mtu) as tun:
                 addresses = [self.config.tun_ip]
                 if self.config.tun_ip6 is not None:
@@ -59,12 +96,13 @@ class Agent:
                 tun.configure(addresses)
                 uplink = self.profile.open_uplink(self.session)
                 downlink = self.profile.open_downlink(self.session)
-                log.info("peer %s: %s on %s (%s, mtu %d) -> peer %s (%s) via %s, profile %s, "
-                         "%s commit", self.config.name, tun.name,
+                log.info("peer %s: %s on %s (%s, mtu %d) -> peer %s (%s) via %s (%s), "
+                         "profile %s, %s commit", self.config.name, tun.name,
                          ", ".join(map(str, addresses)), "v4+v6" if len(addresses) > 1 else
                          "v4" if self.config.tun_ip.version == 4 else "v6", self.mtu,
                          self.config.peer, self.config.tun_peer,
-                         db.describe_target(self.config.database_url), self.profile.name,
+                         db.describe_target(self.config.database_url), security,
+                         self.profile.name,
                          "synchronous" if self.config.synchronous_commit else "asynchronous")
                 threads = [
                     threading.Thread(target=self._guard, args=(self.pump_up, tun, uplink),
@@ -111,7 +149,7 @@ class Agent:
                     packets.append(frame)
                 else:
                     self.dropped_from_tun += 1
-                    log.debug("dropped a frame from %s: %s", tun.name, problem)
+                    self.bad_frames.report(problem)
             if packets:
                 uplink.send(packets)
 
@@ -119,22 +157,41 @@ class Agent:
         """Database -> TUN: write each committed packet addressed to us."""
         while not self.stop.is_set():
             for packet in downlink.receive(timeout=0.5):
-                problem = packet_problem(packet)
+                problem = packet_problem(packet, max_size=tun.mtu)
                 if problem is None:
-                    tun.write(packet)
-                else:
+                    try:
+                        tun.write(packet)
+                    except OSError as exc:  # what the checks missed; the kernel decides
+                        problem = f"the TUN device refused it: {exc.strerror}"
+                if problem is not None:
                     self.skipped_rows += 1
-                    log.warning("skipped a logged row from %s that is not a packet: %s",
-                                self.config.peer, problem)
+                    self.bad_rows.report(problem)
+
+    def _check_identity(self, control: psycopg.Connection) -> None:
+        """The database knows each peer by its role: make sure it is this peer's.
+
+        Packets are logged with the role's peer as sender, whatever this agent's
+        settings say, so a mismatch would send (and read) as the wrong peer.
+        """
+        row = control.execute("SELECT pgvpn.current_peer(), session_user").fetchone()
+        peer, role = row if row else (None, "?")
+        expected = role_name(self.config.name)
+        if peer is None:
+            raise PgvpnError(f"connected as role {role}, which is no peer's role: peer "
+                             f"{self.config.name} connects as {expected} (the database owner "
+                             f"creates it with 'pgvpn db add-peer {self.config.name}')")
+        if peer != self.config.name:
+            raise PgvpnError(f"connected as role {role}, the role of peer {peer}, but this "
+                             f"agent is peer {self.config.name}: connect as {expected}, or "
+                             f"set name to {peer}")
 
     def _register(self, control: psycopg.Connection) -> None:
+        """Partitions ahead, and this peer's row (the owner made the other peer's)."""
         control.execute("SELECT pgvpn.ensure_partitions()")
         control.execute(
             "INSERT INTO pgvpn.peers (name, tunnel_addr, last_seen) VALUES (%s, %s, now()) "
             "ON CONFLICT (name) DO UPDATE SET tunnel_addr = EXCLUDED.tunnel_addr, "
             "last_seen = EXCLUDED.last_seen", [self.config.name, str(self.config.tun_ip.ip)])
-        control.execute("INSERT INTO pgvpn.peers (name) VALUES (%s) ON CONFLICT DO NOTHING",
-                        [self.config.peer])
 
     def _maintain_log(self, control: psycopg.Connection) -> None:
         """Partitions ahead, and the owner's retention policy (pgvpn.log_settings) behind."""
@@ -163,10 +220,12 @@ class Agent:
                     raise
                 log.debug("control connection lost: %s", db.explain(exc))
                 try:
-                    control = db.connect(self.config.database_url, attempts=1,
-                                         application_name=f"pgvpn {self.config.name} control")
+                    control = self.session.connect("control", attempts=1)
                 except PgvpnError:
                     next_heartbeat = now + HEARTBEAT_SECONDS
+            for bad in (self.bad_frames, self.bad_rows):  # counts a burst left pending
+                if now >= bad.next_at:
+                    bad.flush()
             if now >= next_stats and log.isEnabledFor(logging.DEBUG):
                 up, down = uplink.counters, downlink.counters
                 log.debug("up %d pkts %d B %d batches | down %d pkts %d B %d batches | "

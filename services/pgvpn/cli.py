@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+import psycopg
+
 from pgvpn import __version__, admin, db, logcli, migrate
 from pgvpn.config import add_arguments, load_config
 from pgvpn.errors import PgvpnError
@@ -15,7 +17,8 @@ from pgvpn.errors import PgvpnError
 EPILOG = """\
 examples:
   # peer a, settings from the environment as in the original blog post
-  DATABASE_URL=postgresql://peer_a@db.example/pgvpn PGVPN_NAME=peer-a PGVPN_PEER=peer-b \\
+  DATABASE_URL=postgresql://pgvpn_peer_a@db.example/pgvpn PGSSLROOTCERT=ca.crt \\
+  PGVPN_NAME=peer-a PGVPN_PEER=peer-b \\
   TUN_IP=10.230.0.1/24 TUN_PEER=10.230.0.2 pgvpn run
 
   # the same from a YAML file whose keys are the setting names below
@@ -76,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         return run_db(args)
     except PgvpnError as exc:
         print(f"pgvpn: error: {exc}", file=sys.stderr)
+        return 2
+    except psycopg.Error as exc:  # one the code did not foresee: still one line, no traceback
+        print(f"pgvpn: error: the database refused: {db.explain(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -15,14 +15,21 @@ import yaml
 
 from pgvpn.errors import ConfigError
 
-PEER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+# A peer's database role is "pgvpn_" + its name with '-' as '_' (pgvpn.admin.role_name),
+# and the database maps the role back (pgvpn.current_peer()): so no '_' in names, and
+# at most 57 characters, for the role to fit PostgreSQL's 63-byte identifiers.
+PEER_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,56}$")
+# pgvpn_agent and pgvpn_reader are group roles, not peers.
+RESERVED_PEER_NAMES = frozenset({"agent", "reader"})
 MIN_MTU = 576  # the IPv4 minimum; below it some peers' packets cannot be carried
 MAX_MTU = 65535
 
 
 def _peer_name(value: str) -> str:
     if not PEER_NAME.match(value):
-        raise ValueError("use 1-63 characters: lower-case letters, digits, '-' or '_'")
+        raise ValueError("use 1-57 characters: lower-case letters, digits or '-'")
+    if value in RESERVED_PEER_NAMES:
+        raise ValueError(f"{value!r} is reserved (role pgvpn_{value} is a group role)")
     return value
 
 
@@ -113,6 +120,9 @@ SETTINGS: tuple[Setting, ...] = (
             "most packets written in one COPY"),
     Setting("max_replay_age", "PGVPN_MAX_REPLAY_AGE", _seconds, 30.0,
             "packets older than this many seconds are not written to a live TUN at start"),
+    Setting("allow_plaintext", "PGVPN_ALLOW_PLAINTEXT", _bool, False,
+            "allow a database connection without TLS (a warning is logged); otherwise "
+            "sslmode defaults to verify-full and an unencrypted TCP connection is refused"),
     Setting("connect_attempts", "PGVPN_CONNECT_ATTEMPTS", _positive, 10,
             "database connection attempts at start before giving up"),
     Setting("log_level", "PGVPN_LOG_LEVEL", str.upper, "INFO",
@@ -137,6 +147,7 @@ class AgentConfig:
     synchronous_commit: bool = True
     batch_packets: int = 1024
     max_replay_age: float = 30.0
+    allow_plaintext: bool = False
     connect_attempts: int = 10
     log_level: str = "INFO"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -34,18 +35,28 @@ def describe_target(conninfo: str) -> str:
     return f"{user + '@' if user else ''}{host}:{port}/{dbname}"
 
 
+# libpq's "connection to server at "h" (a), port p failed: " repeats what
+# describe_target says already.
+_LIBPQ_PREFIX = re.compile(r'^(connection failed: |connection is bad: )?'
+                           r'(connection to server (at|on) "[^"]*"( \([^)]*\))?(, port \d+)? '
+                           r'failed: )?')
+
+
 def explain(exc: psycopg.Error) -> str:
     """One line on what went wrong and what to check."""
-    text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = _LIBPQ_PREFIX.sub("", text) or text
     lowered = str(exc).lower()
     if "password authentication failed" in lowered or "no password supplied" in lowered:
         return f"{text} (check the user name and password / PGPASSFILE)"
     if "does not exist" in lowered and "database" in lowered:
         return f"{text} (check the database name)"
     if "connection refused" in lowered or "timeout" in lowered or "no route" in lowered:
-        return f"{text} (is the server running, and is host/port right?)"
+        return (f"{text} (check that the server runs and that DATABASE_URL or "
+                "PGHOST/PGPORT point at it)")
     if "ssl" in lowered or "certificate" in lowered:
-        return f"{text} (check sslmode, sslrootcert and the server certificate)"
+        return (f"{text} (check sslmode and sslrootcert (PGSSLMODE, PGSSLROOTCERT) and the "
+                "server's certificate)")
     return text
 
 

@@ -345,9 +345,11 @@ def cmd_replay(conn: psycopg.Connection | None, args: argparse.Namespace) -> int
                     max_gap=max_gap,
                     progress=lambda text: print(text, file=sys.stderr))
     skipped = f", skipped {result.skipped} that were not IP packets" if result.skipped else ""
+    answers = (f"the stack answered with {result.answered} packet(s) through {args.tun}"
+               if args.address else f"{args.tun} has no address: answers, if any, left by "
+               "this host's own routes")
     print(f"replayed {result.sent} packets into {args.tun} in {result.seconds:.2f}s "
-          f"(logged over {result.logged_span:.2f}s){skipped}; the stack answered with "
-          f"{result.answered} packet(s) through {args.tun}", file=sys.stderr)
+          f"(logged over {result.logged_span:.2f}s){skipped}; {answers}", file=sys.stderr)
     return 0
 
 

@@ -50,12 +50,21 @@ def endpoint(address: str | None, port: int | None) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
+UNREACHABLE = {(4, 0): "net", (4, 1): "host", (4, 3): "port", (4, 4): "frag needed",
+               (4, 13): "prohibited", (6, 0): "no route", (6, 1): "prohibited",
+               (6, 3): "address", (6, 4): "port"}
+
+
 def info(packet: LoggedPacket) -> str:
     """What a person wants to know at a glance: TCP flags, the ICMP message."""
     if packet.tcp_flags:
         return ",".join(packet.tcp_flags)
     if packet.icmp_type is not None:
-        name = ICMP_TYPES.get((packet.ip_version or 4, packet.icmp_type))
+        version = packet.ip_version or 4
+        name = ICMP_TYPES.get((version, packet.icmp_type))
+        if name == "unreachable":
+            reason = UNREACHABLE.get((version, packet.icmp_code or 0))
+            return f"{reason} unreachable" if reason else f"unreachable code {packet.icmp_code}"
         return name or f"type {packet.icmp_type} code {packet.icmp_code}"
     return ""
 

@@ -6,15 +6,18 @@ IPV4_MIN_HEADER = 20
 IPV6_HEADER = 40
 
 
-def packet_problem(frame: bytes) -> str | None:
+def packet_problem(frame: bytes, max_size: int | None = None) -> str | None:
     """Return why `frame` is not one whole IPv4/IPv6 packet, or None if it is.
 
     Checks only what the kernel would also reject: version, header length and the
     total length field matching the frame, so that a truncated or padded row from
-    the log is never written to a TUN device.
+    the log is never written to a TUN device. `max_size` (the receiving TUN's MTU)
+    refuses packets larger than the link, as a NIC refuses oversized frames.
     """
     if not frame:
         return "empty frame"
+    if max_size is not None and len(frame) > max_size:
+        return f"{len(frame)}-byte packet exceeds the MTU of {max_size}"
     version = frame[0] >> 4
     if version == 4:
         if len(frame) < IPV4_MIN_HEADER:

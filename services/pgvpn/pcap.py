@@ -30,7 +30,7 @@ def _dpkt() -> Any:
         import dpkt
     except ImportError:
         raise PgvpnError("pcap files need the dpkt package: pip install dpkt "
-                         "(or install pgvpn with its 'lab' extra)") from None
+                         "(or install pgvpn with its 'logtools' extra)") from None
     return dpkt
 
 

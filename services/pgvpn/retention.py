@@ -110,7 +110,8 @@ def prune(conn: psycopg.Connection, older_than: timedelta | None, *, dry_run: bo
     locked = conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
                           [PRUNE_LOCK]).fetchone()
     if not locked or not locked[0]:
-        raise PgvpnError("another 'pgvpn prune' is running on this database")
+        raise PgvpnError("another 'pgvpn prune', or an agent applying the retention "
+                         "policy, is at work on this database: try again in a moment")
     try:
         return _prune_locked(conn, older_than, dry_run, progress)
     except psycopg.errors.InsufficientPrivilege:

@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import psycopg
 
-from pgvpn import db
+from pgvpn import db, tlspolicy
 from pgvpn.config import AgentConfig
 
 log = logging.getLogger(__name__)
@@ -45,10 +45,19 @@ class Session:
     config: AgentConfig
     stop: threading.Event = field(default_factory=threading.Event)
 
-    def connect(self, role: str, *, autocommit: bool = True) -> psycopg.Connection:
-        conn = db.connect(self.config.database_url, autocommit=autocommit,
-                          attempts=self.config.connect_attempts,
+    def connect(self, role: str, *, autocommit: bool = True,
+                attempts: int | None = None) -> psycopg.Connection:
+        """A connection for one job (`role`), refused if it would carry packets in clear."""
+        conninfo = tlspolicy.agent_conninfo(self.config.database_url,
+                                            self.config.allow_plaintext)
+        conn = db.connect(conninfo, autocommit=autocommit,
+                          attempts=self.config.connect_attempts if attempts is None else attempts,
                           application_name=f"pgvpn {self.config.name} {role}")
+        try:
+            tlspolicy.check(conn, self.config.allow_plaintext)
+        except BaseException:
+            conn.close()
+            raise
         if not self.config.synchronous_commit:
             conn.execute("SET synchronous_commit = off")
         return conn

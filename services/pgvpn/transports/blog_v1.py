@@ -3,12 +3,12 @@
 Per packet: one INSERT (its own transaction) into pgvpn.blog_v1_packets, whose
 AFTER INSERT trigger calls pg_notify. Per notification: the receiver SELECTs
 up to 50 unreceived rows from its peer and UPDATEs each as received, one
-statement (and so one commit) per packet. Every step is a synchronous commit,
-which is why it is slow; the point of the profile is to show exactly that.
+statement (and so one commit) per packet. Every step is a commit (synchronous
+by default), which is why it is slow; the point of the profile is to show that.
 
 Delivery rests on the `received` flag rather than a cursor, so a row that
-commits late is not skipped, only read later. Two weak spots are kept as in the
-original: a packet marked received just before a lost connection is not
+commits late is not skipped, only read later. Two weak spots of the design are
+accepted: a packet flagged as received just before a lost connection is not
 delivered (TCP inside the tunnel resends it), and an INSERT whose commit was
 lost with the connection may be logged twice.
 """

@@ -1,0 +1,76 @@
+"""What the trust tests need beyond conftest: a peer's own connection, and the lab CLI
+with extra environment (e.g. a short max_replay_age for one agent start).
+
+A peer's connection is its real role (pgvpn_peer_a ...): over the Unix socket on the
+namespace backend (the privileges are the role's, however it logs in), over TLS
+with its password on Docker, where the host reaches the database like a peer does.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from pgvpn.admin import role_name
+from tests.conftest import ROOT, LabHandle
+
+
+def peer_conninfo(lab: LabHandle, peer: str) -> str:
+    """How peer `peer` logs in: its own role, its own password file."""
+    params: dict[str, Any] = conninfo_to_dict(lab.conninfo())
+    params.pop("password", None)
+    params.update(user=role_name(peer), passfile=str(lab.state_dir / "secrets" / peer),
+                  application_name=f"pgvpn tests as {peer}")
+    return make_conninfo(**params)
+
+
+def connect_as(lab: LabHandle, peer: str) -> psycopg.Connection:
+    return psycopg.connect(peer_conninfo(lab, peer), autocommit=True)
+
+
+def owner_execute(lab: LabHandle, statement: str, params: Any = None) -> int:
+    """A statement that returns no rows, as the owner; returns its row count."""
+    with psycopg.connect(lab.conninfo(), autocommit=True) as conn:
+        return conn.execute(statement, params).rowcount
+
+
+def lab_cli(lab: LabHandle, *args: str, env: dict[str, str] | None = None,
+            timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """`lab ARGS` with extra environment (compose.yaml reads it, e.g. PGVPN_MAX_REPLAY_AGE)."""
+    done = subprocess.run([sys.executable, "-m", "lab.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env={**lab.env, **(env or {})}, cwd=ROOT,
+                          check=False)
+    if check and done.returncode != 0:
+        raise AssertionError(f"lab {' '.join(args)} exited {done.returncode}:\n"
+                             f"{done.stdout}\n{done.stderr}")
+    return done
+
+
+def agent_log(lab: LabHandle, host: str, tail: int = 400) -> str:
+    return lab.cli("logs", host, "--tail", str(tail)).stdout
+
+
+def counted_warnings(log: str, what: str) -> int:
+    """The sum of the counts in the agent's rate-limited 'WHAT: N (last: ...)' warnings."""
+    return sum(int(n) for n in re.findall(re.escape(what) + r": (\d+) \(last: ", log))
+
+
+def wait_for(condition: Any, what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def sender_stream_is_whole(lab: LabHandle) -> dict[str, tuple[int, int, int, int]]:
+    """Per sender: rows, distinct seqs, first and last seq. Whole = no seq twice, no gap."""
+    rows = lab.sql("SELECT sender, count(*), count(DISTINCT seq), min(seq), max(seq) "
+                   "FROM pgvpn.packets GROUP BY sender")
+    return {sender: (int(n), int(distinct), int(first), int(last))
+            for sender, n, distinct, first, last in rows}
