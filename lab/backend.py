@@ -18,6 +18,7 @@ from lab.topology import Host, Topology
 Progress = Callable[[str], None]
 COPY_CHUNK = 96 * 1024  # base64 characters per exec: under Linux's 128 kB per argument
 TUN_DEVICE = "pgvpn0"  # the agents' default tun_name
+SCRATCH_HOST = "replay"  # a host with no links at all, made on first use by `lab replay`
 
 
 class LabError(Exception):
@@ -129,10 +130,9 @@ class Backend(ABC):
                              encoded[start:start + COPY_CHUNK]]).check(f"writing {path}")
         return path
 
+    @abstractmethod
     def ensure_scratch_host(self, progress: Progress) -> str:
         """Make (once) a host with no network links for replays; returns its name."""
-        raise LabError(f"the {self.name} backend has no scratch host yet: replay into a "
-                       "peer instead (--into peer-a or peer-b)")
 
     def restart(self, host: Host, progress: Progress) -> None:
         self.stop(host)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lab import state, tls
-from lab.backend import Backend, ExecResult, HostState, LabError, Progress, run
+from lab.backend import SCRATCH_HOST, Backend, ExecResult, HostState, LabError, Progress, run
 from lab.topology import LABEL, ROOT, Host, Topology
 
 PUBLIC_BASE = "debian:bookworm-slim"
@@ -222,8 +222,24 @@ class DockerBackend(Backend):
             volume.remove(force=True)
 
     # ------------------------------------------------------------ operations
+    def ensure_scratch_host(self, progress: Progress) -> str:
+        """A container of the agent image with no network at all, for replays."""
+        if self._container(SCRATCH_HOST) is None:
+            progress(f"container {state.LAB_NAME}-{SCRATCH_HOST} (scratch host for replays, "
+                     "no network)")
+            self.client.containers.run(
+                f"pgvpn-agent:{self.env['PGVPN_IMAGE_TAG']}", ["infinity"],
+                entrypoint=["sleep"], name=f"{state.LAB_NAME}-{SCRATCH_HOST}", detach=True,
+                network_mode="none", cap_add=["NET_ADMIN"], devices=["/dev/net/tun"],
+                sysctls={"net.ipv6.conf.all.disable_ipv6": "0"},
+                labels={LABEL: state.LAB_NAME, "com.docker.compose.service": SCRATCH_HOST})
+        container = self._container(SCRATCH_HOST)
+        if container is None or container.status != "running":
+            raise LabError(f"the scratch container did not start: {self.logs(SCRATCH_HOST, 5)}")
+        return SCRATCH_HOST
+
     def _container(self, host: str) -> Any:
-        if host not in self.topology.hosts:
+        if host not in self.topology.hosts and host != SCRATCH_HOST:
             raise LabError(f"no host {host!r} in the lab; hosts: {', '.join(self.topology.hosts)}")
         found = self.client.containers.list(all=True, filters={"label": [
             f"{LABEL}={state.LAB_NAME}", f"com.docker.compose.service={host}"]})

@@ -22,13 +22,21 @@ from pathlib import Path
 import psycopg
 
 from lab import state
-from lab.backend import TUN_DEVICE, Backend, ExecResult, HostState, LabError, Progress, run
+from lab.backend import (
+    SCRATCH_HOST,
+    TUN_DEVICE,
+    Backend,
+    ExecResult,
+    HostState,
+    LabError,
+    Progress,
+    run,
+)
 from lab.topology import SECRETS_DIR, Host
 
 PREFIX = f"{state.LAB_NAME}-"
 # A host with no links at all, made on demand by `lab replay` and removed by `lab down`:
 # whatever a replay makes its stack answer cannot leave it.
-SCRATCH_HOST = "replay"
 PG_PORT = 5432
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0

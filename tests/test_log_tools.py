@@ -176,13 +176,13 @@ def db_now(lab: LabHandle) -> datetime:
     return lab.sql("SELECT now()")[0][0]  # type: ignore[no-any-return]
 
 
-def test_lab_status_shows_the_log_on_disk_and_its_span(netns_lab: LabHandle) -> None:
-    checked(netns_lab.exec("peer-a", "ping", "-c2", "-i0.2", PEER_B))
-    log = netns_lab.status()["log"]
+def test_lab_status_shows_the_log_on_disk_and_its_span(any_lab: LabHandle) -> None:
+    checked(any_lab.exec("peer-a", "ping", "-c2", "-i0.2", PEER_B))
+    log = any_lab.status()["log"]
     assert log["disk_bytes"] > 0 and log["partitions"] >= 4
     assert datetime.fromisoformat(log["first"]) <= datetime.fromisoformat(log["last"])
     assert log["retention"] == "forever"
-    assert "on disk in" in netns_lab.cli("status").stdout
+    assert "on disk in" in any_lab.cli("status").stdout
 
 
 # (ip_version, src, dst, protocol, src_port, dst_port, tcp_flags, icmp_type)
@@ -245,47 +245,47 @@ def test_the_view_decodes_headers_at_query_time(netns_lab: LabHandle) -> None:
     assert [tuple(r) for r in rows] == [expected for _, expected in CRAFTED]
 
 
-def test_log_filters_table_and_json(netns_lab: LabHandle) -> None:
-    since = db_now(netns_lab).isoformat()
-    checked(netns_lab.exec("peer-a", "ping", "-c3", "-i0.2", PEER_B))
-    checked(netns_lab.exec("peer-b", "ping", "-6", "-c2", "-i0.2", "fd00:230::1"))
-    netns_lab.wait_settled()
+def test_log_filters_table_and_json(any_lab: LabHandle) -> None:
+    since = db_now(any_lab).isoformat()
+    checked(any_lab.exec("peer-a", "ping", "-c3", "-i0.2", PEER_B))
+    checked(any_lab.exec("peer-b", "ping", "-6", "-c2", "-i0.2", "fd00:230::1"))
+    any_lab.wait_settled()
 
-    table = checked(netns_lab.cli("packets", "--since", since, "--proto", "icmp"))
+    table = checked(any_lab.cli("packets", "--since", since, "--proto", "icmp"))
     assert table.count("echo request") == 3 and table.count("echo reply") == 3
     assert "icmpv6" not in table
 
-    lines = checked(netns_lab.cli("packets", "--since", since, "-n", "0", "--json",
+    lines = checked(any_lab.cli("packets", "--since", since, "-n", "0", "--json",
                                   "--host", "fd00:230::/64", "--data")).splitlines()
     docs = [json.loads(line) for line in lines]
     assert [d["icmp_type"] for d in docs if d["protocol"] == "icmpv6"] == [128, 129] * 2
     assert all(bytes.fromhex(d["data"])[0] >> 4 == 6 for d in docs)
     assert [d["id"] for d in docs] == sorted(d["id"] for d in docs)
 
-    mine = netns_lab.pgvpn("log", "--since", since, "--sender", "peer-a", "--proto", "icmp",
+    mine = any_lab.pgvpn("log", "--since", since, "--sender", "peer-a", "--proto", "icmp",
                            "-n", "2", "--json").stdout.decode().splitlines()
     assert [json.loads(line)["icmp_type"] for line in mine] == [8, 8]  # the newest two
 
-    flows = [json.loads(line) for line in netns_lab.pgvpn(
+    flows = [json.loads(line) for line in any_lab.pgvpn(
         "stats", "--since", since, "--json", "--proto", "icmp").stdout.decode().splitlines()]
     assert {(f["src"], f["dst"], f["packets"], f["bytes"]) for f in flows} == {
         (PEER_A, PEER_B, 3, 252), (PEER_B, PEER_A, 3, 252)}
 
 
-def test_export_reads_back_as_the_logged_rows(netns_lab: LabHandle, tmp_path: Path) -> None:
-    since = db_now(netns_lab)
-    checked(netns_lab.exec("peer-a", "ping", "-c3", "-i0.2", "-s", "1200", PEER_B))
-    checked(netns_lab.exec("peer-b", "ping", "-6", "-c2", "-i0.2", "fd00:230::1"))
-    netns_lab.wait_settled()
-    until = db_now(netns_lab)
-    rows = netns_lab.sql("SELECT logged_at, data FROM pgvpn.packets WHERE logged_at >= %s "
+def test_export_reads_back_as_the_logged_rows(any_lab: LabHandle, tmp_path: Path) -> None:
+    since = db_now(any_lab)
+    checked(any_lab.exec("peer-a", "ping", "-c3", "-i0.2", "-s", "1200", PEER_B))
+    checked(any_lab.exec("peer-b", "ping", "-6", "-c2", "-i0.2", "fd00:230::1"))
+    any_lab.wait_settled()
+    until = db_now(any_lab)
+    rows = any_lab.sql("SELECT logged_at, data FROM pgvpn.packets WHERE logged_at >= %s "
                          "AND logged_at < %s ORDER BY logged_at, id", [since, until])
     assert len(rows) >= 10
 
     window = ["--since", since.isoformat(), "--until", until.isoformat()]
     lab_file = tmp_path / "lab.pcap"
-    checked(netns_lab.cli("export", "--pcap", str(lab_file), *window))
-    piped = netns_lab.pgvpn("export", "--pcap", "-", *window).stdout
+    checked(any_lab.cli("export", "--pcap", str(lab_file), *window))
+    piped = any_lab.pgvpn("export", "--pcap", "-", *window).stdout
     assert piped == lab_file.read_bytes()  # lab export and pgvpn export: the same bytes
 
     with lab_file.open("rb") as handle:
@@ -355,6 +355,18 @@ def test_replayed_ping_reproduces_its_echo_requests(netns_lab: LabHandle,
     assert seen == requests  # byte for byte, in order, on the replay's interface
     replies = [f for f in frames if f[20] == 0]
     assert [r[24:28] for r in replies] == [q[24:28] for q in requests]  # same id and seq
+
+
+def test_replay_into_the_scratch_host_is_answered_there(any_lab: LabHandle) -> None:
+    """On both backends: the scratch host (a namespace, or a container with no network)
+    takes the receiver's addresses and its own stack answers the replayed requests."""
+    since = db_now(any_lab).isoformat()
+    checked(any_lab.exec("peer-a", "ping", "-c2", "-i0.3", PEER_B))
+    any_lab.wait_settled()
+    replayed = any_lab.cli("replay", "--sender", "peer-a", "--proto", "icmp", "--since", since,
+                           "--speed", "4")
+    assert "replayed 2 packets" in replayed.stderr
+    assert "answered with 2 packet(s)" in replayed.stderr
 
 
 def test_retention_policy_is_applied_by_an_agent_role(netns_lab: LabHandle) -> None:

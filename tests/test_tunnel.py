@@ -152,26 +152,25 @@ def test_agent_restarted_mid_stream_resumes_without_losing_committed_packets(
     container and the iperf3 endpoints in it; the Docker backend's crash and restart
     behaviour is covered by tests/test_faults.py instead.
     """
-    any_lab = netns_lab
     result: dict[str, Any] = {}
 
     def transfer() -> None:
-        result["iperf"] = iperf(CliBackend(any_lab), server="peer-b", address=PEER_B,
+        result["iperf"] = iperf(CliBackend(netns_lab), server="peer-b", address=PEER_B,
                                 client="peer-a", duration=10)
 
     worker = threading.Thread(target=transfer)
     worker.start()
     time.sleep(3)
-    any_lab.cli("restart", "peer-b")
+    netns_lab.cli("restart", "peer-b")
     worker.join(timeout=120)
     transferred = result["iperf"]
     assert transferred.bytes_received >= 0.9 * transferred.bytes_sent > 1_000_000
 
-    any_lab.wait_settled()
+    netns_lab.wait_settled()
     # the restarted receiver read everything committed for it: its cursor is at the end
-    (cursor, last_seq), = any_lab.sql(
+    (cursor, last_seq), = netns_lab.sql(
         "SELECT c.last_seq, (SELECT max(seq) FROM pgvpn.packets WHERE sender = 'peer-a') "
         "FROM pgvpn.cursors c WHERE receiver = 'peer-b' AND sender = 'peer-a'")
     assert cursor == last_seq
     # and the restarted agent's TUN device is back with its addresses
-    assert ping(CliBackend(any_lab), "peer-a", PEER_B, count=2).received == 2
+    assert ping(CliBackend(netns_lab), "peer-a", PEER_B, count=2).received == 2

@@ -7,6 +7,7 @@ pumps only move packets and never see a database error they could act on.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import threading
 from abc import ABC, abstractmethod
@@ -36,6 +37,13 @@ class Counters:
     bytes: int = 0
     batches: int = 0
     reconnects: int = 0
+
+    def add_batch(self, packets: list[builtins.bytes]) -> None:
+        """Count one batch that went through (an empty one counts as nothing)."""
+        if packets:
+            self.packets += len(packets)
+            self.bytes += sum(map(len, packets))
+            self.batches += 1
 
 
 @dataclass
@@ -98,6 +106,56 @@ class Downlink(ABC):
 
     @abstractmethod
     def close(self) -> None: ...
+
+
+class ListeningDownlink(Downlink):
+    """A downlink with two connections: one LISTENs for wake-ups, one reads rows.
+
+    Both are reopened together after a lost connection; `prepare` redoes whatever a
+    profile sets up on a fresh reader (locks, cursors, skipping stale rows).
+    """
+
+    def __init__(self, session: Session, channel: str) -> None:
+        self.session = session
+        self.config = session.config
+        self.counters = Counters()
+        self.channel = channel
+        self.reader, self.listener = self._open()
+
+    def _open(self) -> tuple[psycopg.Connection, psycopg.Connection]:
+        listener = self.session.connect("listener")
+        reader = None
+        try:
+            listener.execute(f'LISTEN "{self.channel}"')
+            reader = self.session.connect("downlink")
+            self.prepare(reader)
+        except BaseException:
+            listener.close()
+            if reader is not None:
+                reader.close()
+            raise
+        return reader, listener
+
+    def prepare(self, reader: psycopg.Connection) -> None:
+        """Set up a fresh reader connection; nothing by default."""
+
+    def _reconnect(self) -> None:
+        self.close()
+        self.reader, self.listener = self._open()
+
+    @abstractmethod
+    def fetch(self, timeout: float) -> list[bytes]:
+        """One wait-and-read step; may raise psycopg errors (the caller reconnects)."""
+
+    def receive(self, timeout: float) -> list[bytes]:
+        packets = self.session.retrying(lambda: self.fetch(timeout), what="downlink",
+                                        reconnect=self._reconnect, counters=self.counters)
+        self.counters.add_batch(packets or [])
+        return packets or []
+
+    def close(self) -> None:
+        self.reader.close()
+        self.listener.close()
 
 
 class Profile(ABC):

@@ -22,7 +22,15 @@ import psycopg
 
 from pgvpn.copyformat import PACKET_COLUMNS, encode_packet_rows
 from pgvpn.errors import DatabaseError
-from pgvpn.transports.base import Counters, Downlink, Profile, Session, Uplink, channel_for
+from pgvpn.transports.base import (
+    Counters,
+    Downlink,
+    ListeningDownlink,
+    Profile,
+    Session,
+    Uplink,
+    channel_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,36 +102,27 @@ class BatchedUplink(Uplink):
 
         self.session.retrying(write, what="uplink", reconnect=self._reconnect,
                               counters=self.counters)
-        self.counters.packets += len(packets)
-        self.counters.bytes += sum(map(len, packets))
-        self.counters.batches += 1
+        self.counters.add_batch(packets)
 
     def close(self) -> None:
         self.conn.close()
 
 
-class BatchedDownlink(Downlink):
+class BatchedDownlink(ListeningDownlink):
     def __init__(self, session: Session) -> None:
-        self.session = session
-        self.config = session.config
-        self.counters = Counters()
+        config = session.config
         self.params: dict[str, object] = {
-            "me": self.config.name, "peer": self.config.peer,
-            "limit": self.config.batch_packets, "max_age": self.config.max_replay_age}
+            "me": config.name, "peer": config.peer,
+            "limit": config.batch_packets, "max_age": config.max_replay_age}
         self.more_waiting = True  # check the log once at start, notified or not
-        self.reader, self.listener = self._open()
+        super().__init__(session, channel_for(config.name))
 
-    def _open(self) -> tuple[psycopg.Connection, psycopg.Connection]:
-        listener = self.session.connect("listener")
-        listener.execute(f'LISTEN "{channel_for(self.config.name)}"')
-        reader = self.session.connect("downlink")
+    def prepare(self, reader: psycopg.Connection) -> None:
         lock_name(reader, "receiver", self.config.name)
         try:
             reader.execute("INSERT INTO pgvpn.cursors (receiver, sender) "
                            "VALUES (%(me)s, %(peer)s) ON CONFLICT DO NOTHING", self.params)
         except psycopg.errors.ForeignKeyViolation:
-            reader.close()
-            listener.close()
             raise DatabaseError(f"peer {self.config.peer!r} is not registered: the database "
                                 f"owner adds it with 'pgvpn db add-peer {self.config.peer}'"
                                 ) from None
@@ -133,12 +132,6 @@ class BatchedDownlink(Downlink):
             log.info("skipped %d packets from %s older than %gs: not replayed into a live "
                      "interface", row[0] - row[1], self.config.peer, self.config.max_replay_age)
         self.more_waiting = True
-        return reader, listener
-
-    def _reconnect(self) -> None:
-        self.reader.close()
-        self.listener.close()
-        self.reader, self.listener = self._open()
 
     def _wait_for_notification(self, timeout: float) -> None:
         """Sleep until the uplink of our peer says it committed, then drain the queue."""
@@ -147,29 +140,16 @@ class BatchedDownlink(Downlink):
         for _ in self.listener.notifies(timeout=0):
             pass  # coalesce: one query serves every notification already queued
 
-    def receive(self, timeout: float) -> list[bytes]:
-        def fetch() -> list[bytes]:
-            if not self.more_waiting:
-                self._wait_for_notification(min(timeout, IDLE_POLL))
-            with self.reader.cursor(binary=True) as cur:
-                rows = cur.execute(NEXT_BATCH, self.params).fetchall()
-            # A full batch means more may be waiting: keep reading without a wake-up.
-            self.more_waiting = len(rows) >= self.config.batch_packets
-            if rows:
-                self.params["after"] = rows[-1][0]
-            return [bytes(data) for _, data in rows]
-
-        packets = self.session.retrying(fetch, what="downlink", reconnect=self._reconnect,
-                                        counters=self.counters) or []
-        if packets:
-            self.counters.packets += len(packets)
-            self.counters.bytes += sum(map(len, packets))
-            self.counters.batches += 1
-        return packets
-
-    def close(self) -> None:
-        self.reader.close()
-        self.listener.close()
+    def fetch(self, timeout: float) -> list[bytes]:
+        if not self.more_waiting:
+            self._wait_for_notification(min(timeout, IDLE_POLL))
+        with self.reader.cursor(binary=True) as cur:
+            rows = cur.execute(NEXT_BATCH, self.params).fetchall()
+        # A full batch means more may be waiting: keep reading without a wake-up.
+        self.more_waiting = len(rows) >= self.config.batch_packets
+        if rows:
+            self.params["after"] = rows[-1][0]
+        return [bytes(data) for _, data in rows]
 
 
 class BatchedProfile(Profile):

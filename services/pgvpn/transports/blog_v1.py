@@ -19,7 +19,14 @@ import logging
 
 import psycopg
 
-from pgvpn.transports.base import Counters, Downlink, Profile, Session, Uplink
+from pgvpn.transports.base import (
+    Counters,
+    Downlink,
+    ListeningDownlink,
+    Profile,
+    Session,
+    Uplink,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +70,13 @@ class PerPacketUplink(Uplink):
         self.conn.close()
 
 
-class FlaggedDownlink(Downlink):
+class FlaggedDownlink(ListeningDownlink):
     """Per notification: SELECT unreceived rows (LIMIT 50), UPDATE each as received."""
 
     def __init__(self, session: Session, table: str, channel: str) -> None:
-        self.session = session
-        self.config = session.config
-        self.counters = Counters()
-        self.channel = channel
-        self.params = {"me": self.config.name, "peer": self.config.peer,
-                       "max_age": self.config.max_replay_age}
+        config = session.config
+        self.params = {"me": config.name, "peer": config.peer,
+                       "max_age": config.max_replay_age}
         self.select = (f"SELECT id, payload FROM {table} WHERE receiver = %(me)s "
                        f"AND sender = %(peer)s AND NOT received ORDER BY id LIMIT {READ_LIMIT}")
         self.mark = f"UPDATE {table} SET received = true WHERE id = %s"
@@ -82,51 +86,26 @@ class FlaggedDownlink(Downlink):
                        "AND sender = %(peer)s AND NOT received "
                        "AND sent_at < now() - make_interval(secs => %(max_age)s)")
         self.read_now = True  # read once at start, notified or not
-        self.reader, self.listener = self._open()
+        super().__init__(session, channel)
 
-    def _open(self) -> tuple[psycopg.Connection, psycopg.Connection]:
-        listener = self.session.connect("listener")
-        listener.execute(f'LISTEN "{self.channel}"')
-        reader = self.session.connect("downlink")
+    def prepare(self, reader: psycopg.Connection) -> None:
         expired = reader.execute(self.expire, self.params).rowcount
         if expired > 0:
             log.info("skipped %d unreceived packets older than %gs", expired,
                      self.config.max_replay_age)
         self.read_now = True
-        return reader, listener
 
-    def _reconnect(self) -> None:
-        self.reader.close()
-        self.listener.close()
-        self.reader, self.listener = self._open()
-
-    def _wait_for_notification(self, timeout: float) -> None:
-        """Wait for one notification: the post reads once per notification, not per batch."""
-        for _ in self.listener.notifies(timeout=timeout, stop_after=1):
-            pass
-
-    def receive(self, timeout: float) -> list[bytes]:
-        def fetch() -> list[bytes]:
-            if not self.read_now:
-                self._wait_for_notification(min(timeout, IDLE_POLL))
-            self.read_now = False
-            with self.reader.cursor(binary=True) as cur:
-                rows = cur.execute(self.select, self.params).fetchall()
-            for row_id, _ in rows:
-                self.reader.execute(self.mark, [row_id])
-            return [bytes(payload) for _, payload in rows]
-
-        packets = self.session.retrying(fetch, what="downlink", reconnect=self._reconnect,
-                                        counters=self.counters) or []
-        if packets:
-            self.counters.packets += len(packets)
-            self.counters.bytes += sum(map(len, packets))
-            self.counters.batches += 1
-        return packets
-
-    def close(self) -> None:
-        self.reader.close()
-        self.listener.close()
+    def fetch(self, timeout: float) -> list[bytes]:
+        if not self.read_now:
+            # the post reads once per notification, not per batch
+            for _ in self.listener.notifies(timeout=min(timeout, IDLE_POLL), stop_after=1):
+                pass
+        self.read_now = False
+        with self.reader.cursor(binary=True) as cur:
+            rows = cur.execute(self.select, self.params).fetchall()
+        for row_id, _ in rows:
+            self.reader.execute(self.mark, [row_id])
+        return [bytes(payload) for _, payload in rows]
 
 
 class BlogV1Profile(Profile):

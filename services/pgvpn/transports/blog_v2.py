@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import psycopg
 
-from pgvpn.transports.base import Counters, Downlink, Profile, Session, Uplink
+from pgvpn.transports.base import Downlink, ListeningDownlink, Profile, Session, Uplink
 from pgvpn.transports.blog_v1 import blog_channel
 from pgvpn.transports.concurrent import ConcurrentUplink
 
@@ -27,53 +27,26 @@ SELECT_ONE = f"SELECT payload FROM {TABLE} WHERE id = %s AND receiver = %s"
 DRAIN_LIMIT = 256  # notifications handled per receive() at most
 
 
-class ByIdDownlink(Downlink):
+class ByIdDownlink(ListeningDownlink):
     """Per notification: SELECT the one row it names, by id."""
 
     def __init__(self, session: Session) -> None:
-        self.session = session
-        self.me = session.config.name
-        self.counters = Counters()
-        self.channel = blog_channel("v2", self.me)
-        self.reader, self.listener = self._open()
+        super().__init__(session, blog_channel("v2", session.config.name))
 
-    def _open(self) -> tuple[psycopg.Connection, psycopg.Connection]:
-        listener = self.session.connect("listener")
-        listener.execute(f'LISTEN "{self.channel}"')
-        return self.session.connect("downlink"), listener
-
-    def _reconnect(self) -> None:
-        self.reader.close()
-        self.listener.close()
-        self.reader, self.listener = self._open()
-
-    def receive(self, timeout: float) -> list[bytes]:
-        def fetch() -> list[bytes]:
-            ids = [n.payload for n in self.listener.notifies(timeout=timeout, stop_after=1)]
-            if ids:  # and whatever else is already queued, without waiting again
-                ids += [n.payload for n in self.listener.notifies(timeout=0,
-                                                                  stop_after=DRAIN_LIMIT)]
-            packets = []
-            with self.reader.cursor(binary=True) as cur:
-                for row_id in ids:
-                    if not row_id.isdigit():
-                        continue  # not one of ours: NOTIFY needs no privilege
-                    row = cur.execute(SELECT_ONE, [int(row_id), self.me]).fetchone()
-                    if row is not None:
-                        packets.append(bytes(row[0]))
-            return packets
-
-        packets = self.session.retrying(fetch, what="downlink", reconnect=self._reconnect,
-                                        counters=self.counters) or []
-        if packets:
-            self.counters.packets += len(packets)
-            self.counters.bytes += sum(map(len, packets))
-            self.counters.batches += 1
+    def fetch(self, timeout: float) -> list[bytes]:
+        ids = [n.payload for n in self.listener.notifies(timeout=timeout, stop_after=1)]
+        if ids:  # and whatever else is already queued, without waiting again
+            ids += [n.payload for n in self.listener.notifies(timeout=0,
+                                                              stop_after=DRAIN_LIMIT)]
+        packets = []
+        with self.reader.cursor(binary=True) as cur:
+            for row_id in ids:
+                if not row_id.isdigit():
+                    continue  # not one of ours: NOTIFY needs no privilege
+                row = cur.execute(SELECT_ONE, [int(row_id), self.config.name]).fetchone()
+                if row is not None:
+                    packets.append(bytes(row[0]))
         return packets
-
-    def close(self) -> None:
-        self.reader.close()
-        self.listener.close()
 
 
 class BlogV2Profile(Profile):

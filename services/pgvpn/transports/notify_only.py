@@ -60,10 +60,7 @@ class NotifyOnlyDownlink(Downlink):
                 packets.append(base64.b64decode(payload, validate=True))
             except binascii.Error:
                 log.warning("ignored a notification on %s that is not base64", self.channel)
-        if packets:
-            self.counters.packets += len(packets)
-            self.counters.bytes += sum(map(len, packets))
-            self.counters.batches += 1
+        self.counters.add_batch(packets)
         return packets
 
     def close(self) -> None:
