@@ -134,10 +134,6 @@ class Backend(ABC):
     def ensure_scratch_host(self, progress: Progress) -> str:
         """Make (once) a host with no network links for replays; returns its name."""
 
-    def restart(self, host: Host, progress: Progress) -> None:
-        self.stop(host)
-        self.start(host, progress)
-
 
 def run(argv: Sequence[str], *, timeout: float = 60,
         env: dict[str, str] | None = None) -> ExecResult:

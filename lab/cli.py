@@ -222,34 +222,34 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_restart(args: argparse.Namespace) -> int:
-    lab = Lab.current()
-    host = lab_host(lab, args.host)
-    if args.kill:
-        progress(f"killing {host.name} (SIGKILL)")
-        lab.backend.kill(host)
-        lab.backend.start(host, progress)
-    else:
-        lab.backend.restart(host, progress)
-    lab.wait_for_tunnel(progress)
-    return 0
-
-
 def lab_host(lab: Lab, name: str) -> Host:
     if name not in lab.topology.hosts:
         raise LabError(f"no host {name!r}; hosts: {', '.join(lab.topology.hosts)}")
     return lab.topology.hosts[name]
 
 
-def cmd_stop(args: argparse.Namespace) -> int:
-    lab = Lab.current()
-    host = lab_host(lab, args.host)
-    if args.kill:
+def stop_host(lab: Lab, host: Host, kill: bool) -> None:
+    """A clean stop, or with --kill a crash (SIGKILL, no clean shutdown)."""
+    if kill:
         progress(f"killing {host.name} (SIGKILL)")
         lab.backend.kill(host)
     else:
         progress(f"stopping {host.name}")
         lab.backend.stop(host)
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    lab = Lab.current()
+    host = lab_host(lab, args.host)
+    stop_host(lab, host, args.kill)
+    lab.backend.start(host, progress)
+    lab.wait_for_tunnel(progress)
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    lab = Lab.current()
+    stop_host(lab, lab_host(lab, args.host), args.kill)
     return 0
 
 

@@ -14,10 +14,12 @@ if [[ $(id -u) -ne 0 ]]; then
 fi
 
 # Debian packages: PostgreSQL server (the namespace lab runs it), iperf3 and ping
-# (the bench), iproute2 (namespaces), debootstrap (the offline Docker base image).
+# (the bench), iproute2 (namespaces), debootstrap (the offline Docker base image),
+# openssl (the lab's CA and server certificate), tshark (tests read pcaps with it).
 declare -A NEEDED=(
     [postgres]="postgresql" [iperf3]="iperf3" [ping]="iputils-ping" [ip]="iproute2"
     [ss]="iproute2" [setpriv]="util-linux" [debootstrap]="debootstrap"
+    [openssl]="openssl" [tshark]="tshark"
 )
 missing=()
 for tool in "${!NEEDED[@]}"; do
