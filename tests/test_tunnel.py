@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 import uuid
@@ -174,3 +175,13 @@ def test_agent_restarted_mid_stream_resumes_without_losing_committed_packets(
     assert cursor == last_seq
     # and the restarted agent's TUN device is back with its addresses
     assert ping(CliBackend(netns_lab), "peer-a", PEER_B, count=2).received == 2
+
+
+def test_probe_tells_a_carrying_tunnel_from_a_dead_end(any_lab: LabHandle) -> None:
+    """`pgvpn probe`, the agents' health check: the remote end answers, nobody else does."""
+    pgvpn = ["pgvpn"] if any_lab.backend == "docker" else [sys.executable, "-m", "pgvpn.cli"]
+    for target in (PEER_B, PEER_B6):
+        assert any_lab.exec("peer-a", *pgvpn, "probe", target).returncode == 0
+    unused = any_lab.exec("peer-a", *pgvpn, "probe", "10.230.0.77", "--timeout", "1",
+                          check=False)
+    assert unused.returncode == 1 and "no answer" in unused.stderr

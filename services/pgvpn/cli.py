@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
                           help="file holding the password, or '-' for standard input")
     add_peer.add_argument("--database-url", default=os.environ.get("DATABASE_URL", ""),
                           help="owner's connection string (default $DATABASE_URL or PG* vars)")
+    probe = commands.add_parser(
+        "probe", help="check that the tunnel carries traffic both ways (health checks)",
+        description="Send one UDP datagram through the tunnel to the remote end's discard "
+        "port; exit 0 if its kernel's 'port unreachable' comes back, 1 if nothing does.")
+    probe.add_argument("address", nargs="?", default=os.environ.get("TUN_PEER"),
+                       help="remote tunnel address (default $TUN_PEER)")
+    probe.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
     logcli.add_parsers(commands)  # log, stats, export, replay, prune, retention
     return parser
 
@@ -74,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return run_agent(args)
+        if args.command == "probe":
+            return run_probe(args)
         if args.command in logcli.HANDLERS:
             return logcli.run(args)
         return run_db(args)
@@ -85,6 +94,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def run_probe(args: argparse.Namespace) -> int:
+    from pgvpn.probe import tunnel_answers
+
+    if not args.address:
+        raise PgvpnError("give the remote tunnel address, or set TUN_PEER")
+    try:
+        answered = tunnel_answers(args.address, args.timeout)
+    except (ValueError, OSError) as exc:
+        raise PgvpnError(f"cannot probe {args.address}: {exc}") from None
+    print(f"{args.address}: {'answers' if answered else 'no answer'}", file=sys.stderr)
+    return 0 if answered else 1
 
 
 def run_agent(args: argparse.Namespace) -> int:
