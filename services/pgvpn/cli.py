@@ -67,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="owner's connection string (default $DATABASE_URL or PG* vars)")
     probe = commands.add_parser(
         "probe", help="check that the tunnel carries traffic both ways (health checks)",
-        description="Send one UDP datagram through the tunnel to the remote end's discard "
-        "port; exit 0 if its kernel's 'port unreachable' comes back, 1 if nothing does.")
+        description="Open a TCP connection through the tunnel to the remote end's discard "
+        "port; exit 0 if its kernel's refusal (RST) comes back, 1 if nothing does.")
     probe.add_argument("address", nargs="?", default=os.environ.get("TUN_PEER"),
                        help="remote tunnel address (default $TUN_PEER)")
     probe.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
