@@ -105,10 +105,10 @@ class Lab:
         changed = previous is not None and previous != self.settings
         try:
             state.save_settings(self.settings)
-            self._ensure_secrets()
+            passwords = self._ensure_secrets()
             self.backend.create(progress)
             self.backend.start(self.topology.database, progress)
-            self._prepare_database(progress)
+            self._prepare_database(passwords, progress)
             for agent in self.topology.agents:
                 if changed:
                     progress(f"restarting {agent.name} with mtu {self.effective_mtu}, "
@@ -134,20 +134,19 @@ class Lab:
         """The secrets that are passwords; the others are TLS files (lab.tls)."""
         return [name for name in self.topology.secret_files if name not in tls.FILES]
 
-    def _ensure_secrets(self) -> None:
+    def _ensure_secrets(self) -> dict[str, str]:
+        """Passwords and TLS files, made once; returns secret name -> password."""
         pgpass_users = {a.name: a.environment["PGUSER"] for a in self.topology.agents}
-        state.ensure_secrets(self._password_secrets(), pgpass_users)
+        passwords = state.ensure_secrets(self._password_secrets(), pgpass_users)
         database = self.topology.database
         tls.ensure_certificates(state.secrets_dir(), lab_name=state.LAB_NAME,
                                 names=[database.name, "localhost"],
                                 addresses=[*map(str, database.addresses.values()),
                                            "127.0.0.1"])
+        return passwords
 
-    def _prepare_database(self, progress: Progress) -> None:
+    def _prepare_database(self, passwords: dict[str, str], progress: Progress) -> None:
         """Owner's work: the database, the schema, one login role per agent."""
-        passwords = state.ensure_secrets(self._password_secrets(),
-                                         {a.name: a.environment["PGUSER"]
-                                          for a in self.topology.agents})
         with psycopg.connect(self.backend.admin_conninfo("postgres"), autocommit=True) as conn:
             if not conn.execute("SELECT 1 FROM pg_database WHERE datname = 'pgvpn'").fetchone():
                 progress("creating database pgvpn")
