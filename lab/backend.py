@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,9 @@ from lab.topology import Host, Topology
 Progress = Callable[[str], None]
 COPY_CHUNK = 96 * 1024  # base64 characters per exec: under Linux's 128 kB per argument
 TUN_DEVICE = "pgvpn0"  # the agents' default tun_name
-SCRATCH_HOST = "replay"  # a host with no links at all, made on first use by `lab replay`
+# A host with no links at all, made on demand by `lab replay` and removed by `lab down`:
+# whatever a replay makes its stack answer cannot leave it.
+SCRATCH_HOST = "replay"
 
 
 class LabError(Exception):
@@ -129,6 +132,19 @@ class Backend(ABC):
             self.exec(host, ["sh", "-c", 'printf %s "$1" | base64 -d >> "$0"', path,
                              encoded[start:start + COPY_CHUNK]]).check(f"writing {path}")
         return path
+
+    def wait_started(self, host: str, *, ready: Callable[[], bool], alive: Callable[[], bool],
+                     condition: str, timeout: float, poll: float) -> None:
+        """Poll `ready` until it holds; fail at once if the service died, or at the
+        timeout, either way with the tail of its log so the user sees why."""
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if not alive():
+                raise LabError(f"{host} exited during start; its log:\n{self.logs(host, 15)}")
+            if time.monotonic() > deadline:
+                raise LabError(f"{host} did not {condition} within {timeout:.0f}s; its log:\n"
+                               f"{self.logs(host, 15)}")
+            time.sleep(poll)
 
     @abstractmethod
     def ensure_scratch_host(self, progress: Progress) -> str:

@@ -11,7 +11,6 @@ import hashlib
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -180,16 +179,13 @@ class DockerBackend(Backend):
         # up -d recreates the container when its settings (mtu, profile) changed
         self.compose("up", "-d", "--no-deps", "--no-build", host.name).check(
             f"starting {host.name}")
-        deadline = time.monotonic() + READY_TIMEOUT
-        while not self._ready(host):
-            container = self._container(host.name)
-            if container is None or container.status in {"exited", "dead"}:
-                raise LabError(f"{host.name} exited during start; its log:\n"
-                               f"{self.logs(host.name, 15)}")
-            if time.monotonic() > deadline:
-                raise LabError(f"{host.name} was not ready within {READY_TIMEOUT:.0f}s; "
-                               f"its log:\n{self.logs(host.name, 15)}")
-            time.sleep(0.3)
+        self.wait_started(host.name, ready=lambda: self._ready(host),
+                          alive=lambda: self._alive(host.name), condition="become ready",
+                          timeout=READY_TIMEOUT, poll=0.3)
+
+    def _alive(self, host: str) -> bool:
+        container = self._container(host)
+        return container is not None and container.status not in {"exited", "dead"}
 
     def _ready(self, host: Host) -> bool:
         container = self._container(host.name)

@@ -35,8 +35,6 @@ from lab.backend import (
 from lab.topology import SECRETS_DIR, Host
 
 PREFIX = f"{state.LAB_NAME}-"
-# A host with no links at all, made on demand by `lab replay` and removed by `lab down`:
-# whatever a replay makes its stack answer cannot leave it.
 PG_PORT = 5432
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
@@ -172,17 +170,16 @@ class NetnsBackend(Backend):
         progress("starting postgres" + (" (TLS)" if tls else ""))
         self._spawn(host.name, [*as_postgres, str(bindir / "postgres"), "-D", str(data), *tls],
                     {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"})
-        deadline = time.monotonic() + READY_TIMEOUT
-        while True:
-            try:
-                psycopg.connect(self.admin_conninfo("postgres"), connect_timeout=2).close()
-                return
-            except psycopg.OperationalError as exc:
-                if self._pid(host.name) is None or time.monotonic() > deadline:
-                    raise LabError(f"postgres did not accept connections within "
-                                   f"{READY_TIMEOUT:.0f}s ({exc}); log:\n"
-                                   f"{self.logs(host.name, 15)}") from None
-                time.sleep(0.2)
+        self.wait_started(host.name, ready=self._accepts_connections,
+                          alive=lambda: self._pid(host.name) is not None,
+                          condition="accept connections", timeout=READY_TIMEOUT, poll=0.2)
+
+    def _accepts_connections(self) -> bool:
+        try:
+            psycopg.connect(self.admin_conninfo("postgres"), connect_timeout=2).close()
+        except psycopg.OperationalError:
+            return False
+        return True
 
     def _configure_postgres(self, host: Host) -> bool:
         """Write pg_hba.conf and the TLS files as compose.yaml's environment says.
@@ -242,15 +239,10 @@ class NetnsBackend(Backend):
         progress(f"starting agent {host.name}")
         self._spawn(host.name, [sys.executable, "-m", "pgvpn.cli", "run"],
                     self.agent_environment(host))
-        deadline = time.monotonic() + READY_TIMEOUT
-        while not self.tunnel_addresses(host.name):
-            if self._pid(host.name) is None:
-                raise LabError(f"agent {host.name} exited during start; log:\n"
-                               f"{self.logs(host.name, 15)}")
-            if time.monotonic() > deadline:
-                raise LabError(f"agent {host.name}'s TUN device {TUN_DEVICE} did not come up "
-                               f"within {READY_TIMEOUT:.0f}s; log:\n{self.logs(host.name, 15)}")
-            time.sleep(0.1)
+        self.wait_started(host.name, ready=lambda: bool(self.tunnel_addresses(host.name)),
+                          alive=lambda: self._pid(host.name) is not None,
+                          condition=f"bring its TUN device {TUN_DEVICE} up",
+                          timeout=READY_TIMEOUT, poll=0.1)
 
     # ------------------------------------------------------------------ stop
     def _pid(self, host: str) -> int | None:
