@@ -7,22 +7,19 @@ live interface, and every failure to start says what to check.
 
 from __future__ import annotations
 
-import contextlib
 import re
 import socket
 import subprocess
 import sys
 import threading
 import time
-from typing import Any
 
 import pytest
 
-from lab.backend import LabError
-from lab.measure import iperf, ping
+from lab.measure import ping
 from tests.conftest import ROOT, CliBackend, LabHandle
 from tests.peerside import agent_log, lab_cli, sender_stream_is_whole
-from tests.test_tunnel import quiet_snapshot
+from tests.test_tunnel import iperf_while, quiet_snapshot
 
 PEER_A, PEER_B = "10.230.0.1", "10.230.0.2"
 CURSOR = ("SELECT last_seq FROM pgvpn.cursors WHERE receiver = %s AND sender = %s")
@@ -66,19 +63,10 @@ def test_unreachable_database_at_start_retries_then_says_what_to_check() -> None
 def test_postgres_restarted_during_a_transfer(any_lab: LabHandle, how: str) -> None:
     """Agents reconnect with backoff; TCP inside the tunnel recovers what was in flight."""
     tun_a0, tun_b0, logged0 = quiet_snapshot(any_lab)
-    result: dict[str, Any] = {}
-
-    def transfer() -> None:
-        result["iperf"] = iperf(CliBackend(any_lab), server="peer-b", address=PEER_B,
-                                client="peer-a", duration=12)
-
-    worker = threading.Thread(target=transfer)
-    worker.start()
-    time.sleep(3)
     restart = ["restart", "postgres"] + (["--kill"] if how == "crash" else [])
-    lab_cli(any_lab, *restart)
-    worker.join(timeout=120)
-    transferred = result["iperf"]
+    transferred = iperf_while(any_lab, lambda: lab_cli(any_lab, *restart), duration=12,
+                              after=3)
+    assert transferred is not None
     assert transferred.bytes_received >= 0.9 * transferred.bytes_sent > 5_000_000
     for host in ("peer-a", "peer-b"):
         assert re.search(r"database connection lost .*; reconnecting in",
@@ -123,17 +111,9 @@ def test_receiver_killed_resumes_from_its_cursor_and_writes_nothing_twice(
 
 
 def test_sender_killed_mid_stream_logs_nothing_twice(any_lab: LabHandle) -> None:
-    def transfer() -> None:
-        # the client's own address vanishes with the TUN device: iperf3 may fail
-        with contextlib.suppress(LabError):
-            iperf(CliBackend(any_lab), server="peer-b", address=PEER_B, client="peer-a",
-                  duration=6)
-
-    worker = threading.Thread(target=transfer)
-    worker.start()
-    time.sleep(2)
-    lab_cli(any_lab, "restart", "--kill", "peer-a")
-    worker.join(timeout=120)
+    # the client's own address vanishes with the TUN device: iperf3 may fail
+    iperf_while(any_lab, lambda: lab_cli(any_lab, "restart", "--kill", "peer-a"), duration=6,
+                after=2, tolerate_failure=True)
     quiet_snapshot(any_lab)
     assert_whole_streams(any_lab)
     assert ping(CliBackend(any_lab), "peer-a", PEER_B, count=2).received == 2

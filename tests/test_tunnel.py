@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import dpkt
 
-from lab.measure import iperf, ping
+from lab.backend import LabError
+from lab.measure import IperfResult, iperf, ping
 from tests.conftest import CliBackend, LabHandle
 
 PEER_A, PEER_B = "10.230.0.1", "10.230.0.2"
@@ -106,6 +109,28 @@ def wait_for_listener(lab: LabHandle, host: str, ss_flags: str, port: str) -> No
         time.sleep(0.1)
 
 
+def iperf_while(lab: LabHandle, action: Callable[[], object], *, duration: float,
+                after: float, tolerate_failure: bool = False) -> IperfResult | None:
+    """iperf3 peer-a -> peer-b for `duration` s, with `action()` run `after` s into it.
+
+    With `tolerate_failure`, an iperf3 that fails (e.g. its client's address vanished
+    with a killed agent's TUN device) gives None instead of an error.
+    """
+    result: dict[str, IperfResult] = {}
+
+    def transfer() -> None:
+        with contextlib.suppress(*((LabError,) if tolerate_failure else ())):
+            result["iperf"] = iperf(CliBackend(lab), server="peer-b", address=PEER_B,
+                                    client="peer-a", duration=duration)
+
+    worker = threading.Thread(target=transfer)
+    worker.start()
+    time.sleep(after)
+    action()
+    worker.join(timeout=120)
+    return result.get("iperf")
+
+
 def crafted_udp(payload: bytes) -> bytes:
     """A complete IPv4/UDP packet, checksums included, so the kernel sends it unchanged."""
     udp = dpkt.udp.UDP(sport=40001, dport=40000, data=payload)
@@ -153,18 +178,9 @@ def test_agent_restarted_mid_stream_resumes_without_losing_committed_packets(
     container and the iperf3 endpoints in it; the Docker backend's crash and restart
     behaviour is covered by tests/test_faults.py instead.
     """
-    result: dict[str, Any] = {}
-
-    def transfer() -> None:
-        result["iperf"] = iperf(CliBackend(netns_lab), server="peer-b", address=PEER_B,
-                                client="peer-a", duration=10)
-
-    worker = threading.Thread(target=transfer)
-    worker.start()
-    time.sleep(3)
-    netns_lab.cli("restart", "peer-b")
-    worker.join(timeout=120)
-    transferred = result["iperf"]
+    transferred = iperf_while(netns_lab, lambda: netns_lab.cli("restart", "peer-b"),
+                              duration=10, after=3)
+    assert transferred is not None
     assert transferred.bytes_received >= 0.9 * transferred.bytes_sent > 1_000_000
 
     netns_lab.wait_settled()
