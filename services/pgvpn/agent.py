@@ -219,6 +219,7 @@ class Agent:
                 if not db.is_connection_lost(exc):
                     raise
                 log.debug("control connection lost: %s", db.explain(exc))
+                control.close()
                 try:
                     control = self.session.connect("control", attempts=1)
                 except PgvpnError:
@@ -234,6 +235,7 @@ class Agent:
                           self.dropped_from_tun, self.skipped_rows,
                           up.reconnects + down.reconnects)
                 next_stats = now + STATS_EVERY
+        control.close()  # a reconnected one; closing the original again is harmless
 
 
 def install_signal_handlers(agent: Agent) -> None:
