@@ -90,8 +90,12 @@ class Backend(ABC):
     def logs(self, host: str, tail: int = 100) -> str: ...
 
     @abstractmethod
-    def admin_conninfo(self, dbname: str = "pgvpn") -> str:
-        """How the operator (the controller itself) reaches the database as its owner."""
+    def admin_conninfo(self, dbname: str = "pgvpn", *, superuser: bool = False) -> str:
+        """How the operator (the controller itself) reaches the database.
+
+        As the owner of pgvpn (bootstrap.OWNER, no superuser) for everything but
+        `pgvpn db init`'s work and the server's own administration (superuser=True).
+        """
 
     @abstractmethod
     def exists(self) -> bool:

@@ -16,7 +16,8 @@ import psycopg
 from lab import state, tls, topology
 from lab.backend import Backend, HostState, LabError, Progress
 from lab.measure import wait_for_ping
-from pgvpn import admin, migrate
+from pgvpn import admin, bootstrap, migrate
+from pgvpn.errors import PgvpnError
 from pgvpn.timespec import format_duration
 from pgvpn.transports import PROFILES
 
@@ -137,7 +138,8 @@ class Lab:
     def _ensure_secrets(self) -> dict[str, str]:
         """Passwords and TLS files, made once; returns secret name -> password."""
         pgpass_users = {a.name: a.environment["PGUSER"] for a in self.topology.agents}
-        passwords = state.ensure_secrets(self._password_secrets(), pgpass_users)
+        passwords = state.ensure_secrets([*self._password_secrets(), state.OWNER_SECRET],
+                                         pgpass_users)
         database = self.topology.database
         tls.ensure_certificates(state.secrets_dir(), lab_name=state.LAB_NAME,
                                 names=[database.name, "localhost"],
@@ -146,11 +148,13 @@ class Lab:
         return passwords
 
     def _prepare_database(self, passwords: dict[str, str], progress: Progress) -> None:
-        """Owner's work: the database, the schema, one login role per agent."""
-        with psycopg.connect(self.backend.admin_conninfo("postgres"), autocommit=True) as conn:
-            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = 'pgvpn'").fetchone():
-                progress("creating database pgvpn")
-                conn.execute("CREATE DATABASE pgvpn")
+        """`pgvpn db init` as the superuser, then as the owner the schema and the peers."""
+        try:
+            bootstrap.init_database(self.backend.admin_conninfo("postgres", superuser=True),
+                                    "pgvpn", bootstrap.OWNER, passwords[state.OWNER_SECRET],
+                                    progress)
+        except (PgvpnError, psycopg.Error) as exc:
+            raise LabError(f"cannot prepare the lab's database: {exc}") from None
         with self.admin() as conn:
             version = migrate.migrate(conn)
             progress(f"schema at version {version}")

@@ -18,6 +18,7 @@ from typing import Any
 from lab import state, tls
 from lab.backend import SCRATCH_HOST, Backend, ExecResult, HostState, LabError, Progress, run
 from lab.topology import LABEL, ROOT, Host, Topology
+from pgvpn import bootstrap
 
 PUBLIC_BASE = "debian:bookworm-slim"
 LOCAL_BASE = "pgvpn/debian:bookworm"
@@ -269,11 +270,14 @@ class DockerBackend(Backend):
             return ""
         return str(container.logs(tail=tail).decode(errors="replace"))
 
-    def admin_conninfo(self, dbname: str = "pgvpn") -> str:
+    def admin_conninfo(self, dbname: str = "pgvpn", *, superuser: bool = False) -> str:
         address = next(iter(self.topology.database.addresses.values()))
-        password = (state.secrets_dir() / "owner").read_text().strip()
+        # compose.yaml's secret "owner" is the server's superuser (postgres) password.
+        user, secret = (("postgres", "owner") if superuser
+                        else (bootstrap.OWNER, state.OWNER_SECRET))
+        password = (state.secrets_dir() / secret).read_text().strip()
         # The operator's connection crosses the lab's network too: TLS, verified.
-        return (f"host={address} port=5432 user=postgres dbname={dbname} "
+        return (f"host={address} port=5432 user={user} dbname={dbname} "
                 f"password={password} sslmode=verify-full "
                 f"sslrootcert={state.secrets_dir() / tls.CA_CERT}")
 

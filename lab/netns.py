@@ -33,6 +33,7 @@ from lab.backend import (
     run,
 )
 from lab.topology import SECRETS_DIR, Host
+from pgvpn import bootstrap
 
 PREFIX = f"{state.LAB_NAME}-"
 PG_PORT = 5432
@@ -123,8 +124,8 @@ class NetnsBackend(Backend):
         if self._pid(host.name) is not None:
             if host.role == "database" and self._configure_postgres(host):
                 progress("postgres: TLS or access settings changed, reloading them")
-                with psycopg.connect(self.admin_conninfo("postgres"), connect_timeout=5,
-                                     autocommit=True) as conn:
+                with psycopg.connect(self.admin_conninfo("postgres", superuser=True),
+                                     connect_timeout=5, autocommit=True) as conn:
                     conn.execute("SELECT pg_reload_conf()")
             return
         if host.role == "database":
@@ -176,7 +177,8 @@ class NetnsBackend(Backend):
 
     def _accepts_connections(self) -> bool:
         try:
-            psycopg.connect(self.admin_conninfo("postgres"), connect_timeout=2).close()
+            psycopg.connect(self.admin_conninfo("postgres", superuser=True),
+                            connect_timeout=2).close()
         except psycopg.OperationalError:
             return False
         return True
@@ -309,8 +311,10 @@ class NetnsBackend(Backend):
             return ""
         return "\n".join(lines[-tail:])
 
-    def admin_conninfo(self, dbname: str = "pgvpn") -> str:
-        return f"host={self.root / 'run'} port={PG_PORT} user=postgres dbname={dbname}"
+    def admin_conninfo(self, dbname: str = "pgvpn", *, superuser: bool = False) -> str:
+        # The socket directory is root's and postgres's only, so local trust is safe.
+        user = "postgres" if superuser else bootstrap.OWNER
+        return f"host={self.root / 'run'} port={PG_PORT} user={user} dbname={dbname}"
 
     # ------------------------------------------------- log tools (lab replay)
     def pgvpn_command(self) -> list[str]:

@@ -44,6 +44,11 @@ def save_settings(settings: LabSettings) -> None:
     settings_path().write_text(json.dumps(asdict(settings)))
 
 
+# The password of the owner role (pgvpn.bootstrap.OWNER): the controller's alone, so
+# it is no compose secret; compose.yaml's "owner" is the server superuser's.
+OWNER_SECRET = "pgvpn-owner"
+
+
 def secrets_dir() -> Path:
     return STATE_DIR / "secrets"
 

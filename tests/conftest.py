@@ -46,15 +46,17 @@ class LabHandle:
     def status(self) -> dict[str, Any]:
         return json.loads(self.cli("status", "--json").stdout)  # type: ignore[no-any-return]
 
-    def conninfo(self) -> str:
-        """The operator's connection, as the controller itself builds it."""
-        code = ("from lab.controller import Lab; print(Lab.current().backend.admin_conninfo())")
+    def conninfo(self, *, superuser: bool = False) -> str:
+        """The owner's connection (or the server's superuser's), as the controller builds it."""
+        code = ("from lab.controller import Lab; "
+                f"print(Lab.current().backend.admin_conninfo(superuser={superuser}))")
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                               env=self.env, cwd=ROOT, check=True)
         return done.stdout.strip()
 
-    def sql(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-        with psycopg.connect(self.conninfo(), autocommit=True) as conn:
+    def sql(self, query: str, params: Any = None, *, superuser: bool = False
+            ) -> list[tuple[Any, ...]]:
+        with psycopg.connect(self.conninfo(superuser=superuser), autocommit=True) as conn:
             return conn.execute(query, params).fetchall()
 
     def leftovers(self) -> list[str]:

@@ -12,6 +12,8 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -38,6 +40,21 @@ def owner_execute(lab: LabHandle, statement: str, params: Any = None) -> int:
     """A statement that returns no rows, as the owner; returns its row count."""
     with psycopg.connect(lab.conninfo(), autocommit=True) as conn:
         return conn.execute(statement, params).rowcount
+
+
+@contextmanager
+def temporary_lent(lab: LabHandle, peer: str) -> Iterator[None]:
+    """TEMPORARY on the database for `peer` for a while, as the owner grants it.
+
+    Peers have none (sql/005_trust.sql): lending it shows that each defence behind
+    that one holds on its own.
+    """
+    grant = f"TEMPORARY ON DATABASE pgvpn TO {role_name(peer)}"
+    owner_execute(lab, f"GRANT {grant}")
+    try:
+        yield
+    finally:
+        owner_execute(lab, f"REVOKE {grant}")
 
 
 def lab_cli(lab: LabHandle, *args: str, env: dict[str, str] | None = None,

@@ -15,7 +15,7 @@ from psycopg import errors
 from lab.measure import ping
 from pgvpn.copyformat import PACKET_COLUMNS, encode_packet_rows
 from tests.conftest import ROOT, CliBackend, LabHandle
-from tests.peerside import connect_as, owner_execute, peer_conninfo
+from tests.peerside import connect_as, owner_execute, peer_conninfo, temporary_lent
 
 PEER_A, PEER_B = "10.230.0.1", "10.230.0.2"
 
@@ -48,9 +48,13 @@ def test_a_peer_reads_only_packets_addressed_to_it(traffic: LabHandle) -> None:
 
 
 def test_a_leaky_function_sees_no_other_peers_rows(traffic: LabHandle) -> None:
-    """security_barrier: the view filters before any function of the caller runs."""
+    """security_barrier: the view filters before any function of the caller runs.
+
+    Peers have no TEMPORARY (sql/005_trust.sql); it is lent here so that the view's
+    own defence is what is tested.
+    """
     seen: list[str] = []
-    with connect_as(traffic, "peer-a") as conn:
+    with temporary_lent(traffic, "peer-a"), connect_as(traffic, "peer-a") as conn:
         conn.add_notice_handler(lambda notice: seen.append(notice.message_primary or ""))
         conn.execute("CREATE FUNCTION pg_temp.leak(receiver text) RETURNS boolean "
                      "LANGUAGE plpgsql COST 0.0001 AS $$ BEGIN RAISE NOTICE 'saw %', "
@@ -172,10 +176,12 @@ def test_owner_keeps_full_rights(traffic: LabHandle) -> None:
 def test_secrets_stay_out_of_logs_status_and_the_server(any_lab: LabHandle) -> None:
     """The server keeps only SCRAM verifiers; no password shows in logs or `lab status`."""
     secrets = any_lab.state_dir / "secrets"
-    passwords = [(secrets / "owner").read_text().strip()] + [
+    passwords = [(secrets / name).read_text().strip() for name in ("owner", "pgvpn-owner")] + [
         (secrets / peer).read_text().strip().rsplit(":", 1)[1] for peer in ("peer-a", "peer-b")]
-    stored = dict(any_lab.sql("SELECT rolname, rolpassword FROM pg_authid "
-                              "WHERE rolname IN ('pgvpn_peer_a', 'pgvpn_peer_b')"))
+    stored = dict(any_lab.sql("SELECT rolname, rolpassword FROM pg_authid WHERE rolname "
+                              "IN ('pgvpn_peer_a', 'pgvpn_peer_b', 'pgvpn_owner')",
+                              superuser=True))
+    assert len(stored) == 3
     assert all(v.startswith("SCRAM-SHA-256$4096:") for v in stored.values()), stored
     shown = (any_lab.cli("status", "--json").stdout + any_lab.cli("status").stdout
              + any_lab.cli("logs", "--tail", "100000").stdout)

@@ -42,7 +42,7 @@ def test_exec_passes_the_exit_code_through(netns_lab: LabHandle) -> None:
 def agent_sessions(lab: LabHandle) -> list[tuple[str, object, int]]:
     """The agents' database sessions: a restarted agent would have new ones."""
     return lab.sql("SELECT application_name, backend_start, pid FROM pg_stat_activity "
-                   "WHERE application_name LIKE 'pgvpn peer-%%' ORDER BY 1")
+                   "WHERE application_name LIKE 'pgvpn peer-%%' ORDER BY 1", superuser=True)
 
 
 def test_up_on_a_healthy_lab_changes_nothing(any_lab: LabHandle) -> None:

@@ -55,7 +55,7 @@ def run_agent_in(lab: LabHandle, host: str, env: dict[str, str]) -> tuple[int, s
 def test_agents_talk_to_postgres_over_verified_tls(any_lab: LabHandle) -> None:
     sessions = any_lab.sql(
         "SELECT a.usename, s.ssl, s.version FROM pg_stat_activity a JOIN pg_stat_ssl s "
-        "USING (pid) WHERE a.usename IN ('pgvpn_peer_a', 'pgvpn_peer_b')")
+        "USING (pid) WHERE a.usename IN ('pgvpn_peer_a', 'pgvpn_peer_b')", superuser=True)
     assert len(sessions) >= 6  # control, uplink, listener, downlink of each agent
     assert all(ssl for _, ssl, _ in sessions), sessions
     assert all(version.startswith("TLSv1.") for _, _, version in sessions)
@@ -96,7 +96,7 @@ def test_plaintext_only_when_asked_and_then_with_a_warning(any_lab: LabHandle) -
         assert ping(CliBackend(any_lab), "peer-a", "10.230.0.2", count=2).received == 2
         sessions = any_lab.sql(
             "SELECT s.ssl FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) "
-            "WHERE a.usename IN ('pgvpn_peer_a', 'pgvpn_peer_b')")
+            "WHERE a.usename IN ('pgvpn_peer_a', 'pgvpn_peer_b')", superuser=True)
         assert sessions and not any(ssl for (ssl,) in sessions)
         assert "running WITHOUT TLS" in agent_log(any_lab, "peer-a")
         # the server now takes plaintext, but an agent not told it may use it refuses

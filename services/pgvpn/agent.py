@@ -82,7 +82,7 @@ class Agent:
         """Run until SIGTERM/SIGINT or a fatal error; raises PgvpnError on the latter."""
         control = self.session.connect("control")
         with control:
-            migrate.migrate(control)
+            migrate.require_current(control)
             self._check_identity(control)
             self._register(control)
             security = tlspolicy.describe(control)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psycopg
 
-from pgvpn import __version__, admin, db, logcli, migrate
+from pgvpn import __version__, admin, bootstrap, db, logcli, migrate
 from pgvpn.config import add_arguments, load_config
 from pgvpn.errors import PgvpnError
 
@@ -24,7 +24,9 @@ examples:
   # the same from a YAML file whose keys are the setting names below
   pgvpn run --config /etc/pgvpn/peer-a.yaml
 
-  # once, as the database owner: create the schema and a login role per peer
+  # once, as a superuser: the roles and the database, owned by pgvpn_owner
+  pgvpn db init --owner-password-file /run/secrets/pgvpn-owner
+  # then, as pgvpn_owner: the schema and a login role per peer
   pgvpn db migrate
   pgvpn db add-peer peer-a --password-file /run/secrets/peer-a
 
@@ -44,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run", help="run the tunnel agent (needs CAP_NET_ADMIN)",
         description="Create the TUN device and carry packets through the database until "
-        "SIGTERM or SIGINT. Migrates the schema if this role may, and checks it otherwise.",
+        "SIGTERM or SIGINT. Checks that the schema is the one this agent speaks (the owner "
+        "migrates it).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--config", type=Path, metavar="FILE", help="YAML file of settings")
     add_arguments(run)
@@ -56,6 +59,22 @@ def build_parser() -> argparse.ArgumentParser:
         sub = db_commands.add_parser(action, help=text, description=text)
         sub.add_argument("--database-url", default=os.environ.get("DATABASE_URL", ""),
                          help="owner's connection string (default $DATABASE_URL or PG* vars)")
+    init = db_commands.add_parser(
+        "init", help="once, as a superuser: roles, database, and the owner that runs the rest",
+        description="Create the owner role (no superuser, no CREATEROLE), pgvpn's group roles, "
+        "the database owned by the owner, and the one function through which the owner "
+        "makes peer roles; take CONNECT and TEMPORARY on the database from PUBLIC. A "
+        "database an earlier pgvpn made is handed over to the owner. Safe to run again.")
+    init.add_argument("--owner", default=bootstrap.OWNER, metavar="ROLE",
+                      help=f"the owner's login role (default {bootstrap.OWNER})")
+    init.add_argument("--owner-password-file", metavar="FILE",
+                      help="file holding the owner's password, or '-' for standard input "
+                      "(sent as a SCRAM verifier; without it the role gets no password)")
+    init.add_argument("--database", default="pgvpn", metavar="NAME",
+                      help="the database to make or take over (default pgvpn)")
+    init.add_argument("--database-url", default=os.environ.get("DATABASE_URL", ""),
+                      help="a superuser's connection string, to any database "
+                      "(default $DATABASE_URL or PG* vars)")
     add_peer = db_commands.add_parser(
         "add-peer", help="create (or update) a peer's login role",
         description="Create a LOGIN role for a peer, member of pgvpn_agent, with a SCRAM "
@@ -124,6 +143,12 @@ def run_agent(args: argparse.Namespace) -> int:
 
 def run_db(args: argparse.Namespace) -> int:
     logging.basicConfig(level="INFO", stream=sys.stderr, format="%(message)s")
+    if args.db_command == "init":
+        password = read_secret(args.owner_password_file) if args.owner_password_file else None
+        db.describe_target(args.database_url)  # a malformed URL: one line, before anything
+        bootstrap.init_database(args.database_url, args.database, args.owner, password,
+                                progress=lambda line: print(line, file=sys.stderr))
+        return 0
     with db.connect(args.database_url, attempts=3, application_name="pgvpn admin") as conn:
         if args.db_command == "migrate":
             migrate.migrate(conn)

@@ -19,8 +19,8 @@ from pgvpn.errors import ConfigError
 # and the database maps the role back (pgvpn.current_peer()): so no '_' in names, and
 # at most 57 characters, for the role to fit PostgreSQL's 63-byte identifiers.
 PEER_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,56}$")
-# pgvpn_agent and pgvpn_reader are group roles, not peers.
-RESERVED_PEER_NAMES = frozenset({"agent", "reader"})
+# pgvpn_agent, pgvpn_reader, pgvpn_owner and pgvpn_peermaker are not peers (pgvpn.bootstrap).
+RESERVED_PEER_NAMES = frozenset({"agent", "reader", "owner", "peermaker"})
 MIN_MTU = 576  # the IPv4 minimum; below it some peers' packets cannot be carried
 MAX_MTU = 65535
 
@@ -29,7 +29,7 @@ def _peer_name(value: str) -> str:
     if not PEER_NAME.match(value):
         raise ValueError("use 1-57 characters: lower-case letters, digits or '-'")
     if value in RESERVED_PEER_NAMES:
-        raise ValueError(f"{value!r} is reserved (role pgvpn_{value} is a group role)")
+        raise ValueError(f"{value!r} is reserved (pgvpn_{value} is one of pgvpn's own roles)")
     return value
 
 

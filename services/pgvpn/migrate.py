@@ -63,6 +63,10 @@ def migrate(conn: psycopg.Connection) -> int:
                 continue
             try:
                 with conn.transaction():
+                    # Names in a migration resolve in the catalog or are qualified:
+                    # nothing in a schema of the migrator's, or in its pg_temp,
+                    # can stand in for them (a BEGIN ATOMIC body binds them here).
+                    conn.execute("SET LOCAL search_path = pg_catalog, pg_temp")
                     conn.execute(sql.SQL(migration.sql))
                     conn.execute("INSERT INTO pgvpn.schema_migrations (version, name) "
                                  "VALUES (%s, %s)", [migration.version, migration.name])

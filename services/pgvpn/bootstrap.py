@@ -1,0 +1,156 @@
+"""`pgvpn db init`: what a superuser does once, so that nothing else needs one.
+
+It makes the roles (the owner, the group roles pgvpn_agent and pgvpn_reader, and
+pgvpn_peermaker behind the one function that makes peer roles), the database
+owned by the owner, and takes CONNECT and TEMPORARY on it away from PUBLIC. A
+database that an earlier pgvpn made as a superuser is handed over to the owner,
+schema and all. Afterwards `pgvpn db migrate`, `add-peer`, `prune` and
+`retention` run as the owner, so a hole in any function the owner runs yields
+the owner's rights at most, never a superuser's (SECURITY.md, the roles).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from importlib import resources
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+from pgvpn.errors import PgvpnError
+
+OWNER = "pgvpn_owner"
+PEER_MAKER = "pgvpn_peermaker"
+GROUP_ROLES = ("pgvpn_agent", "pgvpn_reader")
+ROLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+DATABASE_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,62}$")
+# Relations of the schema by kind, for handing them over (indexes, TOAST tables and
+# sequences owned by a column follow their table).
+ALTER_KIND = {"r": "TABLE", "p": "TABLE", "v": "VIEW", "m": "MATERIALIZED VIEW",
+              "f": "FOREIGN TABLE", "S": "SEQUENCE"}
+Progress = Callable[[str], None]
+
+
+def verifier(conn: psycopg.Connection, role: str, password: str) -> str:
+    """The SCRAM-SHA-256 verifier of `password`, made by libpq on the client.
+
+    PQencryptPasswordConn applies SASLprep as the server would, so any password
+    works and only the verifier ever reaches the server (and its log).
+    """
+    return conn.pgconn.encrypt_password(password.encode(), role.encode(),
+                                        b"scram-sha-256").decode()
+
+
+def init_database(conninfo: str, database: str, owner: str, owner_password: str | None,
+                  progress: Progress) -> None:
+    """Roles, database, privileges and the peer-role function; safe to run again."""
+    if not ROLE_NAME.match(owner) or owner in (*GROUP_ROLES, PEER_MAKER):
+        raise PgvpnError(f"owner role {owner!r}: use lower-case letters, digits and '_' "
+                         f"(not {', '.join((*GROUP_ROLES, PEER_MAKER))})")
+    if not DATABASE_NAME.match(database):
+        raise PgvpnError(f"database name {database!r}: use lower-case letters, digits, "
+                         "'_' and '-'")
+    with psycopg.connect(conninfo, autocommit=True, connect_timeout=10) as conn:
+        row = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"
+                           ).fetchone()
+        if not row or not row[0]:
+            raise PgvpnError("'pgvpn db init' needs a superuser connection (it creates the "
+                             "roles and the database once; nothing after it needs one)")
+        _ensure_roles(conn, owner, owner_password, progress)
+        _ensure_database(conn, database, owner, progress)
+    with psycopg.connect(make_conninfo(conninfo, dbname=database), autocommit=True,
+                         connect_timeout=10) as conn, conn.transaction():
+        _restrict_database(conn, database, owner)
+        _hand_over_schema(conn, owner, progress)
+        conn.execute("SET LOCAL search_path = pg_catalog, pg_temp")
+        conn.execute(sql.SQL(resources.files("pgvpn.migrations")
+                             .joinpath("init_peer_roles.sql").read_text()))
+        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA pgvpn_admin TO {}; "
+                             "GRANT EXECUTE ON FUNCTION pgvpn_admin.ensure_peer_role(text, "
+                             "text) TO {}").format(sql.Identifier(owner),
+                                                   sql.Identifier(owner)))
+    progress(f"database {database} ready for owner {owner}: run 'pgvpn db migrate' as "
+             f"{owner}")
+
+
+def _role(conn: psycopg.Connection, name: str) -> tuple[bool, bool] | None:
+    """(superuser, createrole) of role `name`, or None if there is no such role."""
+    row = conn.execute("SELECT rolsuper, rolcreaterole FROM pg_roles WHERE rolname = %s",
+                       [name]).fetchone()
+    return (bool(row[0]), bool(row[1])) if row else None
+
+
+def _ensure_roles(conn: psycopg.Connection, owner: str, password: str | None,
+                  progress: Progress) -> None:
+    for group in GROUP_ROLES:
+        if _role(conn, group) is None:
+            conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(group)))
+            progress(f"created group role {group}")
+    if _role(conn, PEER_MAKER) is None:
+        conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN NOINHERIT CREATEROLE")
+                     .format(sql.Identifier(PEER_MAKER)))
+        progress(f"created {PEER_MAKER} (owns the function that makes peer roles)")
+    found = _role(conn, owner)
+    if found is not None and found[0]:
+        raise PgvpnError(f"role {owner} is a superuser: the owner must not be one (that "
+                         "is what 'pgvpn db init' is for); choose another --owner")
+    password_clause = (sql.SQL(" PASSWORD {}").format(
+        sql.Literal(verifier(conn, owner, password))) if password else sql.SQL(""))
+    if found is None:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE "
+                             "NOREPLICATION NOBYPASSRLS{}").format(sql.Identifier(owner),
+                                                                   password_clause))
+        progress(f"created owner role {owner}")
+    elif password:
+        conn.execute(sql.SQL("ALTER ROLE {} LOGIN{}").format(sql.Identifier(owner),
+                                                            password_clause))
+
+
+def _ensure_database(conn: psycopg.Connection, database: str, owner: str,
+                     progress: Progress) -> None:
+    row = conn.execute("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s",
+                       [database]).fetchone()
+    if row is None:
+        conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(
+            sql.Identifier(database), sql.Identifier(owner)))
+        progress(f"created database {database} owned by {owner}")
+    elif row[0] != owner:
+        conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(
+            sql.Identifier(database), sql.Identifier(owner)))
+        progress(f"database {database}: owner {row[0]} -> {owner}")
+
+
+def _restrict_database(conn: psycopg.Connection, database: str, owner: str) -> None:
+    """CONNECT for pgvpn's roles only; TEMPORARY for nobody but the owner."""
+    name = sql.Identifier(database)
+    conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(name))
+    conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
+        name, sql.SQL(", ").join(map(sql.Identifier, GROUP_ROLES))))
+    conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+
+
+def _hand_over_schema(conn: psycopg.Connection, owner: str, progress: Progress) -> None:
+    """Make `owner` the owner of schema pgvpn and everything in it (an earlier install's)."""
+    row = conn.execute("SELECT pg_get_userbyid(nspowner) FROM pg_namespace "
+                       "WHERE nspname = 'pgvpn'").fetchone()
+    if row is None or row[0] == owner:
+        return
+    to = sql.Identifier(owner)
+    conn.execute(sql.SQL("ALTER SCHEMA pgvpn OWNER TO {}").format(to))
+    relations = conn.execute(
+        "SELECT c.oid::regclass::text, c.relkind FROM pg_class c "
+        "WHERE c.relnamespace = 'pgvpn'::regnamespace AND c.relkind = ANY(%s) "
+        "AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.classid = 'pg_class'::regclass "
+        "AND d.objid = c.oid AND d.deptype IN ('a', 'i')) ORDER BY c.oid",
+        [list(ALTER_KIND)]).fetchall()
+    for relation, kind in relations:
+        conn.execute(sql.SQL("ALTER {} {} OWNER TO {}").format(
+            sql.SQL(ALTER_KIND[kind]), sql.SQL(relation), to))
+    routines = conn.execute("SELECT p.oid::regprocedure::text FROM pg_proc p "
+                            "WHERE p.pronamespace = 'pgvpn'::regnamespace").fetchall()
+    for (routine,) in routines:
+        conn.execute(sql.SQL("ALTER ROUTINE {} OWNER TO {}").format(sql.SQL(routine), to))
+    progress(f"schema pgvpn: owner {row[0]} -> {owner} ({len(relations)} relations, "
+             f"{len(routines)} functions)")
