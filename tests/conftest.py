@@ -56,8 +56,10 @@ class LabHandle:
 
     def sql(self, query: str, params: Any = None, *, superuser: bool = False
             ) -> list[tuple[Any, ...]]:
+        """Rows of `query` ([] for a statement that returns none)."""
         with psycopg.connect(self.conninfo(superuser=superuser), autocommit=True) as conn:
-            return conn.execute(query, params).fetchall()
+            cursor = conn.execute(query, params)
+            return cursor.fetchall() if cursor.description else []
 
     def leftovers(self) -> list[str]:
         """Anything of this lab's that still exists: namespaces, Docker objects, state."""

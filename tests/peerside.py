@@ -49,12 +49,12 @@ def temporary_lent(lab: LabHandle, peer: str) -> Iterator[None]:
     Peers have none (sql/005_trust.sql): lending it shows that each defence behind
     that one holds on its own.
     """
-    grant = f"TEMPORARY ON DATABASE pgvpn TO {role_name(peer)}"
-    owner_execute(lab, f"GRANT {grant}")
+    privilege, role = "TEMPORARY ON DATABASE pgvpn", role_name(peer)
+    owner_execute(lab, f"GRANT {privilege} TO {role}")
     try:
         yield
     finally:
-        owner_execute(lab, f"REVOKE {grant}")
+        owner_execute(lab, f"REVOKE {privilege} FROM {role}")
 
 
 def lab_cli(lab: LabHandle, *args: str, env: dict[str, str] | None = None,

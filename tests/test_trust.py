@@ -1,0 +1,163 @@
+"""Integration: a hostile peer, over its own login, cannot borrow anyone's rights.
+
+The attack of the trust review: a peer shadows a catalog relation in pg_temp and
+calls a SECURITY DEFINER function, hoping it runs the peer's code as the owner.
+sql/005_trust.sql closes it twice (no TEMPORARY for peers; pg_temp last in every
+function's search_path), and `pgvpn db init` makes the owner a plain role, so a
+future hole of this kind would yield the owner's rights at most. tests/pgtap/
+checks every object's settings and privileges; this file runs the attacks the
+way a peer would, on both backends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from psycopg import errors
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from tests.conftest import LabHandle
+from tests.peerside import connect_as, owner_execute, temporary_lent
+
+# Runs the caller's wish whenever it runs with someone else's rights, and says so.
+ESCALATE = """
+CREATE FUNCTION pg_temp.f() RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    IF current_user <> session_user THEN
+        RAISE NOTICE 'ran as %', current_user;
+        EXECUTE format('GRANT SELECT ON pgvpn.packets TO %I', session_user);
+        BEGIN
+            EXECUTE format('ALTER ROLE %I SUPERUSER', session_user);
+        EXCEPTION WHEN insufficient_privilege THEN
+            NULL;  -- the owner is no superuser: the GRANT above is what it could give
+        END;
+    END IF;
+    RETURN true;
+END $$"""
+# Catalog relations the definer functions read, each shadowed by a view that runs f().
+SHADOWED = ("pg_inherits", "pg_class", "pg_namespace", "pg_roles", "pg_auth_members")
+
+
+def gained(lab: LabHandle, role: str) -> list[str]:
+    """What `role` holds beyond a peer's rights, as the superuser sees it."""
+    row = lab.sql("SELECT r.rolsuper, r.rolcreaterole, r.rolbypassrls, "
+                  "has_table_privilege(r.oid, 'pgvpn.packets', 'SELECT'), "
+                  "(SELECT array_agg(m.roleid::regrole::text ORDER BY m.roleid) "
+                  " FROM pg_auth_members m WHERE m.member = r.oid) "
+                  "FROM pg_roles r WHERE r.rolname = %s", [role], superuser=True)[0]
+    found = [name for name, held in zip(("superuser", "createrole", "bypassrls",
+                                         "SELECT on pgvpn.packets"), row[:4], strict=True)
+             if held]
+    return found + [f"member of {m}" for m in row[4] or [] if m != "pgvpn_agent"]
+
+
+@pytest.fixture
+def retention_set(any_lab: LabHandle) -> Iterator[LabHandle]:
+    """A retention policy far in the past, so apply_retention() walks the partitions."""
+    owner_execute(any_lab, "UPDATE pgvpn.log_settings SET retention = '3650 days'")
+    try:
+        yield any_lab
+    finally:
+        owner_execute(any_lab, "UPDATE pgvpn.log_settings SET retention = NULL")
+
+
+def test_the_reported_attack_is_refused_at_its_first_step(any_lab: LabHandle) -> None:
+    with connect_as(any_lab, "peer-a") as conn:
+        with pytest.raises(errors.InsufficientPrivilege, match="temporary"):
+            conn.execute(ESCALATE)
+        with pytest.raises(errors.InsufficientPrivilege, match="temporary"):
+            conn.execute("CREATE TEMPORARY TABLE scratch (x int)")
+    assert gained(any_lab, "pgvpn_peer_a") == []
+
+
+@pytest.mark.parametrize("call", ["SELECT pgvpn.ensure_partitions()",
+                                  "SELECT pgvpn.apply_retention()",
+                                  "SELECT pgvpn.last_sent_seq()"])
+def test_shadowed_catalogs_never_run_as_the_owner(retention_set: LabHandle, call: str) -> None:
+    """With TEMPORARY lent, the search_path (pg_temp last) is the defence, and it holds."""
+    lab = retention_set
+    ran: list[str] = []
+    with temporary_lent(lab, "peer-a"), connect_as(lab, "peer-a") as conn:
+        conn.add_notice_handler(lambda notice: ran.append(notice.message_primary or ""))
+        conn.execute(ESCALATE)
+        # each view readable by all, or a non-superuser owner could not even use it
+        for name, schema in [*((n, "pg_catalog") for n in SHADOWED), ("log_settings", "pgvpn")]:
+            conn.execute(f"CREATE VIEW pg_temp.{name} AS "
+                         f"SELECT * FROM {schema}.{name} WHERE pg_temp.f()")
+            conn.execute(f"GRANT SELECT ON pg_temp.{name} TO PUBLIC")
+        conn.execute(call)
+        assert conn.execute("SELECT pgvpn.current_peer()").fetchone() == ("peer-a",)
+    assert ran == []
+    assert gained(lab, "pgvpn_peer_a") == []
+
+
+def test_only_the_owner_chooses_how_far_ahead(any_lab: LabHandle) -> None:
+    """A peer cannot make years of partitions that every query would then open."""
+    before = any_lab.sql("SELECT count(*) FROM pgvpn.log_partitions")[0][0]
+    with connect_as(any_lab, "peer-a") as conn, pytest.raises(
+            errors.InsufficientPrivilege, match="only the owner"):
+        conn.execute("SELECT pgvpn.ensure_partitions(400)")
+    assert any_lab.sql("SELECT count(*) FROM pgvpn.log_partitions")[0][0] == before
+
+
+def test_the_owner_is_a_plain_role_that_owns_everything(any_lab: LabHandle) -> None:
+    assert any_lab.sql("SELECT rolsuper, rolcreaterole, rolcreatedb, rolbypassrls "
+                       "FROM pg_roles WHERE rolname = current_user") == [
+        (False, False, False, False)]
+    owners = any_lab.sql(
+        "SELECT DISTINCT pg_get_userbyid(relowner) FROM pg_class "
+        "WHERE relnamespace = 'pgvpn'::regnamespace UNION "
+        "SELECT DISTINCT pg_get_userbyid(proowner) FROM pg_proc "
+        "WHERE pronamespace = 'pgvpn'::regnamespace UNION "
+        "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'pgvpn'")
+    assert owners == [("pgvpn_owner",)]
+    with pytest.raises(errors.InsufficientPrivilege):
+        owner_execute(any_lab, "CREATE ROLE pgvpn_trust_probe LOGIN")
+
+
+def test_the_owner_makes_peer_roles_and_nothing_else(any_lab: LabHandle) -> None:
+    with psycopg.connect(any_lab.conninfo(), autocommit=True) as conn:
+        verifier = conn.pgconn.encrypt_password(b"x" * 24, b"pgvpn_trust_probe",
+                                                b"scram-sha-256").decode()
+        refusals = [("owner", verifier, "invalid peer name"),
+                    ("Peer_A", verifier, "invalid peer name"),
+                    ("trust-probe", "a plaintext password", "SCRAM-SHA-256 verifier")]
+        for peer, secret, message in refusals:
+            with pytest.raises(psycopg.Error, match=message):
+                conn.execute("SELECT pgvpn_admin.ensure_peer_role(%s, %s)", [peer, secret])
+        # a role that is more than a peer's is never re-passworded (it would be a login
+        # with more rights): here one a superuser also made a reader
+        any_lab.sql("CREATE ROLE pgvpn_trust_probe LOGIN IN ROLE pgvpn_agent, pgvpn_reader",
+                    superuser=True)
+        try:
+            with pytest.raises(errors.InsufficientPrivilege, match="not only a pgvpn peer"):
+                conn.execute("SELECT pgvpn_admin.ensure_peer_role('trust-probe', %s)",
+                             [verifier])
+            any_lab.sql("REVOKE pgvpn_reader FROM pgvpn_trust_probe", superuser=True)
+            assert conn.execute("SELECT pgvpn_admin.ensure_peer_role('trust-probe', %s)",
+                                [verifier]).fetchone() == (False,)
+        finally:
+            any_lab.sql("DROP ROLE pgvpn_trust_probe", superuser=True)
+        assert conn.execute("SELECT pgvpn_admin.ensure_peer_role('trust-probe', %s)",
+                            [verifier]).fetchone() == (True,)
+    try:
+        assert gained(any_lab, "pgvpn_trust_probe") == []
+    finally:
+        any_lab.sql("DROP ROLE pgvpn_trust_probe", superuser=True)
+    with connect_as(any_lab, "peer-a") as peer, pytest.raises(errors.InsufficientPrivilege):
+        peer.execute("SELECT pgvpn_admin.ensure_peer_role('peer-z', %s)", [verifier])
+
+
+def test_only_pgvpn_roles_may_connect(any_lab: LabHandle) -> None:
+    """CONNECT is pgvpn_agent's and pgvpn_reader's: other roles of the server stay out."""
+    any_lab.sql("CREATE ROLE trust_stranger LOGIN PASSWORD 'stranger-password-123'",
+                superuser=True)
+    try:
+        params = conninfo_to_dict(any_lab.conninfo())
+        params.update(user="trust_stranger", password="stranger-password-123")
+        with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
+            psycopg.connect(make_conninfo(**params), connect_timeout=10).close()
+    finally:
+        any_lab.sql("DROP ROLE trust_stranger", superuser=True)
