@@ -71,8 +71,7 @@ def init_database(conninfo: str, database: str, owner: str, owner_password: str 
                              "GRANT EXECUTE ON FUNCTION pgvpn_admin.ensure_peer_role(text, "
                              "text) TO {}").format(sql.Identifier(owner),
                                                    sql.Identifier(owner)))
-    progress(f"database {database} ready for owner {owner}: run 'pgvpn db migrate' as "
-             f"{owner}")
+    progress(f"database {database} ready; its owner {owner} runs the rest")
 
 
 def _role(conn: psycopg.Connection, name: str) -> tuple[bool, bool] | None:
