@@ -26,8 +26,9 @@ PEER_MAKER = "pgvpn_peermaker"
 GROUP_ROLES = ("pgvpn_agent", "pgvpn_reader")
 ROLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 DATABASE_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,62}$")
-# Relations of the schema by kind, for handing them over (indexes, TOAST tables and
-# sequences owned by a column follow their table).
+# Relations of the schema by kind, for handing them over; each partition is handed
+# over by itself (ALTER TABLE does not recurse), indexes, TOAST tables and sequences
+# owned by a column follow their table.
 ALTER_KIND = {"r": "TABLE", "p": "TABLE", "v": "VIEW", "m": "MATERIALIZED VIEW",
               "f": "FOREIGN TABLE", "S": "SEQUENCE"}
 Progress = Callable[[str], None]
@@ -134,22 +135,27 @@ def _hand_over_schema(conn: psycopg.Connection, owner: str, progress: Progress) 
     """Make `owner` the owner of schema pgvpn and everything in it (an earlier install's)."""
     row = conn.execute("SELECT pg_get_userbyid(nspowner) FROM pg_namespace "
                        "WHERE nspname = 'pgvpn'").fetchone()
-    if row is None or row[0] == owner:
+    if row is None:
         return
     to = sql.Identifier(owner)
-    conn.execute(sql.SQL("ALTER SCHEMA pgvpn OWNER TO {}").format(to))
+    if row[0] != owner:
+        conn.execute(sql.SQL("ALTER SCHEMA pgvpn OWNER TO {}").format(to))
     relations = conn.execute(
         "SELECT c.oid::regclass::text, c.relkind FROM pg_class c "
         "WHERE c.relnamespace = 'pgvpn'::regnamespace AND c.relkind = ANY(%s) "
-        "AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.classid = 'pg_class'::regclass "
-        "AND d.objid = c.oid AND d.deptype IN ('a', 'i')) ORDER BY c.oid",
-        [list(ALTER_KIND)]).fetchall()
+        "AND c.relowner <> %s::regrole "
+        "AND NOT (c.relkind = 'S' AND EXISTS (SELECT FROM pg_depend d "
+        "         WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid "
+        "         AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i'))) "
+        "ORDER BY c.oid", [list(ALTER_KIND), owner]).fetchall()
     for relation, kind in relations:
         conn.execute(sql.SQL("ALTER {} {} OWNER TO {}").format(
             sql.SQL(ALTER_KIND[kind]), sql.SQL(relation), to))
     routines = conn.execute("SELECT p.oid::regprocedure::text FROM pg_proc p "
-                            "WHERE p.pronamespace = 'pgvpn'::regnamespace").fetchall()
+                            "WHERE p.pronamespace = 'pgvpn'::regnamespace "
+                            "AND p.proowner <> %s::regrole", [owner]).fetchall()
     for (routine,) in routines:
         conn.execute(sql.SQL("ALTER ROUTINE {} OWNER TO {}").format(sql.SQL(routine), to))
-    progress(f"schema pgvpn: owner {row[0]} -> {owner} ({len(relations)} relations, "
-             f"{len(routines)} functions)")
+    if row[0] != owner or relations or routines:
+        progress(f"schema pgvpn: owner {row[0]} -> {owner} ({len(relations)} relations, "
+                 f"{len(routines)} functions handed over)")

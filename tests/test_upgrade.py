@@ -1,0 +1,80 @@
+"""Integration: a database an earlier pgvpn made as a superuser, with packets in it,
+is handed to the owner by `pgvpn db init` and migrated by that owner to the latest
+schema, every packet kept.
+
+It runs in a scratch database on the lab's own server, so the lab's log is never
+touched; the cluster's roles are shared with the lab (they are the same roles).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from pgvpn import bootstrap, migrate
+from pgvpn.copyformat import PACKET_COLUMNS
+from tests.conftest import LabHandle
+
+SCRATCH = "pgvpn_upgrade_probe"
+BEFORE_TRUST = 4  # the last migration an earlier pgvpn applied as the superuser
+
+
+def conninfo_for(lab: LabHandle, *, superuser: bool, dbname: str = SCRATCH) -> str:
+    params = conninfo_to_dict(lab.conninfo(superuser=superuser))
+    params["dbname"] = dbname
+    return make_conninfo(**params)
+
+
+@pytest.fixture
+def old_database(any_lab: LabHandle) -> Iterator[LabHandle]:
+    """Migrations 001-004 applied by the superuser, and packets logged, as before 005."""
+    any_lab.sql(f"DROP DATABASE IF EXISTS {SCRATCH}", superuser=True)
+    any_lab.sql(f"CREATE DATABASE {SCRATCH}", superuser=True)
+    try:
+        with psycopg.connect(conninfo_for(any_lab, superuser=True), autocommit=True) as conn:
+            for step in migrate.available()[:BEFORE_TRUST]:
+                with conn.transaction():
+                    conn.execute(step.sql.encode())
+                    conn.execute("INSERT INTO pgvpn.schema_migrations (version, name) "
+                                 "VALUES (%s, %s)", [step.version, step.name])
+            with conn.cursor() as cur, cur.copy(
+                    f"COPY pgvpn.packets (sender, {PACKET_COLUMNS}) FROM STDIN") as copy:
+                for seq in range(1, 51):
+                    copy.write_row(["peer-a", seq, "peer-b", 20, b"\x45" + bytes(19)])
+        yield any_lab
+    finally:
+        any_lab.sql(f"DROP DATABASE IF EXISTS {SCRATCH} WITH (FORCE)", superuser=True)
+
+
+def test_init_hands_an_old_database_to_the_owner_who_migrates_it(old_database: LabHandle
+                                                                  ) -> None:
+    lab = old_database
+    said: list[str] = []
+    bootstrap.init_database(conninfo_for(lab, superuser=True, dbname="postgres"), SCRATCH,
+                            bootstrap.OWNER, None, said.append)
+    assert any("schema pgvpn: owner postgres -> pgvpn_owner" in line for line in said), said
+    with psycopg.connect(conninfo_for(lab, superuser=False), autocommit=True) as conn:
+        assert migrate.migrate(conn) == migrate.available()[-1].version
+        owners = conn.execute(
+            "SELECT DISTINCT pg_get_userbyid(relowner) FROM pg_class "
+            "WHERE relnamespace = 'pgvpn'::regnamespace UNION "
+            "SELECT DISTINCT pg_get_userbyid(proowner) FROM pg_proc "
+            "WHERE pronamespace = 'pgvpn'::regnamespace").fetchall()
+        assert owners == [("pgvpn_owner",)]
+        assert conn.execute("SELECT count(*), min(seq), max(seq) FROM pgvpn.packets "
+                            "WHERE sender = 'peer-a'").fetchone() == (50, 1, 50)
+        unsafe = conn.execute(
+            "SELECT p.oid::regprocedure::text FROM pg_proc p "
+            "WHERE p.pronamespace = 'pgvpn'::regnamespace AND p.prosqlbody IS NULL "
+            "AND NOT 'search_path=pg_catalog, pg_temp' = ANY(coalesce(p.proconfig, '{}'))"
+            ).fetchall()
+        assert unsafe == []
+        assert conn.execute("SELECT pgvpn.ensure_partitions()").fetchone() is not None
+    # the old superuser-made database allowed TEMPORARY to everyone; now nobody has it
+    rows = lab.sql("SELECT has_database_privilege('pgvpn_agent', %s, 'TEMPORARY'), "
+                   "has_database_privilege('pgvpn_agent', %s, 'CONNECT')",
+                   [SCRATCH, SCRATCH], superuser=True)
+    assert rows == [(False, True)]
