@@ -8,6 +8,8 @@ touched; the cluster's roles are shared with the lab (they are the same roles).
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import psycopg
@@ -16,7 +18,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgvpn import bootstrap, migrate
 from pgvpn.copyformat import PACKET_COLUMNS
-from tests.conftest import LabHandle
+from tests.conftest import ROOT, LabHandle
+from tests.peerside import peer_conninfo
 
 SCRATCH = "pgvpn_upgrade_probe"
 BEFORE_TRUST = 4  # the last migration an earlier pgvpn applied as the superuser
@@ -78,3 +81,22 @@ def test_init_hands_an_old_database_to_the_owner_who_migrates_it(old_database: L
                    "has_database_privilege('pgvpn_agent', %s, 'CONNECT')",
                    [SCRATCH, SCRATCH], superuser=True)
     assert rows == [(False, True)]
+
+
+def test_an_agent_on_an_old_schema_says_who_must_migrate(old_database: LabHandle) -> None:
+    """Agents never migrate: they check the version and name the owner's command."""
+    params = conninfo_to_dict(peer_conninfo(old_database, "peer-a"))
+    params["dbname"] = SCRATCH
+    env = {"PATH": "/usr/bin:/bin", "PGVPN_NAME": "peer-a", "PGVPN_PEER": "peer-b",
+           "TUN_IP": "10.230.0.1/24", "TUN_PEER": "10.230.0.2", "PGVPN_CONNECT_ATTEMPTS": "1",
+           "DATABASE_URL": make_conninfo(**params)}
+    done = subprocess.run([sys.executable, "-m", "pgvpn.cli", "run"], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=60, check=False)
+    latest = migrate.available()[-1].version
+    assert done.returncode == 2, done.stderr
+    assert (f"schema is at version {BEFORE_TRUST} but this agent needs {latest}: run "
+            "'pgvpn db migrate' as the database owner") in done.stderr
+    assert "Traceback" not in done.stderr
+    with psycopg.connect(conninfo_for(old_database, superuser=True), autocommit=True) as conn:
+        assert conn.execute("SELECT max(version) FROM pgvpn.schema_migrations"
+                            ).fetchone() == (BEFORE_TRUST,)
