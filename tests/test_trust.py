@@ -11,14 +11,18 @@ way a peer would, on both backends.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
 from psycopg import errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from tests.conftest import LabHandle
+from lab.measure import ping
+from tests.conftest import ROOT, CliBackend, LabHandle
 from tests.peerside import connect_as, owner_execute, temporary_lent
 
 # Runs the caller's wish whenever it runs with someone else's rights, and says so.
@@ -161,3 +165,38 @@ def test_only_pgvpn_roles_may_connect(any_lab: LabHandle) -> None:
             psycopg.connect(make_conninfo(**params), connect_timeout=10).close()
     finally:
         any_lab.sql("DROP ROLE trust_stranger", superuser=True)
+
+
+def test_a_reader_reads_the_whole_log_and_changes_nothing(any_lab: LabHandle,
+                                                           tmp_path: Path) -> None:
+    """pgvpn_reader: the log tools work, every write is refused, no temporary objects."""
+    assert ping(CliBackend(any_lab), "peer-a", "10.230.0.2", count=2).received == 2
+    any_lab.sql("CREATE ROLE trust_reader LOGIN PASSWORD 'reader-password-1234' "
+                "IN ROLE pgvpn_reader", superuser=True)
+    try:
+        params = conninfo_to_dict(any_lab.conninfo())
+        params.update(user="trust_reader", password="reader-password-1234")
+        reader = make_conninfo(**params)
+        env = {**any_lab.env, "DATABASE_URL": reader}
+        for argv in (["log", "-n", "5", "--proto", "icmp"], ["stats", "--top", "3"],
+                     ["export", "--pcap", str(tmp_path / "r.pcap"), "--proto", "icmp"]):
+            done = subprocess.run([sys.executable, "-m", "pgvpn.cli", *argv], env=env,
+                                  capture_output=True, text=True, cwd=ROOT, timeout=60,
+                                  check=False)
+            assert done.returncode == 0, (argv, done.stderr)
+        assert (tmp_path / "r.pcap").stat().st_size > 24  # a header and packets
+        with psycopg.connect(reader, autocommit=True) as conn:
+            senders = {s for (s,) in conn.execute("SELECT DISTINCT sender FROM pgvpn.packets")}
+            assert senders >= {"peer-a", "peer-b"}
+            assert conn.execute("SELECT count(*) FROM pgvpn.log_partitions").fetchone() != (0,)
+            for statement in ("DELETE FROM pgvpn.packets", "TRUNCATE pgvpn.packets",
+                              "UPDATE pgvpn.cursors SET last_seq = 0",
+                              "UPDATE pgvpn.log_settings SET retention = '1 day'",
+                              "INSERT INTO pgvpn.packets (seq, receiver, length, data) "
+                              "VALUES (1, 'peer-a', 1, '\\x45')",
+                              "SELECT pgvpn.apply_retention()",
+                              "CREATE TEMPORARY TABLE scratch (x int)"):
+                with pytest.raises(errors.InsufficientPrivilege):
+                    conn.execute(statement)
+    finally:
+        any_lab.sql("DROP ROLE trust_reader", superuser=True)
