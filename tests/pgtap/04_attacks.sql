@@ -100,7 +100,7 @@ BEGIN
 END $f$ $q$);
 -- The reported attack itself, now that it can be created.
 SELECT pg_temp.try_command('shadow: issue f()', $q$
-CREATE FUNCTION pg_temp.f() RETURNS pg_catalog.bool LANGUAGE sql
+CREATE OR REPLACE FUNCTION pg_temp.f() RETURNS pg_catalog.bool LANGUAGE sql
 AS $f$ SELECT pg_temp.escalate('issue f()') $f$ $q$);
 
 -- Catalog relations the functions read, and pgvpn's own relations by bare name;

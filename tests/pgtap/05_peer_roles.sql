@@ -94,7 +94,7 @@ SELECT is(pg_temp.outcome('existing pgvpn_tap_admin'), '42501',
 SELECT is_empty(
     $$SELECT a.rolname::text FROM pg_catalog.pg_authid a JOIN pg_temp.before b USING (rolname)
       WHERE a.rolpassword IS DISTINCT FROM b.rolpassword AND a.rolname <> 'pgvpn_tap_admin'$$,
-    'no refused role got a password');
+    'no role''s password changed but pgvpn_tap_new''s (the refused ones and the lab''s peers keep theirs)');
 
 SELECT is(pg_temp.result('make tap-new'), 'true', 'makes the new peer role pgvpn_tap_new');
 SELECT results_eq(
@@ -105,11 +105,11 @@ SELECT results_eq(
     'pgvpn_tap_new: LOGIN INHERIT and no other attribute');
 SELECT results_eq(
     $$SELECT m.roleid::regrole::text, m.admin_option FROM pg_catalog.pg_auth_members m
-      WHERE m.member = 'pgvpn_tap_new'::regrole$$,
+      WHERE m.member = (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = 'pgvpn_tap_new')$$,
     $$VALUES ('pgvpn_agent', false)$$,
     'pgvpn_tap_new is a member of pgvpn_agent only, without ADMIN OPTION');
 SELECT is_empty($$SELECT m.member::regrole::text FROM pg_catalog.pg_auth_members m
-                  WHERE m.roleid = 'pgvpn_tap_new'::regrole$$,
+                  WHERE m.roleid = (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = 'pgvpn_tap_new')$$,
                 'pgvpn_tap_new has no members');
 SELECT is((SELECT m.rolpassword FROM pg_temp.made m),
           :v1, 'pgvpn_tap_new''s password is the verifier given, stored as it is');
