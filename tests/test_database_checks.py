@@ -132,7 +132,8 @@ def database(any_lab: LabHandle) -> Iterator[Database]:
         if password := params.get("password"):
             passfile = Path(scratch) / "pgpass"
             passfile.touch(mode=0o600)
-            passfile.write_text(f"*:*:*:{params.get('user', '*')}:{password}\n")
+            escaped = password.replace("\\", "\\\\").replace(":", "\\:")
+            passfile.write_text(f"*:*:*:*:{escaped}\n")
             env["PGPASSFILE"] = str(passfile)
         yield Database(env, Path(scratch))
 
