@@ -2,7 +2,7 @@
 -- (sql/init_peer_roles.sql): called as the owner it makes or re-passwords exactly a
 -- peer's role and refuses everything else; a peer cannot call it at all.
 \ir begin.inc
-SELECT plan(31);
+SELECT plan(32);
 
 -- Roles that exist with more than a peer's role has, as a superuser might have
 -- left them: each must be refused, its password untouched.
@@ -40,6 +40,8 @@ FROM (VALUES ('plaintext', 'correct horse battery staple'),
              ('md5', 'md5' || pg_catalog.md5('secretpgvpn_tap_new')),
              ('SCRAM-like text', 'SCRAM-SHA-256$4096:salt$key:key and more'),
              ('NULL', NULL)) AS v(label, verifier);
+SELECT pg_temp.try_query('malformed SCRAM verifier',
+    $q$SELECT pgvpn_admin.ensure_peer_role('tap-malformed', 'SCRAM-SHA-256$4096:AAAA$BBBB:CCCC')$q$);
 SELECT pg_temp.try_query('existing ' || r, pg_catalog.format(
     'SELECT pgvpn_admin.ensure_peer_role(%L, %s)',
     pg_catalog.replace(pg_catalog.substr(r, 7), '_', '-'), :'v1'))
@@ -79,6 +81,12 @@ FROM pg_temp.outcomes o WHERE o.label LIKE 'bad name %';
 SELECT is(pg_temp.outcome('password ' || p), '28P01',
           format('refuses a password given as %s', p))
 FROM unnest('{plaintext,md5,"SCRAM-like text","NULL"}'::text[]) p;
+-- A string of the verifier's shape that is no valid SCRAM secret (here: salt and
+-- keys of the wrong length) is taken by PostgreSQL as a plaintext password and
+-- hashed: the "password" then is that string, and it did reach the server.
+SELECT todo('init_peer_roles.sql checks the verifier''s shape only (reported)', 1);
+SELECT is(pg_temp.outcome('malformed SCRAM verifier'), '28P01',
+          'refuses a verifier of the right shape that is no valid SCRAM secret');
 SELECT is(pg_temp.outcome('existing ' || r), '42501',
           format('refuses to re-password the existing role %s (%s)', r, why))
 FROM (VALUES ('pgvpn_tap_super', 'SUPERUSER'), ('pgvpn_tap_createrole', 'CREATEROLE'),
