@@ -341,6 +341,19 @@ WEAKENINGS = [
             "a peer cannot re-password another peer through ensure_peer_role",
             "the peer made no role")}),
     Weakening(
+        "ownership",  # a definer function and a table handed to the superuser
+        "ALTER FUNCTION pgvpn.last_sent_seq() OWNER TO postgres; "
+        "ALTER TABLE pgvpn.peers OWNER TO postgres;",
+        {"01_ownership_and_roles.sql": red(
+            "table pgvpn.peers is owned by pgvpn_owner",
+            "function pgvpn.last_sent_seq() is owned by pgvpn_owner",
+            "every relation in pgvpn (partitions and indexes too) is owned by pgvpn_owner",
+            "every type in pgvpn is owned by pgvpn_owner"),
+         # apply_retention (as pgvpn_owner) can no longer read pgvpn.peers
+         "04_attacks.sql": red(
+            "pgvpn.apply_retention() under attack drops expired partitions",
+            "the expired partition is gone")}),
+    Weakening(
         "owner-superuser",
         "ALTER ROLE pgvpn_owner SUPERUSER;",
         {"01_ownership_and_roles.sql": red(

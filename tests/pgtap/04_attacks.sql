@@ -255,8 +255,8 @@ SELECT is(pg_temp.outcome('ensure_partitions()'), '00000',
           'pgvpn.ensure_partitions() works for the peer under attack');
 SELECT is(pg_temp.outcome('ensure_partitions(30) as a peer'), '42501',
           'pgvpn.ensure_partitions(days_ahead) is refused to a peer');
-SELECT is(pg_temp.result('apply_retention()'), '1',
-          'pgvpn.apply_retention() under attack drops the one expired partition');
+SELECT matches(pg_temp.result('apply_retention()'), '^[1-9][0-9]*$',
+               'pgvpn.apply_retention() under attack drops expired partitions');
 SELECT hasnt_table('pgvpn', 'packets_20000101', 'the expired partition is gone');
 SELECT is(pg_temp.result('last_sent_seq()'), '900000001',
           'pgvpn.last_sent_seq() under attack is the peer''s own last seq');
