@@ -15,11 +15,12 @@ fi
 
 # Debian packages: PostgreSQL server (the namespace lab runs it), iperf3 and ping
 # (the bench), iproute2 (namespaces), debootstrap (the offline Docker base image),
-# openssl (the lab's CA and server certificate), tshark (tests read pcaps with it).
+# openssl (the lab's CA and server certificate), tshark (tests read pcaps with it),
+# pg_prove (runs tests/pgtap/ against a lab's database).
 declare -A NEEDED=(
     [postgres]="postgresql" [iperf3]="iperf3" [ping]="iputils-ping" [ip]="iproute2"
     [ss]="iproute2" [setpriv]="util-linux" [debootstrap]="debootstrap"
-    [openssl]="openssl" [tshark]="tshark"
+    [openssl]="openssl" [tshark]="tshark" [pg_prove]="libtap-parser-sourcehandler-pgtap-perl"
 )
 missing=()
 for tool in "${!NEEDED[@]}"; do
@@ -36,6 +37,24 @@ if ((${#missing[@]})); then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
         "${missing[@]}" >/dev/null
+fi
+# Server extensions the database checks use (tests/test_database_checks.py): pgTAP
+# and plpgsql_check, for every installed server version (the namespace lab runs
+# the newest). Only known once the server is installed, hence a second pass.
+extensions=()
+for bindir in /usr/lib/postgresql/*/bin; do
+    [[ -x $bindir/postgres ]] || continue
+    major=$(basename "$(dirname "$bindir")")
+    [[ -f /usr/share/postgresql/$major/extension/pgtap.control ]] \
+        || extensions+=("postgresql-$major-pgtap")
+    [[ -f /usr/share/postgresql/$major/extension/plpgsql_check.control ]] \
+        || extensions+=("postgresql-$major-plpgsql-check")
+done
+if ((${#extensions[@]})); then
+    say "installing PostgreSQL extensions: ${extensions[*]}"
+    ((${#missing[@]})) || apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${extensions[@]}" >/dev/null
 fi
 # The Debian package starts a cluster of its own; the lab runs its own servers.
 if command -v pg_lsclusters >/dev/null && pg_lsclusters -h 2>/dev/null | grep -q online; then
