@@ -219,12 +219,28 @@ ALTER FUNCTION pgvpn.decode_headers(bytea) SET search_path = pg_catalog, pg_temp
 -- check EXECUTE as their user: pgvpn.inbox, the sender default and the policies
 -- call current_peer(); log_partitions and packet_headers the log tools' helpers.
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA pgvpn FROM PUBLIC;
-ALTER DEFAULT PRIVILEGES IN SCHEMA pgvpn REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC;
+-- Functions the migrator (the owner) makes later: not PUBLIC's either.  Global, not
+-- IN SCHEMA: a per-schema entry can only add to the built-in default, never remove.
+ALTER DEFAULT PRIVILEGES REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION pgvpn.current_peer() TO pgvpn_agent, pgvpn_reader;
 GRANT EXECUTE ON FUNCTION pgvpn.last_sent_seq(), pgvpn.ensure_partitions(integer),
     pgvpn.apply_retention() TO pgvpn_agent;
 GRANT EXECUTE ON FUNCTION pgvpn.partition_ranges(), pgvpn.decode_headers(bytea)
     TO pgvpn_reader;
+
+-- ----------------------------------------------------------------- readers
+-- pgvpn_reader reads everything (its policies on these tables were written in
+-- 004 and never reached, for want of the table privilege).
+GRANT SELECT ON pgvpn.cursors, pgvpn.blog_v1_packets, pgvpn.blog_v2_packets
+    TO pgvpn_reader;
+
+-- ------------------------------------------------------------------- peers
+-- Names of pgvpn's own roles are no peer names (004 reserved agent and reader).
+-- NOT VALID, as in 004: rows made before are kept as they are.
+ALTER TABLE pgvpn.peers DROP CONSTRAINT peers_name_maps_to_a_role;
+ALTER TABLE pgvpn.peers ADD CONSTRAINT peers_name_maps_to_a_role
+    CHECK (name ~ '^[a-z0-9][a-z0-9-]{0,56}$'
+           AND name NOT IN ('agent', 'reader', 'owner', 'peermaker')) NOT VALID;
 
 -- ---------------------------------------------------------- the database
 -- No temporary objects for anyone but the owner (and superusers): peers and

@@ -23,6 +23,7 @@ AS $$
 DECLARE
     role_name text;
     existing oid;
+    parts text[];
 BEGIN
     IF peer IS NULL OR peer !~ '^[a-z0-9][a-z0-9-]{0,56}$'
        OR peer IN ('agent', 'reader', 'owner', 'peermaker') THEN
@@ -31,8 +32,22 @@ BEGIN
                   HINT = 'use 1-57 lower-case letters, digits or "-" (not agent, reader, '
                          'owner or peermaker)';
     END IF;
-    IF verifier IS NULL OR verifier !~ ('^SCRAM-SHA-256\$[0-9]{1,7}:[A-Za-z0-9+/]+=*'
-                                        '\$[A-Za-z0-9+/]+=*:[A-Za-z0-9+/]+=*$') THEN
+    -- What PostgreSQL itself takes as a SCRAM secret (parse_scram_secret): anything
+    -- else it would hash as a plaintext password, which would then have reached the
+    -- server.  Iterations, a base64 salt, and two base64 keys of 32 bytes each.
+    parts := pg_catalog.regexp_match(verifier,
+        '^SCRAM-SHA-256\$([1-9][0-9]{0,8}):([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+):([A-Za-z0-9+/=]+)$');
+    BEGIN
+        IF parts IS NULL
+           OR pg_catalog.length(pg_catalog.decode(parts[2], 'base64')) < 1
+           OR pg_catalog.length(pg_catalog.decode(parts[3], 'base64')) <> 32
+           OR pg_catalog.length(pg_catalog.decode(parts[4], 'base64')) <> 32 THEN
+            parts := NULL;
+        END IF;
+    EXCEPTION WHEN invalid_parameter_value THEN  -- not base64 after all
+        parts := NULL;
+    END;
+    IF parts IS NULL THEN
         RAISE EXCEPTION 'a peer''s password is accepted only as a SCRAM-SHA-256 verifier'
             USING ERRCODE = 'invalid_password',
                   HINT = 'pgvpn db add-peer computes it on the client';
@@ -47,14 +62,15 @@ BEGIN
         RETURN true;
     END IF;
     -- An existing role is re-passworded only if it is exactly a peer's role: no
-    -- attribute, member of pgvpn_agent and of nothing else, no member of its own.
+    -- attribute, member of pgvpn_agent (without ADMIN OPTION, which would let it
+    -- hand the group to anyone) and of nothing else, no member of its own.
     -- Anything else (the owner, a superuser, a role someone granted more to) would
     -- hand the caller a login with rights beyond a peer's.
     IF EXISTS (SELECT FROM pg_catalog.pg_roles r WHERE r.oid = existing
                AND (r.rolsuper OR r.rolcreaterole OR r.rolcreatedb OR r.rolreplication
                     OR r.rolbypassrls))
        OR NOT EXISTS (SELECT FROM pg_catalog.pg_auth_members m
-                      WHERE m.member = existing
+                      WHERE m.member = existing AND NOT m.admin_option
                         AND m.roleid = 'pgvpn_agent'::pg_catalog.regrole)
        OR EXISTS (SELECT FROM pg_catalog.pg_auth_members m
                   WHERE (m.member = existing

@@ -188,6 +188,8 @@ def test_a_reader_reads_the_whole_log_and_changes_nothing(any_lab: LabHandle,
         with psycopg.connect(reader, autocommit=True) as conn:
             senders = {s for (s,) in conn.execute("SELECT DISTINCT sender FROM pgvpn.packets")}
             assert senders >= {"peer-a", "peer-b"}
+            receivers = {r for (r,) in conn.execute("SELECT receiver FROM pgvpn.cursors")}
+            assert receivers >= {"peer-a", "peer-b"}
             assert conn.execute("SELECT count(*) FROM pgvpn.log_partitions").fetchone() != (0,)
             for statement in ("DELETE FROM pgvpn.packets", "TRUNCATE pgvpn.packets",
                               "UPDATE pgvpn.cursors SET last_seq = 0",

@@ -120,7 +120,6 @@ SELECT pg_temp.try_command('owner adds a function',
     'SET search_path = pg_catalog, pg_temp AS ''SELECT 1''');
 RESET SESSION AUTHORIZATION;
 SET LOCAL search_path = pgtap, pg_catalog, pg_temp;
-SELECT todo('sql/005: a per-schema REVOKE of default privileges is a no-op (reported)', 1);
 SELECT function_privs_are('pgvpn', 'added_later', '{}', 'public', '{}',
                           'PUBLIC may not execute a function the owner adds to pgvpn later');
 

@@ -12,10 +12,10 @@ INSERT INTO intended VALUES
     ('schema_migrations', '{SELECT}',               '{SELECT}'),
     ('peers',             '{SELECT,INSERT,UPDATE}', '{SELECT}'),
     ('packets',           '{}',                     '{SELECT}'),
-    ('cursors',           '{SELECT,INSERT,UPDATE}', '{}'),
+    ('cursors',           '{SELECT,INSERT,UPDATE}', '{SELECT}'),
     ('log_settings',      '{SELECT}',               '{SELECT}'),
-    ('blog_v1_packets',   '{SELECT,INSERT}',        '{}'),
-    ('blog_v2_packets',   '{SELECT,INSERT}',        '{}'),
+    ('blog_v1_packets',   '{SELECT,INSERT}',        '{SELECT}'),
+    ('blog_v2_packets',   '{SELECT,INSERT}',        '{SELECT}'),
     ('inbox',             '{SELECT}',               '{}'),
     ('log_partitions',    '{}',                     '{SELECT}'),
     ('packet_headers',    '{}',                     '{SELECT}');

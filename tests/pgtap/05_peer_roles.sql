@@ -84,7 +84,6 @@ FROM unnest('{plaintext,md5,"SCRAM-like text","NULL"}'::text[]) p;
 -- A string of the verifier's shape that is no valid SCRAM secret (here: salt and
 -- keys of the wrong length) is taken by PostgreSQL as a plaintext password and
 -- hashed: the "password" then is that string, and it did reach the server.
-SELECT todo('init_peer_roles.sql checks the verifier''s shape only (reported)', 1);
 SELECT is(pg_temp.outcome('malformed SCRAM verifier'), '28P01',
           'refuses a verifier of the right shape that is no valid SCRAM secret');
 SELECT is(pg_temp.outcome('existing ' || r), '42501',
@@ -96,7 +95,6 @@ FROM (VALUES ('pgvpn_tap_super', 'SUPERUSER'), ('pgvpn_tap_createrole', 'CREATER
              ('pgvpn_tap_extra', 'also in pg_read_all_data'),
              ('pgvpn_tap_reader', 'also in pgvpn_reader'),
              ('pgvpn_tap_hasmember', 'has a member')) AS x(r, why);
-SELECT todo('init_peer_roles.sql does not look at admin_option (reported)', 1);
 SELECT is(pg_temp.outcome('existing pgvpn_tap_admin'), '42501',
           'refuses to re-password pgvpn_tap_admin (pgvpn_agent WITH ADMIN OPTION)');
 SELECT is_empty(
