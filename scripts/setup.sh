@@ -15,11 +15,12 @@ fi
 
 # Debian packages: PostgreSQL server (the namespace lab runs it), iperf3 and ping
 # (the bench), iproute2 (namespaces), debootstrap (the offline Docker base image),
-# openssl (the lab's CA and server certificate), tshark (tests read pcaps with it).
+# openssl (the lab's CA and server certificate), tshark (tests read pcaps with it),
+# nft (the liveness tests cut an agent's path to the database).
 declare -A NEEDED=(
     [postgres]="postgresql" [iperf3]="iperf3" [ping]="iputils-ping" [ip]="iproute2"
     [ss]="iproute2" [setpriv]="util-linux" [debootstrap]="debootstrap"
-    [openssl]="openssl" [tshark]="tshark"
+    [openssl]="openssl" [tshark]="tshark" [nft]="nftables"
 )
 missing=()
 for tool in "${!NEEDED[@]}"; do
