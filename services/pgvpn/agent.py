@@ -239,9 +239,8 @@ class Agent:
                 self.control.close()
                 try:
                     self.control = self.session.connect("control", attempts=1,
-                                                        bounded=False)
-                    self.session.bound(self.control, statements=True)
-                except PgvpnError as again:
+                                                        statements=True)
+                except (PgvpnError, psycopg.Error) as again:
                     log.warning("control connection: %s", again)
             return False
 

@@ -69,11 +69,12 @@ class Session:
     instance: str = field(default_factory=lambda: secrets.token_hex(4))
 
     def connect(self, role: str, *, autocommit: bool = True, attempts: int | None = None,
-                bounded: bool = True) -> psycopg.Connection:
+                bounded: bool = True, statements: bool = False) -> psycopg.Connection:
         """A connection for one job (`role`), refused if it would carry packets in clear.
 
         TCP keepalives and a user timeout make a silently dead path an error within
-        seconds; `bounded` also bounds its lock waits (see `bound`).
+        seconds; `bounded` also bounds its lock waits, `statements` its statements
+        (see `bound`).
         """
         config = self.config
         conninfo = tlspolicy.agent_conninfo(config.database_url, config.allow_plaintext)
@@ -89,7 +90,7 @@ class Session:
             if not config.synchronous_commit:
                 conn.execute("SET synchronous_commit = off")
             if bounded:
-                self.bound(conn, statements=False)
+                self.bound(conn, statements=statements)
         except BaseException:
             conn.close()
             raise
