@@ -99,6 +99,25 @@ def test_a_path_that_drops_everything_for_60s_recovers_within_10s_of_its_return(
     assert seconds_until_ping(any_lab, "peer-b", PEER_A) < 5
 
 
+def test_a_listener_flow_the_nat_forgot_is_noticed_and_replaced(any_lab: LabHandle) -> None:
+    """Only the idle LISTEN connection's flow is dropped: without keepalives nothing
+    would ever notice, and every wake-up would come from the idle poll, forever."""
+    with psycopg.connect(any_lab.conninfo(), autocommit=True) as owner:
+        (old, port), = owner.execute(
+            "SELECT pid, client_port FROM pg_stat_activity WHERE application_name "
+            "LIKE 'pgvpn peer-b listener %'").fetchall()
+        cut_at = time.monotonic()
+        with database_path_cut(any_lab, "peer-b", [port]):
+            wait_for(lambda: [p for p, (job, _) in sessions(owner, "peer-b").items()
+                              if job == "listener" and p != old], "a new listener", timeout=40)
+            replaced = time.monotonic() - cut_at
+    print(f"listener replaced {replaced:.1f}s after its flow was cut")
+    assert replaced < 25
+    assert re.search(r"downlink: database connection lost \([^)]*timed out",
+                     agent_log(any_lab, "peer-b"))
+    assert seconds_until_ping(any_lab, "peer-a", PEER_B) < 5
+
+
 def server_log_end(lab: LabHandle, pid: int) -> datetime:
     """When the server says backend `pid` ended by an administrator's command."""
     for line in lab.cli("logs", "postgres", "--tail", "5000").stdout.splitlines():
