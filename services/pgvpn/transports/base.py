@@ -111,7 +111,9 @@ class Session:
 
     def retrying(self, action: Callable[[], T], *, what: str,
                  reconnect: Callable[[], None], counters: Counters) -> T | None:
-        """Run a database action, reconnecting after lost connections until it succeeds."""
+        """Run a database action until it succeeds: reconnect after a lost connection,
+        retry a transient error, back off while the server lacks resources
+        (db.retry_forever); other errors propagate and stop the agent."""
 
         def on_lost() -> None:
             counters.reconnects += 1
