@@ -48,6 +48,13 @@ checkpoint_timeout = 15min
 max_connections = 50
 synchronous_commit = on
 log_min_messages = warning
+# Dead clients noticed within seconds, not the kernel's 2 h: their sessions end and
+# release the sender's and receiver's advisory locks (README "Liveness").
+tcp_keepalives_idle = 10
+tcp_keepalives_interval = 5
+tcp_keepalives_count = 3
+tcp_user_timeout = 30s
+client_connection_check_interval = 5s
 """
 
 

@@ -16,11 +16,13 @@ fi
 # Debian packages: PostgreSQL server (the namespace lab runs it), iperf3 and ping
 # (the bench), iproute2 (namespaces), debootstrap (the offline Docker base image),
 # openssl (the lab's CA and server certificate), tshark (tests read pcaps with it),
-# pg_prove (runs tests/pgtap/ against a lab's database).
+# pg_prove (runs tests/pgtap/ against a lab's database), nft (the liveness tests cut
+# an agent's path to the database).
 declare -A NEEDED=(
     [postgres]="postgresql" [iperf3]="iperf3" [ping]="iputils-ping" [ip]="iproute2"
     [ss]="iproute2" [setpriv]="util-linux" [debootstrap]="debootstrap"
     [openssl]="openssl" [tshark]="tshark" [pg_prove]="libtap-parser-sourcehandler-pgtap-perl"
+    [nft]="nftables"
 )
 missing=()
 for tool in "${!NEEDED[@]}"; do

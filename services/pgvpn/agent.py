@@ -13,11 +13,12 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 
 import psycopg
 
-from pgvpn import db, migrate, tlspolicy
+from pgvpn import db, locks, migrate, tlspolicy
 from pgvpn.admin import role_name
 from pgvpn.config import AgentConfig
 from pgvpn.errors import PgvpnError
@@ -28,7 +29,7 @@ from pgvpn.tun import TunDevice
 log = logging.getLogger("pgvpn.agent")
 
 HEARTBEAT_SECONDS = 5.0
-PARTITIONS_EVERY = 3600.0
+MAINTENANCE_RETRY = 60.0  # seconds until a failed log maintenance is tried again
 STATS_EVERY = 1.0
 BAD_INPUT_EVERY = 1.0  # seconds between warnings about bad frames or rows
 
@@ -61,6 +62,8 @@ class BadInputLog:
 
 
 class Agent:
+    control: psycopg.Connection  # heartbeat and maintenance; replaced after a loss
+
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.profile = PROFILES[config.profile]
@@ -80,11 +83,14 @@ class Agent:
 
     def run(self) -> None:
         """Run until SIGTERM/SIGINT or a fatal error; raises PgvpnError on the latter."""
-        control = self.session.connect("control")
+        # The agent only checks the schema (the owner migrates): every wait is bounded.
+        control = self.control = self.session.connect("control", statements=True)
         with control:
             migrate.require_current(control)
             self._check_identity(control)
             self._register(control)
+            maintained = self._housekeep("partition maintenance at start",
+                                         self._ensure_partitions, MAINTENANCE_RETRY)
             security = tlspolicy.describe(control)
             risk = tlspolicy.risks(control)
             if risk:
@@ -113,7 +119,7 @@ class Agent:
                 for thread in threads:
                     thread.start()
                 try:
-                    self._control_loop(control, uplink, downlink)
+                    self._control_loop(uplink, downlink, maintained)
                 finally:
                     self.stop.set()
                     for thread in threads:
@@ -186,44 +192,76 @@ class Agent:
                              f"set name to {peer}")
 
     def _register(self, control: psycopg.Connection) -> None:
-        """Partitions ahead, and this peer's row (the owner made the other peer's)."""
-        control.execute("SELECT pgvpn.ensure_partitions()")
+        """This peer's row (the owner made the other peer's)."""
         control.execute(
             "INSERT INTO pgvpn.peers (name, tunnel_addr, last_seen) VALUES (%s, %s, now()) "
             "ON CONFLICT (name) DO UPDATE SET tunnel_addr = EXCLUDED.tunnel_addr, "
             "last_seen = EXCLUDED.last_seen", [self.config.name, str(self.config.tun_ip.ip)])
 
+    def _ensure_partitions(self, control: psycopg.Connection) -> None:
+        """Partitions ahead. The wait for another session's maintenance lock is bounded
+        (lock_timeout) and says whom it waits for, so that it is never silent."""
+        with control.transaction():
+            # the function's own lock: reentrant, so taking it first costs nothing
+            row = control.execute("SELECT pg_try_advisory_xact_lock(hashtextextended(%s, 0))",
+                                  [locks.MAINTENANCE_LOCK]).fetchone()
+            if not row or not row[0]:
+                held_by = "; ".join(map(str, locks.holders(control, locks.MAINTENANCE_LOCK)))
+                log.warning("partition maintenance: waiting up to %gs for the lock %s, held "
+                            "by %s", self.config.lock_timeout, locks.MAINTENANCE_LOCK,
+                            held_by or "another session")
+            control.execute("SELECT pgvpn.ensure_partitions()")
+
     def _maintain_log(self, control: psycopg.Connection) -> None:
         """Partitions ahead, and the owner's retention policy (pgvpn.log_settings) behind."""
-        control.execute("SELECT pgvpn.ensure_partitions()")
+        self._ensure_partitions(control)
         row = control.execute("SELECT pgvpn.apply_retention()").fetchone()
         if row and row[0]:
             log.info("retention: dropped %d expired partition(s) of the packet log", row[0])
 
-    def _control_loop(self, control: psycopg.Connection, uplink: Uplink,
-                      downlink: Downlink) -> None:
-        """Heartbeat, partitions ahead, debug counters; cheap and rare by design."""
-        next_heartbeat = next_partitions = next_stats = time.monotonic()
-        next_partitions += PARTITIONS_EVERY
+    def _housekeep(self, job: str, action: Callable[[psycopg.Connection], object],
+                   retry_in: float) -> bool:
+        """Run a housekeeping job on the control connection; True if it succeeded.
+
+        A failure is logged and the job tried again later, never raised: only the
+        data path's own fatal errors stop the agent. A lost control connection is
+        replaced (or, if the database is unreachable, on a later try).
+        """
+        try:
+            action(self.control)
+            return True
+        except psycopg.Error as exc:
+            lost = db.is_connection_lost(exc)
+            log.warning("%s failed: %s%s; trying again in %gs", job, db.explain(exc),
+                        " (control connection lost)" if lost else "", retry_in)
+            if lost:
+                self.control.close()
+                try:
+                    self.control = self.session.connect("control", attempts=1,
+                                                        statements=True)
+                except (PgvpnError, psycopg.Error) as again:
+                    log.warning("control connection: %s", again)
+            return False
+
+    def _heartbeat(self, control: psycopg.Connection) -> None:
+        control.execute("UPDATE pgvpn.peers SET last_seen = now() WHERE name = %s",
+                        [self.config.name])
+
+    def _control_loop(self, uplink: Uplink, downlink: Downlink, maintained: bool) -> None:
+        """Heartbeat, log maintenance, debug counters; cheap and rare by design."""
+        interval = self.config.maintenance_interval
+        next_heartbeat = next_stats = time.monotonic()
+        next_maintenance = next_heartbeat + (interval if maintained
+                                             else min(interval, MAINTENANCE_RETRY))
         while not self.stop.wait(0.2):
             now = time.monotonic()
-            try:
-                if now >= next_heartbeat:
-                    control.execute("UPDATE pgvpn.peers SET last_seen = now() WHERE name = %s",
-                                    [self.config.name])
-                    next_heartbeat = now + HEARTBEAT_SECONDS
-                if now >= next_partitions:
-                    self._maintain_log(control)
-                    next_partitions = now + PARTITIONS_EVERY
-            except psycopg.Error as exc:
-                if not db.is_connection_lost(exc):
-                    raise
-                log.debug("control connection lost: %s", db.explain(exc))
-                control.close()
-                try:
-                    control = self.session.connect("control", attempts=1)
-                except PgvpnError:
-                    next_heartbeat = now + HEARTBEAT_SECONDS
+            if now >= next_heartbeat:
+                self._housekeep("heartbeat", self._heartbeat, HEARTBEAT_SECONDS)
+                next_heartbeat = now + HEARTBEAT_SECONDS
+            if now >= next_maintenance:
+                retry_in = min(interval, MAINTENANCE_RETRY)
+                done = self._housekeep("log maintenance", self._maintain_log, retry_in)
+                next_maintenance = now + (interval if done else retry_in)
             for bad in (self.bad_frames, self.bad_rows):  # counts a burst left pending
                 if now >= bad.next_at:
                     bad.flush()
@@ -235,7 +273,7 @@ class Agent:
                           self.dropped_from_tun, self.skipped_rows,
                           up.reconnects + down.reconnects)
                 next_stats = now + STATS_EVERY
-        control.close()  # a reconnected one; closing the original again is harmless
+        self.control.close()  # a reconnected one; closing the original again is harmless
 
 
 def install_signal_handlers(agent: Agent) -> None:

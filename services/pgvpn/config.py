@@ -125,6 +125,29 @@ SETTINGS: tuple[Setting, ...] = (
             "sslmode defaults to verify-full and an unencrypted TCP connection is refused"),
     Setting("connect_attempts", "PGVPN_CONNECT_ATTEMPTS", _positive, 10,
             "database connection attempts at start before giving up"),
+    # Liveness on real networks: a NAT that forgets an idle flow, or a path that
+    # black-holes, would otherwise leave a connection dead but unnoticed for
+    # minutes (unacknowledged data) or hours (an idle one).
+    Setting("keepalive_idle", "PGVPN_KEEPALIVE_IDLE", _positive, 5,
+            "seconds a database connection may be idle before TCP keepalive probes "
+            "start (also keeps NAT mappings alive)"),
+    Setting("keepalive_interval", "PGVPN_KEEPALIVE_INTERVAL", _positive, 2,
+            "seconds between TCP keepalive probes"),
+    Setting("keepalive_count", "PGVPN_KEEPALIVE_COUNT", _positive, 3,
+            "unanswered keepalive probes after which a connection counts as lost"),
+    Setting("tcp_user_timeout", "PGVPN_TCP_USER_TIMEOUT", _seconds, 10.0,
+            "seconds sent data may stay unacknowledged before the connection counts as "
+            "lost (a black-holed path); libpq's tcp_user_timeout"),
+    Setting("statement_timeout", "PGVPN_STATEMENT_TIMEOUT", _seconds, 30.0,
+            "longest statement on the control connection (heartbeat, partition "
+            "maintenance, start-up checks); the data path is bounded by lock_timeout and "
+            "the TCP settings instead, since a batch's time grows with the link's speed"),
+    Setting("lock_timeout", "PGVPN_LOCK_TIMEOUT", _seconds, 5.0,
+            "longest wait for a lock, e.g. the partition-maintenance lock; the statement is "
+            "retried (data path) or its job put off (maintenance)"),
+    Setting("maintenance_interval", "PGVPN_MAINTENANCE_INTERVAL", _seconds, 3600.0,
+            "seconds between runs of the log's maintenance (partitions ahead, retention); "
+            "a failed run is retried within a minute and never stops the tunnel"),
     Setting("log_level", "PGVPN_LOG_LEVEL", str.upper, "INFO",
             "DEBUG shows per-second counters; INFO, WARNING, ERROR"),
 )
@@ -149,6 +172,13 @@ class AgentConfig:
     max_replay_age: float = 30.0
     allow_plaintext: bool = False
     connect_attempts: int = 10
+    keepalive_idle: int = 5
+    keepalive_interval: int = 2
+    keepalive_count: int = 3
+    tcp_user_timeout: float = 10.0
+    statement_timeout: float = 30.0
+    lock_timeout: float = 5.0
+    maintenance_interval: float = 3600.0
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:

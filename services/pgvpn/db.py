@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgvpn.errors import DatabaseError
 
@@ -18,7 +19,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 BACKOFF_FIRST = 0.5
-BACKOFF_MAX = 5.0
+# Short enough that a connection is back within seconds of a path's return, long
+# enough that a server that is down sees one attempt per connection every few seconds.
+BACKOFF_MAX = 3.0
 
 
 def describe_target(conninfo: str) -> str:
@@ -44,14 +47,20 @@ _LIBPQ_PREFIX = re.compile(r'^(connection failed: |connection is bad: )?'
 
 def explain(exc: psycopg.Error) -> str:
     """One line on what went wrong and what to check."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    # the server's own message, without the CONTEXT lines of the function that raised it
+    text = " ".join((exc.diag.message_primary or str(exc)).split()) or type(exc).__name__
     text = _LIBPQ_PREFIX.sub("", text) or text
     lowered = str(exc).lower()
     if "password authentication failed" in lowered or "no password supplied" in lowered:
         return f"{text} (check the user name and password / PGPASSFILE)"
     if "does not exist" in lowered and "database" in lowered:
         return f"{text} (check the database name)"
-    if "connection refused" in lowered or "timeout" in lowered or "no route" in lowered:
+    if "timed out" in lowered:  # an established connection: keepalive or user timeout
+        return f"{text} (the server stopped answering: check the network path to it)"
+    if "unexpected eof" in lowered or "server closed the connection" in lowered:
+        return text  # cut, not misconfigured: TLS and the address were fine until now
+    if exc.sqlstate is None and ("connection refused" in lowered or "timeout" in lowered
+                                 or "no route" in lowered):
         return (f"{text} (check that the server runs and that DATABASE_URL or "
                 "PGHOST/PGPORT point at it)")
     if "ssl" in lowered or "certificate" in lowered:
@@ -61,8 +70,14 @@ def explain(exc: psycopg.Error) -> str:
 
 
 def connect(conninfo: str, *, autocommit: bool = True, attempts: int = 1,
-            application_name: str = "pgvpn") -> psycopg.Connection:
-    """Connect, retrying with backoff; raise DatabaseError after the last attempt."""
+            application_name: str = "pgvpn", libpq: Mapping[str, int] | None = None
+            ) -> psycopg.Connection:
+    """Connect, retrying with backoff; raise DatabaseError after the last attempt.
+
+    `libpq` adds connection parameters (the agent's TCP keepalives and user timeout).
+    """
+    if libpq:
+        conninfo = make_conninfo(conninfo, **libpq)
     target = describe_target(conninfo)
     delay = BACKOFF_FIRST
     for attempt in range(1, attempts + 1):
@@ -81,30 +96,82 @@ def connect(conninfo: str, *, autocommit: bool = True, attempts: int = 1,
     raise AssertionError("unreachable")
 
 
+class Outcome(enum.Enum):
+    """What a database error calls for (`classify`)."""
+
+    LOST = "reconnect"  # the connection is gone: a new one cures it
+    RETRY = "retry"  # transient, the connection is fine: run the statement again
+    BACKOFF = "back off"  # the server lacks resources: wait, say so loudly, try again
+    FATAL = "fatal"  # neither a reconnect nor a retry can fix it: stop, loudly
+
+
+# SQLSTATEs (Appendix A of the PostgreSQL manual) that end the session server-side:
+# admin_shutdown, crash_shutdown, cannot_connect_now, idle_session_timeout,
+# idle_in_transaction_session_timeout.
+_SESSION_ENDED = frozenset({"57P01", "57P02", "57P03", "57P05", "25P03"})
+# query_canceled (a statement or lock bound of ours, or a cancel), serialization
+# failure, deadlock, lock_not_available (lock_timeout): the same statement may succeed.
+_TRANSIENT = frozenset({"57014", "40001", "40P01", "55P03"})
+
+
+def classify(exc: BaseException) -> Outcome:
+    """Sort an error by SQLSTATE: only a lost connection is cured by reconnecting.
+
+    An OperationalError without SQLSTATE comes from libpq itself (socket closed,
+    timed out, TLS failure, connection already closed): the connection is lost.
+    """
+    if not isinstance(exc, psycopg.Error):
+        return Outcome.FATAL
+    state = exc.sqlstate
+    if state is None:
+        return Outcome.LOST if isinstance(exc, psycopg.OperationalError) else Outcome.FATAL
+    if state.startswith("08") or state in _SESSION_ENDED:
+        return Outcome.LOST
+    if state in _TRANSIENT:
+        return Outcome.RETRY
+    if state.startswith("53"):  # insufficient resources: disk full, out of memory, ...
+        return Outcome.BACKOFF
+    return Outcome.FATAL
+
+
 def is_connection_lost(exc: BaseException) -> bool:
     """True for errors that a reconnect can cure (server restart, network cut)."""
-    return isinstance(exc, psycopg.OperationalError | psycopg.errors.AdminShutdown)
+    return classify(exc) is Outcome.LOST
+
+
+_SAYS = {Outcome.LOST: ("database connection lost", "reconnecting"),
+         Outcome.RETRY: ("transient database error", "retrying"),
+         Outcome.BACKOFF: ("the database lacks resources", "retrying")}
 
 
 def retry_forever(action: Callable[[], T], *, what: str, should_stop: Callable[[], bool],
                   on_lost: Callable[[], None]) -> T | None:
-    """Run `action` until it succeeds, reconnecting (via `on_lost`) on lost connections.
+    """Run `action` until it succeeds, as `classify` says: reconnect (via `on_lost`)
+    after a lost connection, run it again after a transient error, back off while
+    the server lacks resources. The first retry is at once (a cut connection is
+    usually one blip), later ones back off so that a server that is down is not hammered.
 
-    Returns None if `should_stop` turns true first. Other errors propagate.
+    Returns None if `should_stop` turns true first. Fatal errors propagate.
     """
-    delay = BACKOFF_FIRST
+    delay = 0.0
     while not should_stop():
         try:
             return action()
         except psycopg.Error as exc:
-            if not is_connection_lost(exc):
+            outcome = classify(exc)
+            if outcome is Outcome.FATAL:
                 raise
-            log.warning("%s: database connection lost (%s); reconnecting in %.1fs",
-                        what, explain(exc), delay)
+            if outcome is Outcome.BACKOFF:  # never at once: the server needs a moment
+                delay = max(delay, BACKOFF_FIRST)
+            says, does = _SAYS[outcome]
+            log.log(logging.ERROR if outcome is Outcome.BACKOFF else logging.WARNING,
+                    "%s: %s (%s); %s %s", what, says, explain(exc), does,
+                    f"in {delay:.1f}s" if delay else "at once")
             time.sleep(delay)
-            delay = min(delay * 2, BACKOFF_MAX)
-            try:
-                on_lost()
-            except (psycopg.Error, DatabaseError) as again:
-                log.warning("%s: reconnect failed: %s", what, again)
+            delay = min(max(delay * 2, BACKOFF_FIRST), BACKOFF_MAX)
+            if outcome is Outcome.LOST:
+                try:
+                    on_lost()
+                except (psycopg.Error, DatabaseError) as again:
+                    log.warning("%s: reconnect failed: %s", what, again)
     return None

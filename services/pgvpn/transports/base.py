@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import logging
+import secrets
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -46,33 +47,73 @@ class Counters:
             self.batches += 1
 
 
+APPLICATION_NAME_MAX = 63  # bytes PostgreSQL keeps of an application_name
+
+
+def application_name(peer: str, role: str, instance: str) -> str:
+    """`pgvpn PEER ROLE INSTANCE` in at most 63 bytes: a long peer name is shortened,
+    never the instance mark that tells this process's sessions apart (pgvpn.locks)."""
+    tail = f" {role} {instance}"
+    return f"pgvpn {peer}"[:APPLICATION_NAME_MAX - len(tail)] + tail
+
+
 @dataclass
 class Session:
     """What every uplink and downlink needs: settings, a stop signal, connections."""
 
     config: AgentConfig
     stop: threading.Event = field(default_factory=threading.Event)
+    #: A random mark of this process in the application_name of each of its
+    #: connections: a session with our mark and role that holds our lock is one this
+    #: process lost, never another agent's (pgvpn.locks).
+    instance: str = field(default_factory=lambda: secrets.token_hex(4))
 
-    def connect(self, role: str, *, autocommit: bool = True,
-                attempts: int | None = None) -> psycopg.Connection:
-        """A connection for one job (`role`), refused if it would carry packets in clear."""
-        conninfo = tlspolicy.agent_conninfo(self.config.database_url,
-                                            self.config.allow_plaintext)
+    def connect(self, role: str, *, autocommit: bool = True, attempts: int | None = None,
+                bounded: bool = True, statements: bool = False) -> psycopg.Connection:
+        """A connection for one job (`role`), refused if it would carry packets in clear.
+
+        TCP keepalives and a user timeout make a silently dead path an error within
+        seconds; `bounded` also bounds its lock waits, `statements` its statements
+        (see `bound`).
+        """
+        config = self.config
+        conninfo = tlspolicy.agent_conninfo(config.database_url, config.allow_plaintext)
         conn = db.connect(conninfo, autocommit=autocommit,
-                          attempts=self.config.connect_attempts if attempts is None else attempts,
-                          application_name=f"pgvpn {self.config.name} {role}")
+                          attempts=config.connect_attempts if attempts is None else attempts,
+                          application_name=application_name(config.name, role, self.instance),
+                          libpq={"keepalives": 1, "keepalives_idle": config.keepalive_idle,
+                                 "keepalives_interval": config.keepalive_interval,
+                                 "keepalives_count": config.keepalive_count,
+                                 "tcp_user_timeout": round(config.tcp_user_timeout * 1000)})
         try:
-            tlspolicy.check(conn, self.config.allow_plaintext)
+            tlspolicy.check(conn, config.allow_plaintext)
+            if not config.synchronous_commit:
+                conn.execute("SET synchronous_commit = off")
+            if bounded:
+                self.bound(conn, statements=statements)
         except BaseException:
             conn.close()
             raise
-        if not self.config.synchronous_commit:
-            conn.execute("SET synchronous_commit = off")
         return conn
+
+    def bound(self, conn: psycopg.Connection, *, statements: bool) -> None:
+        """Bound every lock wait and, with `statements`, every statement of `conn`.
+
+        Statements only where each is small (the control connection): a batch's
+        COPY or SELECT takes as long as the link needs, so the data path has only
+        the lock bound, and the TCP settings for a dead path.
+        """
+        conn.execute("SELECT set_config('lock_timeout', %s, false)",
+                     [f"{round(self.config.lock_timeout * 1000)}ms"])
+        if statements:
+            conn.execute("SELECT set_config('statement_timeout', %s, false)",
+                         [f"{round(self.config.statement_timeout * 1000)}ms"])
 
     def retrying(self, action: Callable[[], T], *, what: str,
                  reconnect: Callable[[], None], counters: Counters) -> T | None:
-        """Run a database action, reconnecting after lost connections until it succeeds."""
+        """Run a database action until it succeeds: reconnect after a lost connection,
+        retry a transient error, back off while the server lacks resources
+        (db.retry_forever); other errors propagate and stop the agent."""
 
         def on_lost() -> None:
             counters.reconnects += 1

@@ -22,6 +22,7 @@ import psycopg
 
 from pgvpn.copyformat import PACKET_COLUMNS, encode_packet_rows
 from pgvpn.errors import DatabaseError
+from pgvpn.locks import take_session_lock
 from pgvpn.transports.base import (
     Counters,
     Downlink,
@@ -61,12 +62,9 @@ IDLE_POLL = 1.0  # seconds: a lost notification costs at most this much latency
 
 
 def lock_name(conn: psycopg.Connection, purpose: str, name: str) -> None:
-    """Take the session lock that makes this process the only `purpose` for `name`."""
-    row = conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
-                       [f"pgvpn.{purpose}.{name}"]).fetchone()
-    if not row or not row[0]:
-        raise DatabaseError(f"another agent is already the {purpose} for {name!r}: "
-                            "stop it first, or give this one another name")
+    """Take the session lock that makes this process the only `purpose` for `name`,
+    from this process's own lost session if need be (pgvpn.locks)."""
+    take_session_lock(conn, f"pgvpn.{purpose}.{name}", f"the {purpose} for {name!r}")
 
 
 class BatchedUplink(Uplink):
