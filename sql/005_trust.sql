@@ -1,0 +1,2 @@
+-- 005: placeholder for the lead's migration 005_trust.sql, which replaces this file
+-- at merge; it only keeps the numbering without gaps for 006 on this branch.
