@@ -131,6 +131,9 @@ class Agent:
         """Run a pump; a pump's unexpected error stops the whole agent, loudly."""
         try:
             pump(tun, link)  # type: ignore[operator]
+        except PgvpnError as exc:  # says what to do: run() raises it, the CLI prints it
+            self.failure = exc
+            self.stop.set()
         except BaseException as exc:
             log.exception("%s failed", threading.current_thread().name)
             self.failure = exc

@@ -12,6 +12,8 @@ Why no row is skipped or delivered twice:
 - The downlink advances its cursor in the same statement that selects a batch,
   and writes to the TUN only after that statement committed: a crash can drop
   packets in flight (TCP inside the tunnel recovers them) but never repeat one.
+- The uplink refuses to number past MAX_SEQ (sql/006_bounds.sql), with what the
+  owner must do, instead of failing in the COPY encoder on every start.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import logging
 import psycopg
 
 from pgvpn.copyformat import PACKET_COLUMNS, encode_packet_rows
-from pgvpn.errors import DatabaseError
+from pgvpn.errors import DatabaseError, PgvpnError
 from pgvpn.transports.base import (
     Counters,
     Downlink,
@@ -35,6 +37,8 @@ from pgvpn.transports.base import (
 log = logging.getLogger(__name__)
 
 COPY_PACKETS = f"COPY pgvpn.packets ({PACKET_COLUMNS}) FROM STDIN (FORMAT BINARY)"
+# The highest `seq` the database accepts (CHECK packets_seq_in_range, sql/006_bounds.sql).
+MAX_SEQ = 2**62 - 1
 NEXT_BATCH = """
 WITH batch AS (
     SELECT seq, data FROM pgvpn.inbox
@@ -82,13 +86,31 @@ class BatchedUplink(Uplink):
         lock_name(conn, "sender", self.config.name)
         row = conn.execute("SELECT pgvpn.last_sent_seq()").fetchone()
         self.committed_seq = int(row[0]) if row else 0
+        if not 0 <= self.committed_seq < MAX_SEQ:
+            conn.close()
+            raise self._out_of_numbers()
         return conn
+
+    def _out_of_numbers(self) -> PgvpnError:
+        """Why the next packets cannot be numbered, and what the owner must do.
+
+        Not a DatabaseError: reconnecting would read the same row again, forever.
+        """
+        name = self.config.name
+        return PgvpnError(
+            f"peer {name} cannot number its next packets: its highest logged seq is "
+            f"{self.committed_seq} and the database accepts only 1..{MAX_SEQ} (a row was "
+            f"logged as {name} outside its agent's numbering). The database owner must "
+            f"delete {name}'s rows above its real numbering (DELETE FROM pgvpn.packets "
+            f"WHERE sender = '{name}' AND seq > N), then start this agent again")
 
     def _reconnect(self) -> None:
         self.conn.close()
         self.conn = self._open()
 
     def send(self, packets: list[bytes]) -> None:
+        if self.committed_seq + len(packets) > MAX_SEQ:
+            raise self._out_of_numbers()
         first_seq = self.committed_seq + 1
         payload = encode_packet_rows(self.config.peer, first_seq, packets)
 
