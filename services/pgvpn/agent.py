@@ -167,8 +167,13 @@ class Agent:
                     except OSError as exc:  # what the checks missed; the kernel decides
                         problem = f"the TUN device refused it: {exc.strerror}"
                 if problem is not None:
-                    self.skipped_rows += 1
-                    self.bad_rows.report(problem)
+                    self._skip_row(problem)
+            for problem in downlink.take_unfetched():
+                self._skip_row(problem)
+
+    def _skip_row(self, problem: str) -> None:
+        self.skipped_rows += 1
+        self.bad_rows.report(problem)
 
     def _check_identity(self, control: psycopg.Connection) -> None:
         """The database knows each peer by its role: make sure it is this peer's.

@@ -12,8 +12,14 @@ Why no row is skipped or delivered twice:
 - The downlink advances its cursor in the same statement that selects a batch,
   and writes to the TUN only after that statement committed: a crash can drop
   packets in flight (TCP inside the tunnel recovers them) but never repeat one.
-- The uplink refuses to number past MAX_SEQ (sql/006_bounds.sql), with what the
-  owner must do, instead of failing in the COPY encoder on every start.
+
+Why no row can crash or exhaust an agent (sql/006_bounds.sql refuses new rows no
+TUN could carry; what it accepts, and rows logged before it, are bounded here):
+- The downlink never fetches the data of a row larger than its TUN's MTU (it
+  could not be written anyway): it reads that row's length, skips it, reports it
+  and moves the cursor past it. A batch holds at most BATCH_BYTES of packet data.
+- The uplink refuses to number past MAX_SEQ, with what the owner must do, instead
+  of failing in the COPY encoder on every start.
 """
 
 from __future__ import annotations
@@ -39,17 +45,29 @@ log = logging.getLogger(__name__)
 COPY_PACKETS = f"COPY pgvpn.packets ({PACKET_COLUMNS}) FROM STDIN (FORMAT BINARY)"
 # The highest `seq` the database accepts (CHECK packets_seq_in_range, sql/006_bounds.sql).
 MAX_SEQ = 2**62 - 1
+# At most this much packet data in one batch read, whatever the MTU and batch_packets.
+BATCH_BYTES = 4 * 2**20
+# A batch: the next rows in seq order, at most %(limit)s of them and %(max_bytes)s bytes
+# of data; a row larger than %(max_packet)s (the TUN's MTU) comes without its data
+# (CASE: its TOAST chunks are never read), so that its size costs nothing here.
 NEXT_BATCH = """
-WITH batch AS (
-    SELECT seq, data FROM pgvpn.inbox
+WITH candidate AS (
+    SELECT seq, length, CASE WHEN length <= %(max_packet)s THEN data END AS data
+    FROM pgvpn.inbox
     WHERE receiver = %(me)s AND sender = %(peer)s AND seq > %(after)s
     ORDER BY seq LIMIT %(limit)s
+), batch AS (
+    SELECT seq, length, data FROM (
+        SELECT seq, length, data, sum(CASE WHEN data IS NULL THEN 0 ELSE length END)
+                                  OVER (ORDER BY seq) AS fetched
+        FROM candidate) c
+    WHERE fetched <= %(max_bytes)s
 ), advanced AS (
     UPDATE pgvpn.cursors
     SET last_seq = (SELECT max(seq) FROM batch), updated_at = now()
     WHERE receiver = %(me)s AND sender = %(peer)s AND EXISTS (SELECT FROM batch)
 )
-SELECT seq, data FROM batch ORDER BY seq
+SELECT seq, length, data FROM batch ORDER BY seq
 """
 # The cursor moves past packets older than max_replay_age; returns (new, old) last_seq.
 SKIP_STALE = """
@@ -131,12 +149,17 @@ class BatchedUplink(Uplink):
 
 
 class BatchedDownlink(ListeningDownlink):
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, max_packet: int) -> None:
+        """`max_packet`: the largest row whose data is fetched (the TUN's MTU)."""
         config = session.config
+        self.max_packet = max_packet
+        self.max_bytes = max(BATCH_BYTES, max_packet)
         self.params: dict[str, object] = {
-            "me": config.name, "peer": config.peer,
-            "limit": config.batch_packets, "max_age": config.max_replay_age}
+            "me": config.name, "peer": config.peer, "limit": config.batch_packets,
+            "max_packet": max_packet, "max_bytes": self.max_bytes,
+            "max_age": config.max_replay_age}
         self.more_waiting = True  # check the log once at start, notified or not
+        self.unfetched: list[str] = []
         super().__init__(session, channel_for(config.name))
 
     def prepare(self, reader: psycopg.Connection) -> None:
@@ -167,11 +190,20 @@ class BatchedDownlink(ListeningDownlink):
             self._wait_for_notification(min(timeout, IDLE_POLL))
         with self.reader.cursor(binary=True) as cur:
             rows = cur.execute(NEXT_BATCH, self.params).fetchall()
-        # A full batch means more may be waiting: keep reading without a wake-up.
-        self.more_waiting = len(rows) >= self.config.batch_packets
         if rows:
             self.params["after"] = rows[-1][0]
-        return [bytes(data) for _, data in rows]
+        packets = [bytes(data) for _, _, data in rows if data is not None]
+        self.unfetched += [f"{length}-byte row exceeds the MTU of {self.max_packet} "
+                           "(not fetched)" for _, length, data in rows if data is None]
+        # A batch full of rows or bytes means more may be waiting: read on without a wake-up.
+        fetched = sum(map(len, packets))
+        self.more_waiting = (len(rows) >= self.config.batch_packets
+                             or fetched > self.max_bytes - self.max_packet)
+        return packets
+
+    def take_unfetched(self) -> list[str]:
+        taken, self.unfetched = self.unfetched, []
+        return taken
 
 
 class BatchedProfile(Profile):
@@ -185,7 +217,7 @@ class BatchedProfile(Profile):
         return BatchedUplink(session)
 
     def open_downlink(self, session: Session) -> Downlink:
-        return BatchedDownlink(session)
+        return BatchedDownlink(session, max_packet=self.default_mtu(session.config.mtu))
 
 
 class BatchedJumboProfile(BatchedProfile):
