@@ -128,7 +128,8 @@ class Agent:
                  uplink.counters.packets, downlink.counters.packets)
 
     def _guard(self, pump: object, tun: TunDevice, link: Uplink | Downlink) -> None:
-        """Run a pump; a pump's unexpected error stops the whole agent, loudly."""
+        """Run a pump; its error stops the whole agent: one that says what to do
+        (PgvpnError) as that one line, an unexpected one loudly, with its traceback."""
         try:
             pump(tun, link)  # type: ignore[operator]
         except PgvpnError as exc:  # says what to do: run() raises it, the CLI prints it
