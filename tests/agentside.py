@@ -9,14 +9,17 @@ machine is visible, but only that agent shares the namespace).
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 
+from lab.measure import ping
 from pgvpn.copyformat import PACKET_COLUMNS, encode_packet_rows
-from tests.conftest import LabHandle
-from tests.peerside import agent_log, peer_conninfo, wait_for
+from tests.conftest import CliBackend, LabHandle
+from tests.peerside import agent_log, lab_cli, owner_execute, peer_conninfo, wait_for
 
 # argv[1] == "reset": clear the peak first (clear_refs 5 resets VmHWM), so that the
 # peak measured afterwards is the test's own, not that of earlier traffic.
@@ -107,3 +110,24 @@ def wait_read_past(lab: LabHandle, receiver: str, sender: str, seq: int,
     """Wait until `receiver`'s cursor for `sender` reached `seq`: it read past those rows."""
     wait_for(lambda: cursor(lab, receiver, sender) >= seq,
              f"{receiver} to read {sender}'s rows up to seq {seq}", timeout)
+
+
+@contextmanager
+def stream_restored(lab: LabHandle) -> Iterator[None]:
+    """Afterwards peer-a's stream ends where it ended before, and both agents run.
+
+    The owner removes what was logged as peer-a past that point, so that no other
+    test meets it, and moves peer-b's cursor back (peer-b restarted: it keeps its
+    cursor in memory).
+    """
+    last = last_seq(lab, "peer-a")
+    yield
+    lab_cli(lab, "stop", "peer-a")
+    lab_cli(lab, "stop", "peer-b")
+    owner_execute(lab, "DELETE FROM pgvpn.packets WHERE sender = 'peer-a' AND seq > %s",
+                  [last])
+    owner_execute(lab, "UPDATE pgvpn.cursors SET last_seq = least(last_seq, %s) "
+                  "WHERE receiver = 'peer-b' AND sender = 'peer-a'", [last])
+    lab_cli(lab, "start", "peer-b")
+    lab_cli(lab, "start", "peer-a")
+    assert ping(CliBackend(lab), "peer-a", "10.230.0.2", count=2).received == 2

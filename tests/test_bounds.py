@@ -16,7 +16,6 @@ from collections.abc import Iterator
 import pytest
 from psycopg import errors
 
-from lab.measure import ping
 from pgvpn.transports.batched import MAX_SEQ
 from tests.agentside import (
     agent_memory,
@@ -24,10 +23,11 @@ from tests.agentside import (
     cursor,
     last_seq,
     log_as,
+    stream_restored,
     tracebacks,
     wait_read_past,
 )
-from tests.conftest import CliBackend, LabHandle
+from tests.conftest import LabHandle
 from tests.peerside import agent_log, counted_warnings, lab_cli, owner_execute, wait_for
 
 PEER_B = "10.230.0.2"
@@ -70,22 +70,8 @@ def agent_running(lab: LabHandle, host: str) -> bool:
 
 @pytest.fixture
 def peer_a_restored(any_lab: LabHandle) -> Iterator[None]:
-    """Afterwards peer-a's stream ends where it ended before, and both agents run.
-
-    The owner removes what the test logged past it and moves peer-b's cursor back
-    (peer-b restarted: it keeps its cursor in memory).
-    """
-    last = last_seq(any_lab, "peer-a")
-    yield
-    lab_cli(any_lab, "stop", "peer-a")
-    lab_cli(any_lab, "stop", "peer-b")
-    owner_execute(any_lab, "DELETE FROM pgvpn.packets WHERE sender = 'peer-a' AND seq > %s",
-                  [last])
-    owner_execute(any_lab, "UPDATE pgvpn.cursors SET last_seq = least(last_seq, %s) "
-                  "WHERE receiver = 'peer-b' AND sender = 'peer-a'", [last])
-    lab_cli(any_lab, "start", "peer-b")
-    lab_cli(any_lab, "start", "peer-a")
-    assert ping(CliBackend(any_lab), "peer-a", PEER_B, count=2).received == 2
+    with stream_restored(any_lab):
+        yield
 
 
 @pytest.mark.usefixtures("peer_a_restored")
