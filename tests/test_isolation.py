@@ -14,6 +14,7 @@ from psycopg import errors
 
 from lab.measure import ping
 from pgvpn.copyformat import PACKET_COLUMNS, encode_packet_rows
+from pgvpn.transports.batched import MAX_SEQ
 from tests.conftest import ROOT, CliBackend, LabHandle
 from tests.peerside import connect_as, owner_execute, peer_conninfo, temporary_lent
 
@@ -80,8 +81,9 @@ def test_a_peer_cannot_send_as_another(traffic: LabHandle) -> None:
         with conn.transaction(force_rollback=True), conn.cursor() as cur:
             with cur.copy(f"COPY pgvpn.packets ({PACKET_COLUMNS}) FROM STDIN (FORMAT BINARY)"
                           ) as copy:
-                copy.write(encode_packet_rows("peer-a", -1, [b"\x45marker"]))
-            assert cur.execute("SELECT sender FROM pgvpn.inbox WHERE seq = -1").fetchall() \
+                copy.write(encode_packet_rows("peer-a", MAX_SEQ, [b"\x45marker"]))
+            assert cur.execute("SELECT sender FROM pgvpn.inbox WHERE seq = %s", [MAX_SEQ]
+                               ).fetchall() \
                 == [("peer-a",)]
 
 

@@ -16,6 +16,8 @@ from pgvpn.agent import Agent
 from pgvpn.config import load_config
 from pgvpn.copyformat import PACKET_COLUMNS, encode_packet_rows
 from pgvpn.packets import packet_problem
+from pgvpn.transports.base import Counters, Downlink
+from pgvpn.transports.batched import MAX_SEQ
 from tests.conftest import LabHandle
 from tests.peerside import connect_as
 from tests.test_packets import ipv4_udp, ipv6_udp
@@ -42,18 +44,22 @@ class FakeTun:
         self.written.append(packet)
 
 
-class ScriptedDownlink:
+class ScriptedDownlink(Downlink):
     """Hands out the given batches, then stops the agent."""
 
     def __init__(self, batches: list[list[bytes]], stop: threading.Event) -> None:
         self.batches = list(batches)
         self.stop = stop
+        self.counters = Counters()
 
     def receive(self, timeout: float) -> list[bytes]:
         if not self.batches:
             self.stop.set()
             return []
         return self.batches.pop(0)
+
+    def close(self) -> None:
+        self.batches.clear()
 
 
 rows = st.one_of(
@@ -87,7 +93,8 @@ def peer_a(netns_lab: LabHandle) -> Iterator[psycopg.Connection]:
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[
     HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(st.lists(st.binary(max_size=3000), max_size=20), st.integers(-2**62, 2**62))
+@given(st.lists(st.binary(min_size=1, max_size=3000), max_size=20),
+       st.integers(1, MAX_SEQ - 20))
 def test_postgres_reads_back_exactly_what_the_copy_stream_says(
         peer_a: psycopg.Connection, packets: list[bytes], first_seq: int) -> None:
     """Into the real log, as peer-a's role, addressed to itself, and rolled back: the

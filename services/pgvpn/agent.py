@@ -134,9 +134,13 @@ class Agent:
                  uplink.counters.packets, downlink.counters.packets)
 
     def _guard(self, pump: object, tun: TunDevice, link: Uplink | Downlink) -> None:
-        """Run a pump; a pump's unexpected error stops the whole agent, loudly."""
+        """Run a pump; its error stops the whole agent: one that says what to do
+        (PgvpnError) as that one line, an unexpected one loudly, with its traceback."""
         try:
             pump(tun, link)  # type: ignore[operator]
+        except PgvpnError as exc:  # says what to do: run() raises it, the CLI prints it
+            self.failure = exc
+            self.stop.set()
         except BaseException as exc:
             log.exception("%s failed", threading.current_thread().name)
             self.failure = exc
@@ -170,8 +174,13 @@ class Agent:
                     except OSError as exc:  # what the checks missed; the kernel decides
                         problem = f"the TUN device refused it: {exc.strerror}"
                 if problem is not None:
-                    self.skipped_rows += 1
-                    self.bad_rows.report(problem)
+                    self._skip_row(problem)
+            for problem in downlink.take_unfetched():
+                self._skip_row(problem)
+
+    def _skip_row(self, problem: str) -> None:
+        self.skipped_rows += 1
+        self.bad_rows.report(problem)
 
     def _check_identity(self, control: psycopg.Connection) -> None:
         """The database knows each peer by its role: make sure it is this peer's.

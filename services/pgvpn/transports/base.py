@@ -145,6 +145,12 @@ class Downlink(ABC):
     def receive(self, timeout: float) -> list[bytes]:
         """Packets ready for the TUN device, waiting at most `timeout` s for some."""
 
+    def take_unfetched(self) -> list[str]:
+        """Why each row read since the last call was skipped without fetching its data
+        (too large for the TUN), so that the agent counts and reports it like any row
+        that is not a packet; none for a profile that fetches every row whole."""
+        return []
+
     @abstractmethod
     def close(self) -> None: ...
 

@@ -12,6 +12,14 @@ Why no row is skipped or delivered twice:
 - The downlink advances its cursor in the same statement that selects a batch,
   and writes to the TUN only after that statement committed: a crash can drop
   packets in flight (TCP inside the tunnel recovers them) but never repeat one.
+
+Why no row can crash or exhaust an agent (sql/006_bounds.sql refuses new rows no
+TUN could carry; what it accepts, and rows logged before it, are bounded here):
+- The downlink never fetches the data of a row larger than its TUN's MTU (it
+  could not be written anyway): it reads that row's length, skips it, reports it
+  and moves the cursor past it. A batch holds at most BATCH_BYTES of packet data.
+- The uplink refuses to number past MAX_SEQ, with what the owner must do, instead
+  of failing in the COPY encoder on every start.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import logging
 import psycopg
 
 from pgvpn.copyformat import PACKET_COLUMNS, encode_packet_rows
-from pgvpn.errors import DatabaseError
+from pgvpn.errors import DatabaseError, PgvpnError
 from pgvpn.locks import take_session_lock
 from pgvpn.transports.base import (
     Counters,
@@ -36,17 +44,31 @@ from pgvpn.transports.base import (
 log = logging.getLogger(__name__)
 
 COPY_PACKETS = f"COPY pgvpn.packets ({PACKET_COLUMNS}) FROM STDIN (FORMAT BINARY)"
+# The highest `seq` the database accepts (CHECK packets_seq_in_range, sql/006_bounds.sql).
+MAX_SEQ = 2**62 - 1
+# At most this much packet data in one batch read, whatever the MTU and batch_packets.
+BATCH_BYTES = 4 * 2**20
+# A batch: the next rows in seq order, at most %(limit)s of them and %(max_bytes)s bytes
+# of data; a row larger than %(max_packet)s (the TUN's MTU) comes without its data
+# (CASE: its TOAST chunks are never read), so that its size costs nothing here.
 NEXT_BATCH = """
-WITH batch AS (
-    SELECT seq, data FROM pgvpn.inbox
+WITH candidate AS (
+    SELECT seq, length, CASE WHEN length <= %(max_packet)s THEN data END AS data
+    FROM pgvpn.inbox
     WHERE receiver = %(me)s AND sender = %(peer)s AND seq > %(after)s
     ORDER BY seq LIMIT %(limit)s
+), batch AS (
+    SELECT seq, length, data FROM (
+        SELECT seq, length, data, sum(CASE WHEN data IS NULL THEN 0 ELSE length END)
+                                  OVER (ORDER BY seq) AS fetched
+        FROM candidate) c
+    WHERE fetched <= %(max_bytes)s
 ), advanced AS (
     UPDATE pgvpn.cursors
     SET last_seq = (SELECT max(seq) FROM batch), updated_at = now()
     WHERE receiver = %(me)s AND sender = %(peer)s AND EXISTS (SELECT FROM batch)
 )
-SELECT seq, data FROM batch ORDER BY seq
+SELECT seq, length, data FROM batch ORDER BY seq
 """
 # The cursor moves past packets older than max_replay_age; returns (new, old) last_seq.
 SKIP_STALE = """
@@ -80,13 +102,31 @@ class BatchedUplink(Uplink):
         lock_name(conn, "sender", self.config.name)
         row = conn.execute("SELECT pgvpn.last_sent_seq()").fetchone()
         self.committed_seq = int(row[0]) if row else 0
+        if not 0 <= self.committed_seq < MAX_SEQ:
+            conn.close()
+            raise self._out_of_numbers()
         return conn
+
+    def _out_of_numbers(self) -> PgvpnError:
+        """Why the next packets cannot be numbered, and what the owner must do.
+
+        Not a DatabaseError: reconnecting would read the same row again, forever.
+        """
+        name = self.config.name
+        return PgvpnError(
+            f"peer {name} cannot number its next packets: its highest logged seq is "
+            f"{self.committed_seq} and the database accepts only 1..{MAX_SEQ} (a row was "
+            f"logged as {name} outside its agent's numbering). The database owner must "
+            f"delete {name}'s rows above its real numbering (DELETE FROM pgvpn.packets "
+            f"WHERE sender = '{name}' AND seq > N), then start this agent again")
 
     def _reconnect(self) -> None:
         self.conn.close()
         self.conn = self._open()
 
     def send(self, packets: list[bytes]) -> None:
+        if self.committed_seq + len(packets) > MAX_SEQ:
+            raise self._out_of_numbers()
         first_seq = self.committed_seq + 1
         payload = encode_packet_rows(self.config.peer, first_seq, packets)
 
@@ -107,12 +147,17 @@ class BatchedUplink(Uplink):
 
 
 class BatchedDownlink(ListeningDownlink):
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, max_packet: int) -> None:
+        """`max_packet`: the largest row whose data is fetched (the TUN's MTU)."""
         config = session.config
+        self.max_packet = max_packet
+        self.max_bytes = max(BATCH_BYTES, max_packet)
         self.params: dict[str, object] = {
-            "me": config.name, "peer": config.peer,
-            "limit": config.batch_packets, "max_age": config.max_replay_age}
+            "me": config.name, "peer": config.peer, "limit": config.batch_packets,
+            "max_packet": max_packet, "max_bytes": self.max_bytes,
+            "max_age": config.max_replay_age}
         self.more_waiting = True  # check the log once at start, notified or not
+        self.unfetched: list[str] = []
         super().__init__(session, channel_for(config.name))
 
     def prepare(self, reader: psycopg.Connection) -> None:
@@ -143,11 +188,20 @@ class BatchedDownlink(ListeningDownlink):
             self._wait_for_notification(min(timeout, IDLE_POLL))
         with self.reader.cursor(binary=True) as cur:
             rows = cur.execute(NEXT_BATCH, self.params).fetchall()
-        # A full batch means more may be waiting: keep reading without a wake-up.
-        self.more_waiting = len(rows) >= self.config.batch_packets
         if rows:
             self.params["after"] = rows[-1][0]
-        return [bytes(data) for _, data in rows]
+        packets = [bytes(data) for _, _, data in rows if data is not None]
+        self.unfetched += [f"{length}-byte row exceeds the MTU of {self.max_packet} "
+                           "(not fetched)" for _, length, data in rows if data is None]
+        # A batch full of rows or bytes means more may be waiting: read on without a wake-up.
+        fetched = sum(map(len, packets))
+        self.more_waiting = (len(rows) >= self.config.batch_packets
+                             or fetched > self.max_bytes - self.max_packet)
+        return packets
+
+    def take_unfetched(self) -> list[str]:
+        taken, self.unfetched = self.unfetched, []
+        return taken
 
 
 class BatchedProfile(Profile):
@@ -161,7 +215,7 @@ class BatchedProfile(Profile):
         return BatchedUplink(session)
 
     def open_downlink(self, session: Session) -> Downlink:
-        return BatchedDownlink(session)
+        return BatchedDownlink(session, max_packet=self.default_mtu(session.config.mtu))
 
 
 class BatchedJumboProfile(BatchedProfile):
