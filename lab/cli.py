@@ -91,8 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
         "peer-a -> peer-b over the tunnel, the same over the underlay (peer-a -> postgres "
         "host) for the tunnel's cost as a ratio, and a ping RTT sample. Writes report.json, "
         "report.md and throughput.png to --out and prints a summary. With several profiles "
-        "(--profile all, or a comma-separated list) each runs in turn: agents restarted "
-        "with it, tables emptied, the same iperf3 settings.")
+        "(--profile all, or a comma-separated list) each runs in turn with the same iperf3 "
+        "settings, the agents restarted with it. The packet log (pgvpn.packets) is never "
+        "emptied: rows are counted as a before/after difference; only the blog profiles' "
+        "own tables (pgvpn.blog_v1_packets, pgvpn.blog_v2_packets) are emptied before "
+        "their run.")
     bench.add_argument("--duration", type=float, default=10.0, help="seconds per iperf3 run")
     bench.add_argument("--out", type=Path, default=None,
                        help="report folder (default reports/<timestamp>/)")
