@@ -55,6 +55,12 @@ def scratch_tables(profile: str) -> list[str]:
     return [t for t in PROFILES[profile].tables if t not in PACKET_LOG_TABLES]
 
 
+def static_topology() -> topology.Topology:
+    """compose.yaml's hosts and roles, to check names given on a command line before any
+    lab is looked at (they do not depend on the settings)."""
+    return topology.load(lab_environment(state.LabSettings("netns", 1500, "batched")))
+
+
 def make_backend(name: str, settings: state.LabSettings) -> Backend:
     """The backend called `name`, or the first available one for 'auto'."""
     env = lab_environment(settings)
