@@ -21,7 +21,7 @@ from pgvpn.errors import ConfigError
 # A peer's database role is "pgvpn_" + its name with '-' as '_' (pgvpn.admin.role_name),
 # and the database maps the role back (pgvpn.current_peer()): so no '_' in names, and
 # at most 57 characters, for the role to fit PostgreSQL's 63-byte identifiers.
-PEER_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,56}$")
+PEER_NAME = re.compile(r"\A[a-z0-9][a-z0-9-]{0,56}\Z")  # \Z: '$' lets "peer-a\n" through
 # pgvpn_agent and pgvpn_reader are group roles, not peers.
 RESERVED_PEER_NAMES = frozenset({"agent", "reader"})
 MIN_MTU = 576  # the IPv4 minimum; below it some peers' packets cannot be carried
