@@ -36,10 +36,11 @@ TIMEOUT = 30  # seconds: a check that waits for anything has gone wrong
 
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A working directory with one file and one folder the paths below refer to."""
+    """A working directory with the files and the folder the paths below refer to."""
     assert not Path(f"/var/tmp/{FUZZ_LAB}-lab").exists(), "the fuzz lab name is in use"
     path = tmp_path_factory.mktemp("cli")
     (path / "file").write_text("x")
+    (path / "agent.yaml").write_text("{}\n")  # a valid, empty settings file
     (path / "dir").mkdir()
     yield path
 
@@ -54,7 +55,7 @@ def run_cli(program: str, argv: list[str], cwd: Path, env: dict[str, str] | None
 
 def left_behind(cwd: Path) -> list[str]:
     """What a refused command must not have made: the fuzz lab's state, namespaces, files."""
-    found = sorted(p.name for p in cwd.iterdir() if p.name not in {"file", "dir"})
+    found = sorted(p.name for p in cwd.iterdir() if p.name not in {"file", "agent.yaml", "dir"})
     found += [str(p) for p in (cwd / "dir").iterdir()]
     if (cwd / "file").read_text() != "x":
         found.append("file was written")
@@ -244,7 +245,9 @@ FILTERS = [*PEER_OPTIONS,
            Option("--since", st.sampled_from(["1h", "2025-11-25T14:30"]), WHEN_BAD)]
 LOG_COMMON = [*FILTERS, Option("--json")]
 PATH_OUT_BAD = st.sampled_from(["/missing-pgvpn-fuzz/x", "/proc/x", "{cwd}/dir",
-                                "{cwd}/file/x", "x" * 300])
+                                "{cwd}/file/x", "x" * 300, ""])
+# a folder that does not exist yet is fine (it is made): /missing-pgvpn-fuzz/x is not bad
+DIR_OUT_BAD = st.sampled_from(["/proc/x", "{cwd}/file", "{cwd}/file/x", "x" * 300, ""])
 PATH_IN_BAD = st.sampled_from(["/missing-pgvpn-fuzz", "{cwd}/dir", "{cwd}/nothing"])
 URL = Option("--database-url", st.just("host=/nonexistent-pgvpn-fuzz"),
              st.sampled_from(["host", "postgresql://[::1", "no_such_option=1", "host='x"]))
@@ -273,7 +276,7 @@ LAB = [
       for word in ("restart", "stop", "start")],
     Command("lab", ["bench"], [
         *LAB_SETTINGS, Option("--duration", st.just("2"), whole_bad(1, 3600)),
-        Option("--out", st.just("{cwd}/out"), PATH_OUT_BAD),
+        Option("--out", st.just("{cwd}/out"), DIR_OUT_BAD),
         Option("--json", st.sampled_from(["-", "{cwd}/report.json"]), PATH_OUT_BAD),
         Option("--profile", st.sampled_from(["batched", "all", "blog-v1,batched"]),
                LETTERS.filter(lambda t: t not in [*PROFILES, "all"]))]),
@@ -299,7 +302,7 @@ PGVPN = [
         Option("--max-replay-age", st.just("30"), number_bad(0, 365 * 86400, above_low=True),
                "max_replay_age ="),
         Option("--batch-packets", st.just("64"), whole_bad(1, 65536), "batch_packets ="),
-        Option("--config", None, PATH_IN_BAD)]),
+        Option("--config", st.just("{cwd}/agent.yaml"), PATH_IN_BAD)]),
     Command("pgvpn", ["db", "migrate"], [URL]), Command("pgvpn", ["db", "version"], [URL]),
     Command("pgvpn", ["db", "add-peer"], [URL], [
         Option("name", st.just("peer-c"), TEXT.filter(
