@@ -123,6 +123,8 @@ def test_a_multi_profile_bench_keeps_every_logged_packet(any_lab: LabHandle,
     assert all(after[key] >= seq for key, seq in cursors.items())  # no cursor reset
     results = {r["profile"]: r for r in json.loads(done.stdout)["results"]}
     added = any_lab.sql("SELECT count(*) FROM pgvpn.packets WHERE id > %s", [last_id])[0][0]
-    assert all(results[p]["packets_logged"] > 1000 for p in ("batched", "batched-jumbo"))
+    for profile in ("batched", "batched-jumbo"):  # every byte delivered was counted as logged
+        result = results[profile]
+        assert result["bytes_logged"] >= result["bytes_received"] > 0, result
     assert sum(r["packets_logged"] for r in results.values()) <= added
     assert "emptied" not in done.stderr
