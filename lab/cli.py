@@ -246,12 +246,6 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return 0
 
 
-def lab_host(lab: Lab, name: str) -> Host:
-    if name not in lab.topology.hosts:
-        raise LabError(f"no host {name!r}; hosts: {', '.join(lab.topology.hosts)}")
-    return lab.topology.hosts[name]
-
-
 def stop_host(lab: Lab, host: Host, kill: bool) -> None:
     """A clean stop, or with --kill a crash (SIGKILL, no clean shutdown)."""
     if kill:
@@ -264,7 +258,7 @@ def stop_host(lab: Lab, host: Host, kill: bool) -> None:
 
 def cmd_restart(args: argparse.Namespace) -> int:
     lab = Lab.current()
-    host = lab_host(lab, args.host)
+    host = lab.topology.hosts[args.host]  # host_name checked it while parsing
     stop_host(lab, host, args.kill)
     lab.backend.start(host, progress)
     lab.wait_for_tunnel(progress)
@@ -273,14 +267,14 @@ def cmd_restart(args: argparse.Namespace) -> int:
 
 def cmd_stop(args: argparse.Namespace) -> int:
     lab = Lab.current()
-    stop_host(lab, lab_host(lab, args.host), args.kill)
+    stop_host(lab, lab.topology.hosts[args.host], args.kill)
     return 0
 
 
 def cmd_start(args: argparse.Namespace) -> int:
     """Start one host and wait for it alone: its peer may be stopped on purpose."""
     lab = Lab.current()
-    lab.backend.start(lab_host(lab, args.host), progress)
+    lab.backend.start(lab.topology.hosts[args.host], progress)
     return 0
 
 
@@ -353,11 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (LabError, TopologyError, PgvpnError) as exc:
+    # OSError: the host refused something (a full disk, a file): a line, not a traceback
+    except (LabError, TopologyError, PgvpnError, OSError) as exc:
         print(f"lab: error: {one_line(exc)}", file=sys.stderr)  # plain: rich would wrap it
-        return 2
-    except OSError as exc:  # the host refused something (a full disk, a file): no traceback
-        print(f"lab: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         err.print("lab: interrupted")
