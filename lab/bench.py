@@ -107,9 +107,10 @@ def bench_profiles(lab: Lab, profiles: list[str], duration: float, progress: Pro
                    ) -> list[dict[str, Any]]:
     """Bench each profile in turn on the same lab, with the same settings.
 
-    Before each profile the agents restart with it and every profile's tables are
-    emptied. The underlay is measured once, since no profile touches it. A profile
-    whose run fails is reported as `{"profile", "logged", "error"}` and the run goes on.
+    Before each profile the agents restart with it (if it differs) and only that
+    profile's scratch tables are emptied (Lab.start_for_bench); the packet log is
+    kept. The underlay is measured once, since no profile touches it. A profile whose
+    run fails is reported as `{"profile", "logged", "error"}` and the run goes on.
     """
     underlay = measure_underlay(lab, duration, progress)
     if raw_dir is not None:
@@ -119,7 +120,7 @@ def bench_profiles(lab: Lab, profiles: list[str], duration: float, progress: Pro
     for name in profiles:
         run = lab.with_profile(name)
         try:
-            run.restart_empty(progress)
+            run.start_for_bench(progress)
             result = bench_profile(run, duration, progress, raw_dir, underlay=underlay)
         except LabError as exc:
             progress(f"{name} failed: {exc}")

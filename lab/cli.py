@@ -6,6 +6,7 @@ import argparse
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -13,16 +14,20 @@ from rich.console import Console
 from rich.table import Table
 
 from lab import logtools, state
-from lab.backend import LabError
+from lab.backend import SCRATCH_HOST, LabError
 from lab.bench import bench_profile, bench_profiles
-from lab.controller import BACKENDS, Lab, make_backend
+from lab.controller import BACKENDS, Lab, make_backend, static_topology
 from lab.live import BenchDisplay
 from lab.report import build_report, render_markdown, write_report
 from lab.topology import Host, TopologyError
+from pgvpn.cliargs import OneLineParser, one_line, output_dir, output_file, whole
+from pgvpn.config import MAX_MTU, MIN_MTU
 from pgvpn.errors import PgvpnError
 from pgvpn.transports import PROFILES
 
 err = Console(stderr=True, highlight=False)
+MAX_BENCH_SECONDS = 3600
+MAX_LOG_LINES = 100_000
 
 EPILOG = """\
 typical session:
@@ -41,7 +46,7 @@ def progress(message: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="lab", description="The pgvpn lab: a postgres host and two peers (peer-a, "
         "peer-b) that reach each other only through the database, as Docker containers "
         "or network namespaces.", epilog=EPILOG,
@@ -67,23 +72,26 @@ def build_parser() -> argparse.ArgumentParser:
     exec_ = commands.add_parser("exec", help="run a command inside a lab host",
                                 description="Run CMD inside HOST; its exit code is passed "
                                 "through. Example: lab exec peer-a -- ip addr")
-    exec_.add_argument("host", help="postgres, peer-a or peer-b")
+    exec_.add_argument("host", type=host_name(SCRATCH_HOST),
+                       help=f"postgres, peer-a, peer-b, or {SCRATCH_HOST} (lab replay's "
+                       "scratch host)")
     exec_.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ...")
 
     logs = commands.add_parser("logs", help="a host's service log")
-    logs.add_argument("host", nargs="?", help="one host (default: all)")
-    logs.add_argument("--tail", type=int, default=50, help="lines per host (default 50)")
+    logs.add_argument("host", nargs="?", type=host_name(), help="one host (default: all)")
+    logs.add_argument("--tail", type=whole(1, MAX_LOG_LINES), default=50,
+                      help=f"lines per host, 1-{MAX_LOG_LINES} (default 50)")
 
     restart = commands.add_parser("restart", help="restart a host's service")
-    restart.add_argument("host")
+    restart.add_argument("host", type=host_name())
     restart.add_argument("--kill", action="store_true",
                          help="SIGKILL it first (a crash, no clean shutdown)")
     stop = commands.add_parser("stop", help="stop a host's service (e.g. to inject a fault)")
-    stop.add_argument("host")
+    stop.add_argument("host", type=host_name())
     stop.add_argument("--kill", action="store_true",
                       help="SIGKILL (a crash, no clean shutdown) instead of a clean stop")
     start = commands.add_parser("start", help="start a host's service stopped by 'lab stop'")
-    start.add_argument("host")
+    start.add_argument("host", type=host_name())
 
     bench = commands.add_parser(
         "bench", help="iperf3 through the tunnel and over the underlay; writes a report",
@@ -91,12 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
         "peer-a -> peer-b over the tunnel, the same over the underlay (peer-a -> postgres "
         "host) for the tunnel's cost as a ratio, and a ping RTT sample. Writes report.json, "
         "report.md and throughput.png to --out and prints a summary. With several profiles "
-        "(--profile all, or a comma-separated list) each runs in turn: agents restarted "
-        "with it, tables emptied, the same iperf3 settings.")
-    bench.add_argument("--duration", type=float, default=10.0, help="seconds per iperf3 run")
-    bench.add_argument("--out", type=Path, default=None,
-                       help="report folder (default reports/<timestamp>/)")
-    bench.add_argument("--json", dest="json_path", default=None, metavar="PATH|-",
+        "(--profile all, or a comma-separated list) each runs in turn with the same iperf3 "
+        "settings, the agents restarted with it. The packet log (pgvpn.packets) is never "
+        "emptied: rows are counted as a before/after difference; only the blog profiles' "
+        "own tables (pgvpn.blog_v1_packets, pgvpn.blog_v2_packets) are emptied before "
+        "their run.")
+    bench.add_argument("--duration", type=whole(1, MAX_BENCH_SECONDS), default=10,
+                       metavar="SECONDS", help="whole seconds per iperf3 run, "
+                       f"1-{MAX_BENCH_SECONDS} (default 10)")
+    bench.add_argument("--out", type=output_dir, default=None, metavar="DIR",
+                       help="report folder, made if missing (default reports/<timestamp>/)")
+    bench.add_argument("--json", dest="json_path", type=output_file, default=None,
+                       metavar="PATH|-",
                        help="also write the JSON report to PATH, or to stdout with '-'")
     bench.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
                        help="backend to use if no lab is up yet")
@@ -106,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_lab_settings(parser: argparse.ArgumentParser, *, several: bool = False) -> None:
-    parser.add_argument("--mtu", type=int, default=None, help="TUN MTU (default 1500)")
+    parser.add_argument("--mtu", type=whole(MIN_MTU, MAX_MTU), default=None,
+                        help=f"TUN MTU, {MIN_MTU}-{MAX_MTU} (default 1500)")
     parser.add_argument("--tls", action=argparse.BooleanOptionalAction, default=None,
                         help="agents reach postgres over TLS, verifying its certificate "
                         "(default); --no-tls lets them use plaintext, to measure what TLS "
@@ -132,12 +147,21 @@ def profile_list(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def host_name(*extra: str) -> Callable[[str], str]:
+    """An argparse type: a host of compose.yaml's topology (or one of `extra`)."""
+    def parse(text: str) -> str:
+        hosts = [*static_topology().hosts, *extra]
+        if text not in hosts:
+            raise argparse.ArgumentTypeError(f"no host {text!r}; hosts: {', '.join(hosts)}")
+        return text
+
+    return parse
+
+
 def requested_settings(args: argparse.Namespace) -> state.LabSettings:
     """Settings from the command line, falling back to the lab that is up, then defaults."""
     current = state.load_settings()
-    mtu = args.mtu or (current.mtu if current else 1500)
-    if not 576 <= mtu <= 65535:
-        raise LabError(f"--mtu {mtu}: must be between 576 and 65535")
+    mtu = args.mtu if args.mtu is not None else (current.mtu if current else 1500)
     backend = args.backend
     if current is not None and backend == "auto":
         backend = current.backend
@@ -222,12 +246,6 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return 0
 
 
-def lab_host(lab: Lab, name: str) -> Host:
-    if name not in lab.topology.hosts:
-        raise LabError(f"no host {name!r}; hosts: {', '.join(lab.topology.hosts)}")
-    return lab.topology.hosts[name]
-
-
 def stop_host(lab: Lab, host: Host, kill: bool) -> None:
     """A clean stop, or with --kill a crash (SIGKILL, no clean shutdown)."""
     if kill:
@@ -240,7 +258,7 @@ def stop_host(lab: Lab, host: Host, kill: bool) -> None:
 
 def cmd_restart(args: argparse.Namespace) -> int:
     lab = Lab.current()
-    host = lab_host(lab, args.host)
+    host = lab.topology.hosts[args.host]  # host_name checked it while parsing
     stop_host(lab, host, args.kill)
     lab.backend.start(host, progress)
     lab.wait_for_tunnel(progress)
@@ -249,24 +267,24 @@ def cmd_restart(args: argparse.Namespace) -> int:
 
 def cmd_stop(args: argparse.Namespace) -> int:
     lab = Lab.current()
-    stop_host(lab, lab_host(lab, args.host), args.kill)
+    stop_host(lab, lab.topology.hosts[args.host], args.kill)
     return 0
 
 
 def cmd_start(args: argparse.Namespace) -> int:
     """Start one host and wait for it alone: its peer may be stopped on purpose."""
     lab = Lab.current()
-    lab.backend.start(lab_host(lab, args.host), progress)
+    lab.backend.start(lab.topology.hosts[args.host], progress)
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     profiles: list[str] = args.profile or []
     args.profile = profiles[0] if profiles else None  # the lab comes up with the first
+    out = args.out or default_report_dir()
     settings = requested_settings(args)
     lab = Lab(make_backend(settings.backend, settings), settings)
     lab.up(progress)  # a no-op on a healthy lab with these settings
-    out = args.out or Path("reports") / datetime.now().strftime("%Y%m%d-%H%M%S")
     if len(profiles) > 1:
         with BenchDisplay(err, profiles) as display:
             results = bench_profiles(lab, profiles, args.duration, display.progress,
@@ -289,6 +307,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         err.print(f"[red]lab: failed profile(s):[/] {', '.join(report['failed'])}")
         return 1
     return 0
+
+
+def default_report_dir() -> Path:
+    """reports/<timestamp>/ here, checked like a given --out before anything starts."""
+    text = str(Path("reports") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    try:
+        return output_dir(text)
+    except argparse.ArgumentTypeError as exc:
+        raise LabError(f"the default report folder {exc}; give --out DIR") from None
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -320,8 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (LabError, TopologyError, PgvpnError) as exc:
-        err.print(f"[red]lab: error:[/] {exc}")
+    # OSError: the host refused something (a full disk, a file): a line, not a traceback
+    except (LabError, TopologyError, PgvpnError, OSError) as exc:
+        print(f"lab: error: {one_line(exc)}", file=sys.stderr)  # plain: rich would wrap it
         return 2
     except KeyboardInterrupt:
         err.print("lab: interrupted")

@@ -33,6 +33,8 @@ SELECT (SELECT coalesce(sum(bytes), 0) FROM pgvpn.log_partitions),
        (SELECT retention FROM pgvpn.log_settings)
 """
 TUNNEL_TIMEOUT = 45.0
+# The packet log proper: no measurement empties it, whatever a profile lists as its tables.
+PACKET_LOG_TABLES = frozenset({"pgvpn.packets", "pgvpn.cursors"})
 
 
 def lab_environment(settings: state.LabSettings) -> dict[str, str]:
@@ -47,6 +49,17 @@ def lab_environment(settings: state.LabSettings) -> dict[str, str]:
                 "PGVPN_ALLOW_PLAINTEXT": "false"} if settings.tls else
                {"PGVPN_SSL": "on", "PGVPN_SSLMODE": "disable", "PGVPN_ALLOW_PLAINTEXT": "true"})
     return env
+
+
+def scratch_tables(profile: str) -> list[str]:
+    """The tables a bench empties before running `profile`: the blog reproductions' own."""
+    return [t for t in PROFILES[profile].tables if t not in PACKET_LOG_TABLES]
+
+
+def static_topology() -> topology.Topology:
+    """compose.yaml's hosts and roles, to check names given on a command line before any
+    lab is looked at (they do not depend on the settings)."""
+    return topology.load(lab_environment(state.LabSettings("netns", 1500, "batched")))
 
 
 def make_backend(name: str, settings: state.LabSettings) -> Backend:
@@ -191,18 +204,18 @@ class Lab:
         settings = dataclasses.replace(self.settings, profile=profile)
         return Lab(make_backend(settings.backend, settings), settings)
 
-    def restart_empty(self, progress: Progress) -> None:
-        """Stop the agents, empty every profile's tables, start them again: a fresh run.
+    def start_for_bench(self, progress: Progress) -> None:
+        """Run the agents with this lab's profile, after emptying only its scratch tables.
 
-        TRUNCATE needs the owner, and the agents must be stopped first: the batched
-        profile keeps its sequence numbers and cursors in memory.
+        The packet log (pgvpn.packets, pgvpn.cursors) is never emptied: a bench counts
+        rows as a before/after difference, and the agents resume their seq and cursors.
         """
-        for agent in self.topology.agents:
-            self.backend.stop(agent)
-        tables = sorted({t for profile in PROFILES.values() for t in profile.tables})
-        with self.admin() as conn:
-            conn.execute(f"TRUNCATE {', '.join(tables)}")
-        progress(f"emptied {', '.join(tables)}")
+        scratch = scratch_tables(self.settings.profile)
+        if scratch:
+            with self.admin() as conn:
+                conn.execute(f"TRUNCATE {', '.join(scratch)}")
+            progress(f"emptied {', '.join(scratch)} ({self.settings.profile}'s own table; "
+                     "the packet log pgvpn.packets is kept)")
         self.up(progress)
 
     def status(self) -> dict[str, Any]:

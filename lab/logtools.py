@@ -24,9 +24,10 @@ import os
 import sys
 from collections import Counter
 
-from lab.backend import LabError
-from lab.controller import Lab
-from pgvpn import logcli
+from lab.backend import SCRATCH_HOST
+from lab.controller import Lab, static_topology
+from pgvpn import logargs, logcli
+from pgvpn.cliargs import OneLineParser
 from pgvpn.logfilter import add_filter_arguments
 from pgvpn.replay import DEFAULT_TUN, Timed, destination
 
@@ -53,25 +54,25 @@ removed by 'lab down'; watch it with: lab exec replay -- tshark -i any
 """
 
 
-def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_parsers(commands: argparse._SubParsersAction[OneLineParser]) -> None:
     packets = commands.add_parser(
         "packets", help="the lab's logged packets, headers decoded (pgvpn log)",
         description="Show or follow the lab's packet log with the operator's rights; the "
         "options are those of 'pgvpn log'.", epilog=PACKETS_EPILOG, formatter_class=RAW)
-    logcli.add_log_arguments(packets)
+    logargs.add_log_arguments(packets)
 
     stats = commands.add_parser(
         "stats", help="per-flow totals and top talkers of the lab's log (pgvpn stats)",
         description="Totals over a window of the lab's log (default: the last hour).",
-        epilog=logcli.STATS_EPILOG.replace("pgvpn stats", "lab stats"), formatter_class=RAW)
-    logcli.add_stats_arguments(stats)
+        epilog=logargs.STATS_EPILOG.replace("pgvpn stats", "lab stats"), formatter_class=RAW)
+    logargs.add_stats_arguments(stats)
 
     export = commands.add_parser(
         "export", help="the lab's log as a pcap file (pgvpn export)",
         description="Write the selected packets of the lab's log, with the times they were "
         "logged, as a pcap file, with the operator's rights.", epilog=EXPORT_EPILOG,
         formatter_class=RAW)
-    logcli.add_export_arguments(export)
+    logargs.add_export_arguments(export)
 
     replay = commands.add_parser(
         "replay", help="re-inject logged packets into the scratch host or a peer",
@@ -79,23 +80,35 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "a lab host, at the logged pace or faster (pgvpn replay runs there).",
         epilog=REPLAY_EPILOG, formatter_class=RAW)
     add_filter_arguments(replay)
-    replay.add_argument("--into", default="replay", metavar="HOST",
+    replay.add_argument("--into", default=SCRATCH_HOST, metavar="HOST", type=replay_target,
                         help="replay (default): the scratch host, answering as the peer the "
                         "packets went to; or peer-a / peer-b: a live peer's own stack")
-    logcli.add_replay_arguments(replay, in_lab=True)
+    logargs.add_replay_arguments(replay, in_lab=True)
+
+
+def replay_target(text: str) -> str:
+    """An argparse type for --into: the scratch host or one of the topology's agents."""
+    agents = [a.name for a in static_topology().agents]
+    if text != SCRATCH_HOST and text not in agents:
+        raise argparse.ArgumentTypeError(f"{text!r}: use {SCRATCH_HOST} (the scratch host) "
+                                          f"or a peer ({', '.join(agents)})")
+    return text
 
 
 def cmd_packets(args: argparse.Namespace) -> int:
+    logargs.validate(args)
     with Lab.current().admin() as conn:
         return logcli.guarded(lambda: logcli.cmd_log(conn, args))
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    logargs.validate(args)
     with Lab.current().admin() as conn:
         return logcli.guarded(lambda: logcli.cmd_stats(conn, args))
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    logargs.validate(args)
     with Lab.current().admin() as conn:
         return logcli.guarded(lambda: logcli.cmd_export(conn, args))
 
@@ -123,26 +136,22 @@ def progress(message: str) -> None:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     args.input = None
-    logcli.validate(args)  # typos are reported before anything is selected or made
+    logargs.validate(args)  # typos are reported before anything is selected or made
     lab = Lab.current()
     with lab.admin() as conn, logcli.database_errors():
         packets = logcli.selection_for_replay(conn, args)
-    if args.into == "replay":
+    if args.into == SCRATCH_HOST:
         plays, addresses = scratch_addresses(lab, packets)
         where = (f"the scratch host, as {plays} ({', '.join(addresses)})" if plays
                  else "the scratch host (no lab peer's address among the destinations: "
                  "nothing will answer)")
-    elif args.into in lab.topology.hosts and lab.topology.hosts[args.into].role == "agent":
+    else:  # an agent: replay_target let nothing else through
         addresses, where = [], f"{args.into}, whose own stack answers through the tunnel"
-    else:
-        agents = ", ".join(a.name for a in lab.topology.agents)
-        raise LabError(f"--into {args.into!r}: use replay (the scratch host) or a peer "
-                       f"({agents})")
     span = (max(t for t, _ in packets) - min(t for t, _ in packets)).total_seconds()
     if args.dry_run:
         progress(f"would replay {len(packets)} packets logged over {span:.2f}s into {where}")
         return 0
-    host = lab.backend.ensure_scratch_host(progress) if args.into == "replay" else args.into
+    host = lab.backend.ensure_scratch_host(progress) if args.into == SCRATCH_HOST else args.into
     progress(f"replaying {len(packets)} packets into {where}")
     lines = "".join(json.dumps({"logged_at": t.isoformat(), "data": d.hex()}) + "\n"
                     for t, d in packets)

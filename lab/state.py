@@ -7,6 +7,7 @@ import os
 import re
 import secrets
 import shutil
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -14,7 +15,11 @@ from pathlib import Path
 # prefixes everything it makes; it must start with "pgvpn" so ownership stays visible.
 LAB_NAME = os.environ.get("PGVPN_LAB_NAME", "pgvpn")
 if not re.fullmatch(r"pgvpn[a-z0-9-]{0,10}", LAB_NAME):
-    raise SystemExit(f"PGVPN_LAB_NAME={LAB_NAME!r}: use 'pgvpn' plus up to 10 of [a-z0-9-]")
+    # at import, so that no code of the lab ever runs under a name it would not own;
+    # worded and numbered like every other error of the `lab` command
+    print(f"lab: error: PGVPN_LAB_NAME={LAB_NAME!r}: use 'pgvpn' plus up to 10 of [a-z0-9-]",
+          file=sys.stderr)
+    raise SystemExit(2)
 STATE_DIR = Path(os.environ.get("PGVPN_LAB_DIR", f"/var/tmp/{LAB_NAME}-lab"))
 
 

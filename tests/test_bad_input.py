@@ -30,7 +30,8 @@ BAD_ROWS_LOG = "skipped logged rows from peer-a that are not packets for this TU
 @pytest.mark.parametrize(("env", "message"), [
     ({"TUN_PEER": ""}, "missing setting: tun_peer ($TUN_PEER)"),
     ({"TUN_IP": "10.230.0.999/24"}, "tun_ip = '10.230.0.999/24' (from $TUN_IP)"),
-    ({"PGVPN_MTU": "10"}, "mtu = '10' (from $PGVPN_MTU): must be between 576 and 65535"),
+    ({"PGVPN_MTU": "10"}, "mtu = '10' (from $PGVPN_MTU): must be a whole number between 576 "
+                              "and 65535"),
     ({"PGVPN_PROFILE": "fastest"}, "profile = 'fastest' (from $PGVPN_PROFILE): unknown"),
     ({"PGVPN_NAME": "peer_a"}, "use 1-57 characters: lower-case letters, digits or '-'"),
     ({"PGVPN_NAME": "agent"}, "'agent' is reserved"),
@@ -58,7 +59,7 @@ def test_a_broken_config_file_is_one_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["up", "--mtu", "10"], "--mtu 10: must be between 576 and 65535"),
+    (["up", "--mtu", "10"], "argument --mtu: '10': must be 576-65535"),
     (["up", "--profile", "fastest"], "invalid choice: 'fastest'"),
     (["bench", "--profile", "fastest,blog-v1"], "unknown profile fastest"),
     (["up", "--backend", "vmware"], "invalid choice: 'vmware'"),

@@ -77,7 +77,8 @@ def test_cli_reports_a_bad_config_in_one_line_without_traceback() -> None:
                           check=False)
     assert done.returncode == 2
     assert done.stderr.strip() == (
-        "pgvpn: error: mtu = '70000' (from --mtu): must be between 576 and 65535")
+        "pgvpn: error: mtu = '70000' (from --mtu): must be a whole number between 576 and "
+        "65535")
 
 
 def test_help_documents_every_setting_with_its_variable() -> None:

@@ -101,3 +101,30 @@ def test_interrupted_first_up_rolls_back_and_down_is_safe_twice() -> None:
     assert not lab.state_dir.exists()
     for _ in range(2):
         assert "nothing to remove" in lab.cli("down").stderr
+
+
+def test_a_multi_profile_bench_keeps_every_logged_packet(any_lab: LabHandle,
+                                                         tmp_path: Path) -> None:
+    """The log is the product: a measurement never empties it, and still counts right."""
+    assert any_lab.exec("peer-a", "ping", "-c", "3", "-i", "0.2", "10.230.0.2").returncode == 0
+    any_lab.wait_settled()
+    rows = "SELECT sender, seq, md5(data) FROM pgvpn.packets WHERE id <= %s ORDER BY id"
+    last_id = any_lab.sql("SELECT max(id) FROM pgvpn.packets")[0][0]
+    before = any_lab.sql(rows, [last_id])
+    cursor_query = "SELECT receiver, sender, last_seq FROM pgvpn.cursors"
+    cursors = {(r, s): seq for r, s, seq in any_lab.sql(cursor_query)}
+    try:
+        done = any_lab.cli("bench", "--profile", "batched,batched-jumbo", "--duration", "2",
+                           "--out", str(tmp_path / "bench"), "--json", "-")
+    finally:
+        any_lab.use_profile("batched")
+    assert before and any_lab.sql(rows, [last_id]) == before  # every row, byte for byte
+    after = {(r, s): seq for r, s, seq in any_lab.sql(cursor_query)}
+    assert all(after[key] >= seq for key, seq in cursors.items())  # no cursor reset
+    results = {r["profile"]: r for r in json.loads(done.stdout)["results"]}
+    added = any_lab.sql("SELECT count(*) FROM pgvpn.packets WHERE id > %s", [last_id])[0][0]
+    for profile in ("batched", "batched-jumbo"):  # every byte delivered was counted as logged
+        result = results[profile]
+        assert result["bytes_logged"] >= result["bytes_received"] > 0, result
+    assert sum(r["packets_logged"] for r in results.values()) <= added
+    assert "emptied" not in done.stderr

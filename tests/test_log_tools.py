@@ -111,9 +111,16 @@ def test_no_filter_selects_everything_and_raw_columns_need_no_decoding() -> None
     (["--peer", "Peer A"], "bad peer name"),
     (["--since", "1h", "--until", "2h"], "the window is empty"),
 ])
-def test_bad_filters_are_one_clear_error(argv: list[str], message: str) -> None:
-    with pytest.raises(PgvpnError, match=message):
+def test_bad_filters_are_one_clear_error(argv: list[str], message: str,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad value is refused while parsing (exit 2), a bad combination by the filter."""
+    with pytest.raises((PgvpnError, SystemExit)) as caught:
         parse_filter(*argv)
+    if isinstance(caught.value, SystemExit):
+        assert caught.value.code == 2
+        assert message in capsys.readouterr().err
+    else:
+        assert message in str(caught.value)
 
 
 def test_protocols_and_networks() -> None:

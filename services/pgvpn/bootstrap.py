@@ -24,14 +24,28 @@ from pgvpn.errors import PgvpnError
 OWNER = "pgvpn_owner"
 PEER_MAKER = "pgvpn_peermaker"
 GROUP_ROLES = ("pgvpn_agent", "pgvpn_reader")
-ROLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-DATABASE_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,62}$")
+ROLE_NAME = re.compile(r"\A[a-z_][a-z0-9_]{0,62}\Z")
+DATABASE_NAME = re.compile(r"\A[a-z_][a-z0-9_-]{0,62}\Z")
 # Relations of the schema by kind, for handing them over; each partition is handed
 # over by itself (ALTER TABLE does not recurse), indexes, TOAST tables and sequences
 # owned by a column follow their table.
 ALTER_KIND = {"r": "TABLE", "p": "TABLE", "v": "VIEW", "m": "MATERIALIZED VIEW",
               "f": "FOREIGN TABLE", "S": "SEQUENCE"}
 Progress = Callable[[str], None]
+
+
+def owner_role(name: str) -> str:
+    """A role name for the owner: not one of pgvpn's other roles, no quoting needed."""
+    if not ROLE_NAME.match(name) or name in (*GROUP_ROLES, PEER_MAKER):
+        raise ValueError(f"use 1-63 lower-case letters, digits and '_' (not "
+                         f"{', '.join((*GROUP_ROLES, PEER_MAKER))})")
+    return name
+
+
+def database_name(name: str) -> str:
+    if not DATABASE_NAME.match(name):
+        raise ValueError("use 1-63 lower-case letters, digits, '_' and '-'")
+    return name
 
 
 def verifier(conn: psycopg.Connection, role: str, password: str) -> str:
@@ -47,12 +61,12 @@ def verifier(conn: psycopg.Connection, role: str, password: str) -> str:
 def init_database(conninfo: str, database: str, owner: str, owner_password: str | None,
                   progress: Progress) -> None:
     """Roles, database, privileges and the peer-role function; safe to run again."""
-    if not ROLE_NAME.match(owner) or owner in (*GROUP_ROLES, PEER_MAKER):
-        raise PgvpnError(f"owner role {owner!r}: use lower-case letters, digits and '_' "
-                         f"(not {', '.join((*GROUP_ROLES, PEER_MAKER))})")
-    if not DATABASE_NAME.match(database):
-        raise PgvpnError(f"database name {database!r}: use lower-case letters, digits, "
-                         "'_' and '-'")
+    for check, value, what in ((owner_role, owner, "owner role"),
+                               (database_name, database, "database name")):
+        try:
+            check(value)
+        except ValueError as exc:
+            raise PgvpnError(f"{what} {value!r}: {exc}") from None
     with psycopg.connect(conninfo, autocommit=True, connect_timeout=10) as conn:
         row = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"
                            ).fetchone()

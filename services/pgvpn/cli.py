@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import sys
@@ -10,10 +11,12 @@ from pathlib import Path
 
 import psycopg
 
-from pgvpn import __version__, admin, bootstrap, db, logcli, migrate
-from pgvpn.config import add_arguments, load_config
+from pgvpn import __version__, admin, bootstrap, db, logargs, logcli, migrate
+from pgvpn.cliargs import OneLineParser, checked, conninfo, input_file, number
+from pgvpn.config import add_arguments, load_config, peer_name
 from pgvpn.errors import PgvpnError
 
+MAX_PROBE_SECONDS = 60.0
 EPILOG = """\
 examples:
   # peer a, settings from the environment as in the original blog post
@@ -36,7 +39,7 @@ the command line, where other users can read them.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="pgvpn", description="A VPN whose only transport is PostgreSQL: packets read "
         "from a TUN device become rows, and rows addressed to this peer become packets.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         "SIGTERM or SIGINT. Checks that the schema is the one this agent speaks (the owner "
         "migrates it).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("--config", type=Path, metavar="FILE", help="YAML file of settings")
+    run.add_argument("--config", type=config_file, metavar="FILE", help="YAML file of settings")
     add_arguments(run)
 
     database = commands.add_parser("db", help="schema and peer administration (as the owner)")
@@ -58,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                          ("version", "print the schema version in place")):
         sub = db_commands.add_parser(action, help=text, description=text)
         sub.add_argument("--database-url", default=os.environ.get("DATABASE_URL", ""),
+                         type=conninfo,
                          help="owner's connection string (default $DATABASE_URL or PG* vars)")
     init = db_commands.add_parser(
         "init", help="once, as a superuser: roles, database, and the owner that runs the rest",
@@ -66,33 +70,46 @@ def build_parser() -> argparse.ArgumentParser:
         "makes peer roles; take CONNECT and TEMPORARY on the database from PUBLIC. A "
         "database an earlier pgvpn made is handed over to the owner. Safe to run again.")
     init.add_argument("--owner", default=bootstrap.OWNER, metavar="ROLE",
+                      type=checked(bootstrap.owner_role),
                       help=f"the owner's login role (default {bootstrap.OWNER})")
-    init.add_argument("--owner-password-file", metavar="FILE",
+    init.add_argument("--owner-password-file", metavar="FILE", type=input_file,
                       help="file holding the owner's password, or '-' for standard input "
                       "(sent as a SCRAM verifier; without it the role gets no password)")
     init.add_argument("--database", default="pgvpn", metavar="NAME",
+                      type=checked(bootstrap.database_name),
                       help="the database to make or take over (default pgvpn)")
     init.add_argument("--database-url", default=os.environ.get("DATABASE_URL", ""),
-                      help="a superuser's connection string, to any database "
+                      type=conninfo, help="a superuser's connection string, to any database "
                       "(default $DATABASE_URL or PG* vars)")
     add_peer = db_commands.add_parser(
         "add-peer", help="create (or update) a peer's login role",
         description="Create a LOGIN role for a peer, member of pgvpn_agent, with a SCRAM "
         "password read from a file (or stdin with '-').")
-    add_peer.add_argument("name", help="peer name, e.g. peer-a")
-    add_peer.add_argument("--password-file", required=True, metavar="FILE",
+    add_peer.add_argument("name", type=checked(peer_name), help="peer name, e.g. peer-a")
+    add_peer.add_argument("--password-file", required=True, metavar="FILE", type=input_file,
                           help="file holding the password, or '-' for standard input")
     add_peer.add_argument("--database-url", default=os.environ.get("DATABASE_URL", ""),
+                          type=conninfo,
                           help="owner's connection string (default $DATABASE_URL or PG* vars)")
     probe = commands.add_parser(
         "probe", help="check that the tunnel carries traffic both ways (health checks)",
         description="Open a TCP connection through the tunnel to the remote end's discard "
         "port; exit 0 if its kernel's refusal (RST) comes back, 1 if nothing does.")
     probe.add_argument("address", nargs="?", default=os.environ.get("TUN_PEER"),
+                       type=checked(ipaddress.ip_address),
                        help="remote tunnel address (default $TUN_PEER)")
-    probe.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
-    logcli.add_parsers(commands)  # log, stats, export, replay, prune, retention
+    probe.add_argument("--timeout", type=number(0.1, MAX_PROBE_SECONDS), default=3.0,
+                       help=f"seconds, 0.1-{MAX_PROBE_SECONDS} (default 3)")
+    logargs.add_parsers(commands)  # log, stats, export, replay, prune, retention
     return parser
+
+
+def config_file(text: str) -> Path:
+    """--config: a regular file (a device or a pipe could be read forever)."""
+    input_file(text)
+    if text == "-" or not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a regular file")
+    return Path(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,17 +162,18 @@ def run_db(args: argparse.Namespace) -> int:
     logging.basicConfig(level="INFO", stream=sys.stderr, format="%(message)s")
     if args.db_command == "init":
         password = read_secret(args.owner_password_file) if args.owner_password_file else None
-        db.describe_target(args.database_url)  # a malformed URL: one line, before anything
         bootstrap.init_database(args.database_url, args.database, args.owner, password,
                                 progress=lambda line: print(line, file=sys.stderr))
         return 0
+    # read before connecting: a wrong file is the user's to fix, not the database's
+    secret = read_secret(args.password_file) if args.db_command == "add-peer" else ""
     with db.connect(args.database_url, attempts=3, application_name="pgvpn admin") as conn:
         if args.db_command == "migrate":
             migrate.migrate(conn)
         elif args.db_command == "version":
             print(migrate.applied_version(conn))
         elif args.db_command == "add-peer":
-            created = admin.ensure_peer_role(conn, args.name, read_secret(args.password_file))
+            created = admin.ensure_peer_role(conn, args.name, secret)
             print(f"role {admin.role_name(args.name)} for peer {args.name} "
                   f"{'created' if created else 'updated'}", file=sys.stderr)
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -11,21 +12,26 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import yaml
+from psycopg.conninfo import conninfo_to_dict
 
 from pgvpn.errors import ConfigError
 
 # A peer's database role is "pgvpn_" + its name with '-' as '_' (pgvpn.admin.role_name),
 # and the database maps the role back (pgvpn.current_peer()): so no '_' in names, and
 # at most 57 characters, for the role to fit PostgreSQL's 63-byte identifiers.
-PEER_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,56}$")
+PEER_NAME = re.compile(r"\A[a-z0-9][a-z0-9-]{0,56}\Z")  # \Z: '$' lets "peer-a\n" through
 # pgvpn_agent, pgvpn_reader, pgvpn_owner and pgvpn_peermaker are not peers (pgvpn.bootstrap).
 RESERVED_PEER_NAMES = frozenset({"agent", "reader", "owner", "peermaker"})
 MIN_MTU = 576  # the IPv4 minimum; below it some peers' packets cannot be carried
 MAX_MTU = 65535
+MAX_REPLAY_AGE = 365 * 86400
+MAX_BATCH_PACKETS = 65536
+MAX_CONNECT_ATTEMPTS = 1000
 
 
-def _peer_name(value: str) -> str:
+def peer_name(value: str) -> str:
     if not PEER_NAME.match(value):
         raise ValueError("use 1-57 characters: lower-case letters, digits or '-'")
     if value in RESERVED_PEER_NAMES:
@@ -39,25 +45,41 @@ def _interface(value: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
     return ipaddress.ip_interface(value)
 
 
-def _mtu(value: str) -> int:
-    mtu = int(value)
-    if not MIN_MTU <= mtu <= MAX_MTU:
-        raise ValueError(f"must be between {MIN_MTU} and {MAX_MTU}")
-    return mtu
+def _whole(low: int, high: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        if not value.strip().isascii() or not value.strip().isdigit():
+            raise ValueError(f"must be a whole number between {low} and {high}")
+        number = int(value)
+        if not low <= number <= high:
+            raise ValueError(f"must be a whole number between {low} and {high}")
+        return number
 
-
-def _positive(value: str) -> int:
-    number = int(value)
-    if number <= 0:
-        raise ValueError("must be a positive whole number")
-    return number
+    return parse
 
 
 def _seconds(value: str) -> float:
+    """Finite and bounded: the database gets it as an interval (make_interval)."""
     number = float(value)
-    if number <= 0:
-        raise ValueError("must be a positive number of seconds")
+    if not math.isfinite(number) or not 0 < number <= MAX_REPLAY_AGE:
+        raise ValueError(f"must be a number of seconds, more than 0 and at most "
+                         f"{MAX_REPLAY_AGE} (a year)")
     return number
+
+
+def _timeout(value: str) -> float:
+    """Seconds up to a day: libpq and the server take these as int32 milliseconds."""
+    number = float(value)
+    if not math.isfinite(number) or not 0 < number <= 86400:
+        raise ValueError("must be a number of seconds, more than 0 and at most 86400 (a day)")
+    return number
+
+
+def _conninfo(value: str) -> str:
+    try:
+        conninfo_to_dict(value)
+    except psycopg.Error:
+        raise ValueError("not a valid libpq connection string or URL") from None
+    return value
 
 
 def _bool(value: str) -> bool:
@@ -69,9 +91,12 @@ def _bool(value: str) -> bool:
     raise ValueError("use true or false")
 
 
-def _tun_name(value: str) -> str:
-    if not 0 < len(value) < 16 or "/" in value or " " in value:
-        raise ValueError("interface names have 1-15 characters, no '/' or spaces")
+def interface_name(value: str) -> str:
+    """What the kernel takes as a device name (dev_valid_name), in printable ASCII."""
+    if (not 0 < len(value) < 16 or value in {".", ".."} or not value.isascii()
+            or not value.isprintable() or any(c in value for c in "/: ")):
+        raise ValueError("interface names have 1-15 printable ASCII characters, "
+                         "no '/', ':' or spaces")
     return value
 
 
@@ -96,11 +121,11 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("name", "PGVPN_NAME", _peer_name, None,
+    Setting("name", "PGVPN_NAME", peer_name, None,
             "this peer's name; packets it sends are logged with it as sender"),
-    Setting("peer", "PGVPN_PEER", _peer_name, None,
+    Setting("peer", "PGVPN_PEER", peer_name, None,
             "the remote peer's name; every packet read from the TUN goes to it"),
-    Setting("database_url", "DATABASE_URL", str, "",
+    Setting("database_url", "DATABASE_URL", _conninfo, "",
             "libpq connection string or URL; empty means the PG* environment variables",
             secret=True),
     Setting("tun_ip", "TUN_IP", _interface, None,
@@ -109,40 +134,44 @@ SETTINGS: tuple[Setting, ...] = (
             "the remote end's tunnel address, e.g. 10.230.0.2"),
     Setting("tun_ip6", "TUN_IP6", _interface, None,
             "optional IPv6 tunnel address with prefix, e.g. fd00:230::1/64"),
-    Setting("tun_name", "PGVPN_TUN_NAME", _tun_name, "pgvpn0", "name of the TUN device to create"),
-    Setting("mtu", "PGVPN_MTU", _mtu, 1500, f"TUN MTU ({MIN_MTU}-{MAX_MTU}); 65000 is fastest"),
+    Setting("tun_name", "PGVPN_TUN_NAME", interface_name, "pgvpn0",
+            "name of the TUN device to create"),
+    Setting("mtu", "PGVPN_MTU", _whole(MIN_MTU, MAX_MTU), 1500,
+            f"TUN MTU ({MIN_MTU}-{MAX_MTU}); 65000 is fastest"),
     Setting("profile", "PGVPN_PROFILE", _profile, "batched",
             "transport profile: how packets are written, woken up and read"),
     Setting("synchronous_commit", "PGVPN_SYNCHRONOUS_COMMIT", _bool, True,
             "wait for the WAL flush of every batch; false is faster but a database crash "
             "can lose rows whose packets were already delivered"),
-    Setting("batch_packets", "PGVPN_BATCH_PACKETS", _positive, 1024,
-            "most packets written in one COPY"),
+    Setting("batch_packets", "PGVPN_BATCH_PACKETS", _whole(1, MAX_BATCH_PACKETS), 1024,
+            f"most packets written in one COPY (1-{MAX_BATCH_PACKETS})"),
     Setting("max_replay_age", "PGVPN_MAX_REPLAY_AGE", _seconds, 30.0,
-            "packets older than this many seconds are not written to a live TUN at start"),
+            "packets older than this many seconds (at most a year) are not written to a "
+            "live TUN at start"),
     Setting("allow_plaintext", "PGVPN_ALLOW_PLAINTEXT", _bool, False,
             "allow a database connection without TLS (a warning is logged); otherwise "
             "sslmode defaults to verify-full and an unencrypted TCP connection is refused"),
-    Setting("connect_attempts", "PGVPN_CONNECT_ATTEMPTS", _positive, 10,
-            "database connection attempts at start before giving up"),
+    Setting("connect_attempts", "PGVPN_CONNECT_ATTEMPTS", _whole(1, MAX_CONNECT_ATTEMPTS),
+            10, f"database connection attempts at start before giving up "
+            f"(1-{MAX_CONNECT_ATTEMPTS})"),
     # Liveness on real networks: a NAT that forgets an idle flow, or a path that
     # black-holes, would otherwise leave a connection dead but unnoticed for
     # minutes (unacknowledged data) or hours (an idle one).
-    Setting("keepalive_idle", "PGVPN_KEEPALIVE_IDLE", _positive, 5,
+    Setting("keepalive_idle", "PGVPN_KEEPALIVE_IDLE", _whole(1, 86400), 5,
             "seconds a database connection may be idle before TCP keepalive probes "
             "start (also keeps NAT mappings alive)"),
-    Setting("keepalive_interval", "PGVPN_KEEPALIVE_INTERVAL", _positive, 2,
+    Setting("keepalive_interval", "PGVPN_KEEPALIVE_INTERVAL", _whole(1, 3600), 2,
             "seconds between TCP keepalive probes"),
-    Setting("keepalive_count", "PGVPN_KEEPALIVE_COUNT", _positive, 3,
+    Setting("keepalive_count", "PGVPN_KEEPALIVE_COUNT", _whole(1, 100), 3,
             "unanswered keepalive probes after which a connection counts as lost"),
-    Setting("tcp_user_timeout", "PGVPN_TCP_USER_TIMEOUT", _seconds, 10.0,
+    Setting("tcp_user_timeout", "PGVPN_TCP_USER_TIMEOUT", _timeout, 10.0,
             "seconds sent data may stay unacknowledged before the connection counts as "
             "lost (a black-holed path); libpq's tcp_user_timeout"),
-    Setting("statement_timeout", "PGVPN_STATEMENT_TIMEOUT", _seconds, 30.0,
+    Setting("statement_timeout", "PGVPN_STATEMENT_TIMEOUT", _timeout, 30.0,
             "longest statement on the control connection (heartbeat, partition "
             "maintenance, start-up checks); the data path is bounded by lock_timeout and "
             "the TCP settings instead, since a batch's time grows with the link's speed"),
-    Setting("lock_timeout", "PGVPN_LOCK_TIMEOUT", _seconds, 5.0,
+    Setting("lock_timeout", "PGVPN_LOCK_TIMEOUT", _timeout, 5.0,
             "longest wait for a lock, e.g. the partition-maintenance lock; the statement is "
             "retried (data path) or its job put off (maintenance)"),
     Setting("maintenance_interval", "PGVPN_MAINTENANCE_INTERVAL", _seconds, 3600.0,
@@ -208,7 +237,8 @@ def _parse(setting: Setting, raw: Any, origin: str) -> Any:
     try:
         return setting.parse(str(raw) if not isinstance(raw, str) else raw)
     except ValueError as exc:
-        raise ConfigError(f"{setting.key} = {raw!r} (from {origin}): {exc}") from None
+        shown = "(not shown)" if setting.secret else repr(raw)
+        raise ConfigError(f"{setting.key} = {shown} (from {origin}): {exc}") from None
 
 
 def load_config(
@@ -246,7 +276,7 @@ def _read_yaml(path: Path, by_key: Mapping[str, Setting]) -> dict[str, Any]:
         return {}
     if not isinstance(document, dict):
         raise ConfigError(f"config file {path} must be a mapping of setting: value")
-    unknown = sorted(set(document) - set(by_key))
+    unknown = sorted(map(str, set(document) - set(by_key)))
     if unknown:
         raise ConfigError(f"config file {path}: unknown setting(s) {', '.join(unknown)}; "
                           f"known: {', '.join(by_key)}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -36,7 +36,7 @@ def parse_protocol(text: str) -> int:
     lowered = text.strip().lower()
     if lowered in PROTOCOLS:
         return PROTOCOLS[lowered]
-    if lowered.isdigit() and 0 <= int(lowered) <= 255:
+    if lowered.isascii() and lowered.isdigit() and int(lowered) <= 255:
         return int(lowered)
     raise FilterError(f"unknown protocol {text!r}: use {', '.join(PROTOCOLS)} or a number "
                       "0-255")
@@ -45,6 +45,8 @@ def parse_protocol(text: str) -> int:
 def parse_network(text: str) -> Network:
     """'10.230.0.2' or '10.230.0.0/24' or 'fd00:230::/64'; host bits are allowed."""
     try:
+        if "%" in text:  # a scope id (fe80::1%eth0): the database's inet has none
+            raise ValueError(text)
         return ipaddress.ip_network(text.strip(), strict=False)
     except ValueError:
         raise FilterError(f"bad address {text!r}: give an IPv4 or IPv6 address, optionally "
@@ -52,14 +54,14 @@ def parse_network(text: str) -> Network:
 
 
 def parse_port(text: str) -> int:
-    if text.strip().isdigit() and 0 <= int(text) <= 65535:
+    if text.strip().isascii() and text.strip().isdigit() and int(text) <= 65535:
         return int(text)
     raise FilterError(f"bad port {text!r}: give a number 0-65535")
 
 
 def parse_peer(text: str) -> str:
     if not PEER_NAME.match(text):
-        raise FilterError(f"bad peer name {text!r}: lower-case letters, digits, '-' or '_'")
+        raise FilterError(f"bad peer name {text!r}: 1-57 lower-case letters, digits or '-'")
     return text
 
 
@@ -155,26 +157,48 @@ def add_filter_arguments(parser: argparse.ArgumentParser) -> None:
     """The selection options every log command shares (see FILTER_HELP)."""
     group = parser.add_argument_group("selection", "repeat an option to match any of its "
                                       "values; different options must all match")
-    group.add_argument("--peer", action="append", default=[], metavar="NAME",
+    peers, networks = checked_each(parse_peer), checked_each(parse_network)
+    group.add_argument("--peer", action="append", default=[], metavar="NAME", type=peers,
                        help="packets sent or received by this peer")
-    group.add_argument("--sender", action="append", default=[], metavar="NAME",
+    group.add_argument("--sender", action="append", default=[], metavar="NAME", type=peers,
                        help="packets sent by this peer")
-    group.add_argument("--receiver", action="append", default=[], metavar="NAME",
+    group.add_argument("--receiver", action="append", default=[], metavar="NAME", type=peers,
                        help="packets addressed to this peer")
     group.add_argument("--host", action="append", default=[], metavar="ADDR[/N]",
+                       type=networks,
                        help="source or destination address in this address or network")
     group.add_argument("--src", action="append", default=[], metavar="ADDR[/N]",
-                       help="source address in this address or network")
+                       type=networks, help="source address in this address or network")
     group.add_argument("--dst", action="append", default=[], metavar="ADDR[/N]",
-                       help="destination address in this address or network")
+                       type=networks, help="destination address in this address or network")
     group.add_argument("--proto", action="append", default=[], metavar="NAME",
+                       type=checked_each(parse_protocol),
                        help=f"IP protocol: {', '.join(PROTOCOLS)} or a number")
     group.add_argument("--port", action="append", default=[], metavar="N",
+                       type=checked_each(parse_port),
                        help="TCP/UDP/SCTP source or destination port")
-    group.add_argument("--since", metavar="WHEN",
+    when = checked_each(lambda text: parse_time(text, datetime.now(UTC)), split=False)
+    group.add_argument("--since", metavar="WHEN", type=when,
                        help="start of the window: a duration ago (10m, 2h, 1d) or ISO time")
-    group.add_argument("--until", metavar="WHEN",
+    group.add_argument("--until", metavar="WHEN", type=when,
                        help="end of the window (exclusive): a duration ago or ISO time")
+
+
+def checked_each(parse: Callable[[str], object], *, split: bool = True
+                 ) -> Callable[[str], str]:
+    """An argparse type: every (comma-separated) value must parse; the text is kept as
+    given, and filter_from_args reads it when the command runs."""
+    def check(text: str) -> str:
+        try:
+            if not split:
+                parse(text)
+            elif not _each([text], parse):
+                raise FilterError(f"{text!r}: give a value")
+        except PgvpnError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+
+    return check
 
 
 def filter_from_args(args: argparse.Namespace, now: datetime | None = None) -> LogFilter:

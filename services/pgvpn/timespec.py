@@ -12,8 +12,10 @@ from datetime import datetime, timedelta
 from pgvpn.errors import PgvpnError
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
-_WHOLE = re.compile(r"(?:\d+(?:\.\d+)?[smhdw])+")
+_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])", re.ASCII)
+_WHOLE = re.compile(r"(?:\d+(?:\.\d+)?[smhdw])+", re.ASCII)
+# Longer than anything a log is kept or looked back at, and far from datetime's limits.
+MAX_DURATION = timedelta(days=100 * 365)
 
 
 class TimeSpecError(PgvpnError):
@@ -30,6 +32,8 @@ def parse_duration(text: str) -> timedelta:
         raise TimeSpecError(f"bad duration {text!r}: use a number and a unit (s, m, h, d or "
                             "w), e.g. 7d, 12h, 30m or 1h30m")
     seconds = sum(float(number) * UNITS[unit] for number, unit in _PART.findall(compact))
+    if seconds > MAX_DURATION.total_seconds():
+        raise TimeSpecError(f"bad duration {text!r}: longer than {MAX_DURATION.days}d")
     return timedelta(seconds=seconds)
 
 
@@ -53,11 +57,13 @@ def parse_time(text: str, now: datetime) -> datetime:
         return now - parse_duration(stripped)
     try:
         moment = datetime.fromisoformat(stripped)
+        return moment if moment.tzinfo is not None else moment.astimezone()
     except ValueError:
         raise TimeSpecError(f"bad time {text!r}: give a duration ago (10m, 2h, 1d) or an ISO "
                             "time such as 2025-11-25T14:30 or '2025-11-25 14:30:00+00'"
                             ) from None
-    return moment if moment.tzinfo is not None else moment.astimezone()
+    except OverflowError:  # the local time zone pushed it past year 1 or 9999
+        raise TimeSpecError(f"bad time {text!r}: out of range") from None
 
 
 def format_duration(duration: timedelta) -> str:
