@@ -26,10 +26,11 @@ from collections import Counter
 
 from lab.backend import SCRATCH_HOST
 from lab.controller import Lab, static_topology
-from pgvpn import logargs, logcli
 from pgvpn.cliargs import OneLineParser
-from pgvpn.logfilter import add_filter_arguments
-from pgvpn.replay import DEFAULT_TUN, Timed, destination
+from pgvpn.logs import args as logargs
+from pgvpn.logs import cli as logcli
+from pgvpn.logs.filter import add_filter_arguments
+from pgvpn.logs.replay import DEFAULT_TUN, Timed, destination
 
 RAW = argparse.RawDescriptionHelpFormatter
 PACKETS_EPILOG = """\

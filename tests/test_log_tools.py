@@ -32,9 +32,9 @@ from hypothesis import strategies as st
 from lab.measure import iperf
 from pgvpn.cli import build_parser
 from pgvpn.errors import PgvpnError
-from pgvpn.logfilter import LogFilter, filter_from_args, parse_network, parse_protocol
-from pgvpn.pcap import LINKTYPE_RAW, write_pcap
-from pgvpn.replay import read_input, schedule
+from pgvpn.logs.filter import LogFilter, filter_from_args, parse_network, parse_protocol
+from pgvpn.logs.pcap import LINKTYPE_RAW, write_pcap
+from pgvpn.logs.replay import read_input, schedule
 from pgvpn.timespec import format_duration, parse_duration, parse_time
 from tests.conftest import ROOT, CliBackend, LabHandle
 

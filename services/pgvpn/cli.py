@@ -11,10 +11,12 @@ from pathlib import Path
 
 import psycopg
 
-from pgvpn import __version__, admin, bootstrap, db, logargs, logcli, migrate
+from pgvpn import __version__, admin, bootstrap, db, migrate
 from pgvpn.cliargs import OneLineParser, checked, conninfo, input_file, number
 from pgvpn.config import add_arguments, load_config, peer_name
 from pgvpn.errors import PgvpnError
+from pgvpn.logs import args as logargs
+from pgvpn.logs import cli as logcli
 
 MAX_PROBE_SECONDS = 60.0
 EPILOG = """\

@@ -19,7 +19,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pgvpn.logfilter import LogFilter
+from pgvpn.logs.filter import LogFilter
 
 COLUMNS = ("id", "logged_at", "sender", "receiver", "seq", "length", "ip_version", "src",
            "dst", "protocol", "src_port", "dst_port", "tcp_flags", "icmp_type", "icmp_code")

@@ -27,8 +27,8 @@ from datetime import datetime, timedelta
 from typing import BinaryIO
 
 from pgvpn.errors import PgvpnError
+from pgvpn.logs.pcap import is_pcap, read_pcap
 from pgvpn.packets import packet_problem
-from pgvpn.pcap import is_pcap, read_pcap
 from pgvpn.timespec import format_duration
 
 Timed = tuple[datetime, bytes]

@@ -12,12 +12,12 @@ import os
 from collections.abc import Callable
 from datetime import timedelta
 
-from pgvpn import logstats
 from pgvpn.cliargs import OneLineParser, checked, conninfo, input_file, number, output_file, whole
 from pgvpn.config import interface_name
 from pgvpn.errors import PgvpnError
-from pgvpn.logfilter import add_filter_arguments, filter_from_args
-from pgvpn.replay import DEFAULT_TUN
+from pgvpn.logs import stats as logstats
+from pgvpn.logs.filter import add_filter_arguments, filter_from_args
+from pgvpn.logs.replay import DEFAULT_TUN
 from pgvpn.timespec import TimeSpecError, format_duration, parse_duration, parse_positive_duration
 
 RAW = argparse.RawDescriptionHelpFormatter

@@ -12,9 +12,9 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, TextIO
 
-from pgvpn.logquery import LoggedPacket
-from pgvpn.logstats import Aggregate
-from pgvpn.retention import LogSettings, PruneReport
+from pgvpn.logs.query import LoggedPacket
+from pgvpn.logs.retention import LogSettings, PruneReport
+from pgvpn.logs.stats import Aggregate
 from pgvpn.timespec import format_duration
 
 ICMP_TYPES = {(4, 0): "echo reply", (4, 3): "unreachable", (4, 8): "echo request",

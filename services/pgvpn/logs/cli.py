@@ -18,11 +18,15 @@ from typing import BinaryIO
 
 import psycopg
 
-from pgvpn import db, logquery, logrender, logstats, retention
+from pgvpn import db
 from pgvpn.errors import PgvpnError
-from pgvpn.logargs import FOREVER, validate
-from pgvpn.logfilter import LogFilter, filter_from_args
-from pgvpn.replay import Timed, read_input, replay
+from pgvpn.logs import query as logquery
+from pgvpn.logs import render as logrender
+from pgvpn.logs import retention
+from pgvpn.logs import stats as logstats
+from pgvpn.logs.args import FOREVER, validate
+from pgvpn.logs.filter import LogFilter, filter_from_args
+from pgvpn.logs.replay import Timed, read_input, replay
 from pgvpn.timespec import (
     format_duration,
     parse_duration,
@@ -113,7 +117,7 @@ def open_input(source: str) -> Iterator[BinaryIO]:
 
 
 def cmd_export(conn: psycopg.Connection, args: argparse.Namespace) -> int:
-    from pgvpn.pcap import write_pcap
+    from pgvpn.logs.pcap import write_pcap
 
     flt = filter_from_args(args)
     with open_output(args.pcap) as out:

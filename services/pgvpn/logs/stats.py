@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pgvpn.logfilter import LogFilter
+from pgvpn.logs.filter import LogFilter
 
 GROUPINGS = ("flow", "host", "peer")
 
