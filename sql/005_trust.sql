@@ -81,6 +81,9 @@ $$;
 CREATE OR REPLACE FUNCTION pgvpn.ensure_partitions(days_ahead integer DEFAULT NULL)
 RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+-- The bounds are written into DDL as text (%L): in the caller's TimeZone and
+-- DateStyle they could read back as another instant, and leave a gap.
+SET TimeZone = 'UTC' SET DateStyle = 'ISO, YMD'
 AS $$
 DECLARE
     settings pgvpn.log_settings;
@@ -168,6 +171,7 @@ $$;
 CREATE OR REPLACE FUNCTION pgvpn.apply_retention()
 RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET TimeZone = 'UTC' SET DateStyle = 'ISO, YMD'
 SET lock_timeout = '200ms'
 AS $$
 DECLARE
@@ -246,10 +250,18 @@ ALTER TABLE pgvpn.peers ADD CONSTRAINT peers_name_maps_to_a_role
 -- No temporary objects for anyone but the owner (and superusers): peers and
 -- readers never need one.  CONNECT stays as the database had it (`pgvpn db init`
 -- restricts it to pgvpn's roles).  A migrator that does not own the database
--- gets a warning here instead of a change; `pgvpn db init` does it then.
+-- cannot revoke it: then the migration fails and says who can.
 DO $$
 BEGIN
     EXECUTE pg_catalog.format('REVOKE TEMPORARY ON DATABASE %I FROM PUBLIC',
                               pg_catalog.current_database());
+    IF pg_catalog.has_database_privilege('pgvpn_agent', pg_catalog.current_database(),
+                                         'TEMPORARY') THEN
+        RAISE EXCEPTION 'peers still have TEMPORARY on database %',
+                        pg_catalog.current_database()
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'a superuser runs ''pgvpn db init'' first: it gives the database '
+                         'to the owner, who migrates';
+    END IF;
 END
 $$;

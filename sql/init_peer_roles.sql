@@ -63,7 +63,8 @@ BEGIN
     END IF;
     -- An existing role is re-passworded only if it is exactly a peer's role: no
     -- attribute, member of pgvpn_agent (without ADMIN OPTION, which would let it
-    -- hand the group to anyone) and of nothing else, no member of its own.
+    -- hand the group to anyone) and of nothing else, no member of its own, no
+    -- object, privilege or setting of its own.
     -- Anything else (the owner, a superuser, a role someone granted more to) would
     -- hand the caller a login with rights beyond a peer's.
     IF EXISTS (SELECT FROM pg_catalog.pg_roles r WHERE r.oid = existing
@@ -75,7 +76,13 @@ BEGIN
        OR EXISTS (SELECT FROM pg_catalog.pg_auth_members m
                   WHERE (m.member = existing
                          AND m.roleid <> 'pgvpn_agent'::pg_catalog.regrole)
-                     OR m.roleid = existing) THEN
+                     OR m.roleid = existing)
+       -- owns nothing, holds no privilege of its own, has no settings of its own
+       OR EXISTS (SELECT FROM pg_catalog.pg_shdepend d
+                  WHERE d.refclassid = 'pg_catalog.pg_authid'::pg_catalog.regclass
+                    AND d.refobjid = existing)
+       OR EXISTS (SELECT FROM pg_catalog.pg_db_role_setting s WHERE s.setrole = existing)
+    THEN
         RAISE EXCEPTION 'role % exists and is not only a pgvpn peer''s role', role_name
             USING ERRCODE = 'insufficient_privilege',
                   HINT = 'a superuser must remove or rename that role first';

@@ -54,7 +54,11 @@ def database_path_cut(lab: LabHandle, host: str, ports: list[int] | None = None
 
 
 def sessions(conn: psycopg.Connection, peer: str) -> dict[int, tuple[str, datetime]]:
-    """An agent's database sessions: pid -> (job, backend_start)."""
+    """An agent's database sessions: pid -> (job, backend_start).
+
+    `conn` is the server's superuser's: the owner of pgvpn sees no other role's
+    client port or start time, and may end no other role's session.
+    """
     rows = conn.execute("SELECT pid, application_name, backend_start FROM pg_stat_activity "
                         "WHERE application_name LIKE %s", [f"pgvpn {peer} %"]).fetchall()
     return {pid: (name.split()[2], started) for pid, name, started in rows}
@@ -102,13 +106,13 @@ def test_a_path_that_drops_everything_for_60s_recovers_within_10s_of_its_return(
 def test_a_listener_flow_the_nat_forgot_is_noticed_and_replaced(any_lab: LabHandle) -> None:
     """Only the idle LISTEN connection's flow is dropped: without keepalives nothing
     would ever notice, and every wake-up would come from the idle poll, forever."""
-    with psycopg.connect(any_lab.conninfo(), autocommit=True) as owner:
-        (old, port), = owner.execute(
+    with psycopg.connect(any_lab.conninfo(superuser=True), autocommit=True) as server:
+        (old, port), = server.execute(
             "SELECT pid, client_port FROM pg_stat_activity WHERE application_name "
             "LIKE 'pgvpn peer-b listener %'").fetchall()
         cut_at = time.monotonic()
         with database_path_cut(any_lab, "peer-b", [port]):
-            wait_for(lambda: [p for p, (job, _) in sessions(owner, "peer-b").items()
+            wait_for(lambda: [p for p, (job, _) in sessions(server, "peer-b").items()
                               if job == "listener" and p != old], "a new listener", timeout=40)
             replaced = time.monotonic() - cut_at
     print(f"listener replaced {replaced:.1f}s after its flow was cut")
@@ -134,17 +138,17 @@ def test_a_lost_session_the_server_keeps_is_taken_over_by_its_own_agent(
     without a RST, so the server keeps the old sessions and their locks (until its
     own keepalives give up, 25 s in the lab). The agent ends them itself."""
     assert seconds_until_ping(any_lab, "peer-a", PEER_B) < 5
-    with psycopg.connect(any_lab.conninfo(), autocommit=True) as owner:
-        before = sessions(owner, "peer-a")
+    with psycopg.connect(any_lab.conninfo(superuser=True), autocommit=True) as server:
+        before = sessions(server, "peer-a")
         old = {job: pid for pid, (job, _) in before.items()}
         traffic = background_pings(any_lab, 30)
         cut_at = time.monotonic()
         with database_path_cut(any_lab, "peer-a", database_ports(any_lab, "peer-a")):
             recovered = seconds_until_ping(any_lab, "peer-a", PEER_B, timeout=60)
             took_over = time.monotonic() - cut_at
-            wait_for(lambda: not set(old.values()) & set(sessions(owner, "peer-a")),
+            wait_for(lambda: not set(old.values()) & set(sessions(server, "peer-a")),
                      "the lost sessions to end", timeout=30)
-            after = sessions(owner, "peer-a")
+            after = sessions(server, "peer-a")
         traffic.join(timeout=60)
     print(f"tunnel back {took_over:.1f}s after the flows were cut ({recovered:.1f}s of pings)")
     # sooner than the server's own keepalives (10 s + 3 x 5 s) would have freed the locks
@@ -166,10 +170,10 @@ def test_a_live_agent_holding_the_sender_lock_is_refused_never_ended(
     """Another session of peer-a's own role takes the sender lock, as a second agent
     would: peer-a's uplink must say who holds it and leave that session alone."""
     key = "pgvpn.sender.peer-a"
-    with psycopg.connect(any_lab.conninfo(), autocommit=True) as owner, \
+    with psycopg.connect(any_lab.conninfo(superuser=True), autocommit=True) as server, \
             connect_as(any_lab, "peer-a") as rival:
-        uplink, = [p for p, (job, _) in sessions(owner, "peer-a").items() if job == "uplink"]
-        owner.execute("SELECT pg_terminate_backend(%s, 5000)", [uplink])
+        uplink, = [p for p, (job, _) in sessions(server, "peer-a").items() if job == "uplink"]
+        server.execute("SELECT pg_terminate_backend(%s, 5000)", [uplink])
 
         def taken() -> bool:
             row = rival.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",

@@ -18,6 +18,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgvpn import bootstrap, migrate
 from pgvpn.copyformat import PACKET_COLUMNS
+from pgvpn.errors import PgvpnError
 from tests.conftest import ROOT, LabHandle
 from tests.peerside import peer_conninfo
 
@@ -100,3 +101,51 @@ def test_an_agent_on_an_old_schema_says_who_must_migrate(old_database: LabHandle
     with psycopg.connect(conninfo_for(old_database, superuser=True), autocommit=True) as conn:
         assert conn.execute("SELECT max(version) FROM pgvpn.schema_migrations"
                             ).fetchone() == (BEFORE_TRUST,)
+
+
+def test_init_never_runs_the_owners_code_as_the_superuser(any_lab: LabHandle) -> None:
+    """The owner owns its database's schema public and settings: an operator it planted
+    there, and a search_path that finds it first, must not run in init's session."""
+    planted = [
+        "CREATE FUNCTION public.ne(a oid, b regrole) RETURNS boolean LANGUAGE plpgsql AS $$ "
+        "BEGIN IF (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user) "
+        "THEN EXECUTE 'ALTER ROLE pgvpn_owner SUPERUSER'; END IF; "
+        "RETURN a OPERATOR(pg_catalog.<>) b::oid; END $$",
+        "CREATE OPERATOR public.<> (LEFTARG = oid, RIGHTARG = regrole, FUNCTION = public.ne)",
+        "ALTER DATABASE pgvpn SET search_path = public, pg_catalog"]
+    for statement in planted:
+        any_lab.sql(statement)
+    try:
+        bootstrap.init_database(conninfo_for(any_lab, superuser=True, dbname="postgres"),
+                                "pgvpn", bootstrap.OWNER, None, lambda line: None)
+        assert any_lab.sql("SELECT rolsuper FROM pg_roles WHERE rolname = 'pgvpn_owner'",
+                           superuser=True) == [(False,)]
+    finally:
+        for statement in ("ALTER DATABASE pgvpn RESET search_path",
+                          "DROP OPERATOR public.<> (oid, regrole)", "DROP FUNCTION public.ne"):
+            any_lab.sql(statement, superuser=True)
+        any_lab.sql("ALTER ROLE pgvpn_owner NOSUPERUSER", superuser=True)
+
+
+def test_init_takes_over_nothing_it_should_not(any_lab: LabHandle) -> None:
+    superuser = conninfo_for(any_lab, superuser=True, dbname="postgres")
+    with pytest.raises(PgvpnError, match="the server's own"):
+        bootstrap.init_database(superuser, "postgres", bootstrap.OWNER, None, print)
+    any_lab.sql(f"DROP DATABASE IF EXISTS {SCRATCH}", superuser=True)
+    any_lab.sql(f"CREATE DATABASE {SCRATCH}", superuser=True)
+    any_lab.sql("CREATE ROLE trust_owner_cr LOGIN CREATEROLE", superuser=True)
+    try:
+        with psycopg.connect(conninfo_for(any_lab, superuser=True), autocommit=True) as conn:
+            conn.execute("CREATE TABLE public.someone_elses (x int)")
+        with pytest.raises(PgvpnError, match="holds 1 relation"):
+            bootstrap.init_database(superuser, SCRATCH, bootstrap.OWNER, None, print)
+        with pytest.raises(PgvpnError, match=r"more than pgvpn's part for it \(CREATEROLE\)"):
+            bootstrap.init_database(superuser, "pgvpn_fresh_probe", "trust_owner_cr", None,
+                                    print)
+        assert any_lab.sql("SELECT pg_get_userbyid(datdba) FROM pg_database "
+                           "WHERE datname = %s", [SCRATCH], superuser=True) == [("postgres",)]
+        assert any_lab.sql("SELECT count(*) FROM pg_database WHERE datname = "
+                           "'pgvpn_fresh_probe'", superuser=True) == [(0,)]
+    finally:
+        any_lab.sql(f"DROP DATABASE IF EXISTS {SCRATCH} WITH (FORCE)", superuser=True)
+        any_lab.sql("DROP ROLE trust_owner_cr", superuser=True)

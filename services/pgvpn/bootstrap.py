@@ -36,8 +36,9 @@ Progress = Callable[[str], None]
 
 def owner_role(name: str) -> str:
     """A role name for the owner: not one of pgvpn's other roles, no quoting needed."""
-    if not ROLE_NAME.match(name) or name in (*GROUP_ROLES, PEER_MAKER):
-        raise ValueError(f"use 1-63 lower-case letters, digits and '_' (not "
+    if (not ROLE_NAME.match(name) or name in (*GROUP_ROLES, PEER_MAKER)
+            or name.startswith("pg_")):
+        raise ValueError(f"use 1-63 lower-case letters, digits and '_' (not pg_..., "
                          f"{', '.join((*GROUP_ROLES, PEER_MAKER))})")
     return name
 
@@ -67,21 +68,29 @@ def init_database(conninfo: str, database: str, owner: str, owner_password: str 
             check(value)
         except ValueError as exc:
             raise PgvpnError(f"{what} {value!r}: {exc}") from None
-    with psycopg.connect(conninfo, autocommit=True, connect_timeout=10) as conn:
-        row = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"
-                           ).fetchone()
+    with _superuser(conninfo) as conn:
+        row = conn.execute("SELECT rolsuper, current_setting('server_version_num')::int "
+                           "FROM pg_roles WHERE rolname = current_user").fetchone()
         if not row or not row[0]:
             raise PgvpnError("'pgvpn db init' needs a superuser connection (it creates the "
                              "roles and the database once; nothing after it needs one)")
+        if not 150000 <= row[1] < 160000:
+            raise PgvpnError(f"PostgreSQL {row[1] // 10000} is not supported yet: the peer "
+                             "roles' rules rest on PostgreSQL 15's CREATEROLE (16 changed it)")
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
+                              [database]).fetchone()
+    if exists:
+        with _superuser(conninfo, database) as conn:
+            _refuse_foreign_database(conn, database)
+    with _superuser(conninfo) as conn:
         _ensure_roles(conn, owner, owner_password, progress)
         _ensure_database(conn, database, owner, progress)
-    with psycopg.connect(make_conninfo(conninfo, dbname=database), autocommit=True,
-                         connect_timeout=10) as conn, conn.transaction():
+    with _superuser(conninfo, database) as conn, conn.transaction():
         _restrict_database(conn, database, owner)
         _hand_over_schema(conn, owner, progress)
-        conn.execute("SET LOCAL search_path = pg_catalog, pg_temp")
         conn.execute(sql.SQL(resources.files("pgvpn.migrations")
                              .joinpath("init_peer_roles.sql").read_text()))
+        _check_peer_maker_schema(conn)
         conn.execute(sql.SQL("GRANT USAGE ON SCHEMA pgvpn_admin TO {}; "
                              "GRANT EXECUTE ON FUNCTION pgvpn_admin.ensure_peer_role(text, "
                              "text) TO {}").format(sql.Identifier(owner),
@@ -89,30 +98,84 @@ def init_database(conninfo: str, database: str, owner: str, owner_password: str 
     progress(f"database {database} ready; its owner {owner} runs the rest")
 
 
-def _role(conn: psycopg.Connection, name: str) -> tuple[bool, bool] | None:
-    """(superuser, createrole) of role `name`, or None if there is no such role."""
-    row = conn.execute("SELECT rolsuper, rolcreaterole FROM pg_roles WHERE rolname = %s",
-                       [name]).fetchone()
-    return (bool(row[0]), bool(row[1])) if row else None
+def _superuser(conninfo: str, database: str | None = None) -> psycopg.Connection:
+    """A superuser session that nothing the owner made can reach into.
+
+    The owner owns the database and its schema public, and may set the database's
+    search_path: the session's own, given at connect, comes first and names only
+    the catalog (pg_temp, last, is the superuser's own).
+    """
+    params = {"dbname": database} if database else {}
+    return psycopg.connect(make_conninfo(conninfo, **params), autocommit=True,
+                           connect_timeout=10, options="-c search_path=pg_catalog,pg_temp")
+
+
+def _refuse_foreign_database(conn: psycopg.Connection, database: str) -> None:
+    """An existing database is taken over only if it is pgvpn's or holds nothing yet.
+
+    Handing another application's database to the owner would give the owner its
+    schema public and cut every other role's CONNECT.
+    """
+    if database in ("postgres", "template0", "template1"):
+        raise PgvpnError(f"database {database} is the server's own: give pgvpn a database "
+                         "of its own (--database)")
+    row = conn.execute(
+        "SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = 'pgvpn'), "
+        "(SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        " WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast') "
+        " AND n.nspname NOT LIKE 'pg_temp_%' AND n.nspname NOT LIKE 'pg_toast_temp_%'"
+        " AND n.nspname NOT IN ('pgvpn', 'pgvpn_admin'))").fetchone()
+    assert row is not None
+    has_pgvpn, foreign = row
+    if not has_pgvpn and foreign:
+        raise PgvpnError(f"database {database} already holds {foreign} relation(s) of "
+                         "something else: give pgvpn a database of its own (--database)")
+
+
+# What a role found already in place may be, so that pgvpn's rules about it hold:
+# attributes that would give it more than its part, and memberships it must not have.
+ROLE_PROBLEMS = """
+SELECT concat_ws(', ',
+    CASE WHEN r.rolsuper THEN 'SUPERUSER' END,
+    CASE WHEN r.rolcreaterole AND NOT %(maker)s THEN 'CREATEROLE' END,
+    CASE WHEN r.rolreplication THEN 'REPLICATION' END,
+    CASE WHEN r.rolbypassrls THEN 'BYPASSRLS' END,
+    CASE WHEN r.rolcanlogin AND NOT %(login)s THEN 'LOGIN' END,
+    (SELECT 'member of ' || string_agg(m.roleid::regrole::text, ', ')
+     FROM pg_auth_members m WHERE m.member = r.oid),
+    CASE WHEN %(maker)s THEN (SELECT 'has members ' || string_agg(m.member::regrole::text, ', ')
+                             FROM pg_auth_members m WHERE m.roleid = r.oid) END)
+FROM pg_roles r WHERE r.rolname = %(name)s
+"""
+
+
+def _existing_role(conn: psycopg.Connection, name: str, *, login: bool = False,
+                   maker: bool = False) -> bool:
+    """True if role `name` exists; PgvpnError if it is more than pgvpn's part for it."""
+    row = conn.execute(ROLE_PROBLEMS, {"name": name, "login": login, "maker": maker}
+                       ).fetchone()
+    if row is None:
+        return False
+    if row[0]:
+        raise PgvpnError(f"role {name} exists and is more than pgvpn's part for it "
+                         f"({row[0]}): a superuser must change or remove it first")
+    return True
 
 
 def _ensure_roles(conn: psycopg.Connection, owner: str, password: str | None,
                   progress: Progress) -> None:
     for group in GROUP_ROLES:
-        if _role(conn, group) is None:
+        if not _existing_role(conn, group):
             conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(group)))
             progress(f"created group role {group}")
-    if _role(conn, PEER_MAKER) is None:
+    if not _existing_role(conn, PEER_MAKER, maker=True):
         conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN NOINHERIT CREATEROLE")
                      .format(sql.Identifier(PEER_MAKER)))
         progress(f"created {PEER_MAKER} (owns the function that makes peer roles)")
-    found = _role(conn, owner)
-    if found is not None and found[0]:
-        raise PgvpnError(f"role {owner} is a superuser: the owner must not be one (that "
-                         "is what 'pgvpn db init' is for); choose another --owner")
+    found = _existing_role(conn, owner, login=True)
     password_clause = (sql.SQL(" PASSWORD {}").format(
         sql.Literal(verifier(conn, owner, password))) if password else sql.SQL(""))
-    if found is None:
+    if not found:
         conn.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE "
                              "NOREPLICATION NOBYPASSRLS{}").format(sql.Identifier(owner),
                                                                    password_clause))
@@ -134,6 +197,24 @@ def _ensure_database(conn: psycopg.Connection, database: str, owner: str,
         conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(
             sql.Identifier(database), sql.Identifier(owner)))
         progress(f"database {database}: owner {row[0]} -> {owner}")
+
+
+def _check_peer_maker_schema(conn: psycopg.Connection) -> None:
+    """pgvpn_admin must be pgvpn_peermaker's and hold its one function, nothing else.
+
+    The owner may create schemas in its database: one it made in advance under this
+    name would otherwise stay its own, beside the function that has CREATEROLE.
+    """
+    row = conn.execute(
+        "SELECT pg_get_userbyid(n.nspowner), "
+        "(SELECT count(*) FROM pg_class c WHERE c.relnamespace = n.oid) + "
+        "(SELECT count(*) FROM pg_proc p WHERE p.pronamespace = n.oid) + "
+        "(SELECT count(*) FROM pg_type t WHERE t.typnamespace = n.oid) + "
+        "(SELECT count(*) FROM pg_operator o WHERE o.oprnamespace = n.oid) "
+        "FROM pg_namespace n WHERE n.nspname = 'pgvpn_admin'").fetchone()
+    if row != (PEER_MAKER, 1):
+        raise PgvpnError(f"schema pgvpn_admin is not as pgvpn makes it (owner and objects: "
+                         f"{row}): a superuser must drop it, then run 'pgvpn db init' again")
 
 
 def _restrict_database(conn: psycopg.Connection, database: str, owner: str) -> None:
