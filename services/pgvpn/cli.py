@@ -140,7 +140,7 @@ def run_probe(args: argparse.Namespace) -> int:
     if not args.address:
         raise PgvpnError("give the remote tunnel address, or set TUN_PEER")
     try:
-        answered = tunnel_answers(args.address, args.timeout)
+        answered = tunnel_answers(str(args.address), args.timeout)
     except (ValueError, OSError) as exc:
         raise PgvpnError(f"cannot probe {args.address}: {exc}") from None
     print(f"{args.address}: {'answers' if answered else 'no answer'}", file=sys.stderr)
