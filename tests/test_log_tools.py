@@ -37,6 +37,7 @@ from pgvpn.logs.pcap import LINKTYPE_RAW, write_pcap
 from pgvpn.logs.replay import read_input, schedule
 from pgvpn.timespec import format_duration, parse_duration, parse_time
 from tests.conftest import ROOT, CliBackend, LabHandle
+from tests.peerside import connect_as
 
 PEER_A, PEER_B = "10.230.0.1", "10.230.0.2"
 NOW = datetime(2025, 11, 25, 12, 0, tzinfo=UTC)
@@ -379,13 +380,12 @@ def test_replay_into_the_scratch_host_is_answered_there(any_lab: LabHandle) -> N
 def test_retention_policy_is_applied_by_an_agent_role(netns_lab: LabHandle) -> None:
     old = (db_now(netns_lab) - timedelta(days=60)).date()
     name = f"packets_{old:%Y%m%d}"
-    with psycopg.connect(netns_lab.conninfo(), autocommit=True) as conn, \
-            psycopg.connect(netns_lab.conninfo(), autocommit=True) as other:
-        make_old_partition(conn, name, old, rows=10)
-        conn.execute("UPDATE pgvpn.log_settings SET retention = '30 days'")
+    # two agents' own roles: the owner is no member of pgvpn_agent, and need not be
+    with psycopg.connect(netns_lab.conninfo(), autocommit=True) as owner, \
+            connect_as(netns_lab, "peer-a") as conn, connect_as(netns_lab, "peer-b") as other:
+        make_old_partition(owner, name, old, rows=10)
+        owner.execute("UPDATE pgvpn.log_settings SET retention = '30 days'")
         try:
-            conn.execute("SET ROLE pgvpn_agent")
-            other.execute("SET ROLE pgvpn_agent")
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute(f"DROP TABLE pgvpn.{name}")  # agents cannot drop on their own
             with conn.transaction():
@@ -393,9 +393,8 @@ def test_retention_policy_is_applied_by_an_agent_role(netns_lab: LabHandle) -> N
                 # the other agent's maintenance at the same moment skips, without waiting
                 assert other.execute("SELECT pgvpn.apply_retention()").fetchone() == (0,)
         finally:
-            conn.execute("RESET ROLE")
-            conn.execute("UPDATE pgvpn.log_settings SET retention = NULL")
-        assert conn.execute("SELECT to_regclass(%s)", [f"pgvpn.{name}"]).fetchone() == (None,)
+            owner.execute("UPDATE pgvpn.log_settings SET retention = NULL")
+        assert owner.execute("SELECT to_regclass(%s)", [f"pgvpn.{name}"]).fetchone() == (None,)
 
 
 def test_finer_partitions_fill_gaps_without_overlaps(netns_lab: LabHandle) -> None:

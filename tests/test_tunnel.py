@@ -60,9 +60,11 @@ def test_iperf3_delivers_every_byte_and_every_packet_is_logged(any_lab: LabHandl
     tun_a0, tun_b0, logged0 = quiet_snapshot(any_lab)
 
     result = iperf(CliBackend(any_lab), server="peer-b", address=PEER_B, client="peer-a",
-                   duration=4)
+                   duration=8)
     # iperf3 stops counting at its end-of-test message, so bytes still in flight then are
     # missing from sum_received: equality is checked byte for byte by stream_transfer below.
+    # What is in flight is about the tunnel's queues, whatever the duration: 8 s keeps it
+    # under 5% of the total even at ~100 Mbit/s on two shared cores.
     assert result.bytes_received >= 0.95 * result.bytes_sent > 10_000_000
     assert stream_transfer(any_lab, 20_000_000)
 
