@@ -102,12 +102,29 @@ def test_receiver_killed_resumes_from_its_cursor_and_writes_nothing_twice(
         quiet_snapshot(any_lab)
         # the new TUN device received exactly the rows past the cursor: every packet
         # delivered before the crash (cursor included) was not delivered again
-        last = scalar(any_lab, LAST_SEQ, "peer-a")
-        assert any_lab.tun_counters("peer-b")["rx"] == last - cursor
+        last, received = settled_delivery(any_lab)
+        assert received == last - cursor
         assert scalar(any_lab, CURSOR, "peer-b", "peer-a") == last
         assert_whole_streams(any_lab)
     finally:
         lab_cli(any_lab, "restart", "peer-b")  # back to the lab's own settings
+
+
+def settled_delivery(lab: LabHandle) -> tuple[int, int]:
+    """peer-a's last seq and peer-b's TUN rx counter, read while nothing moves.
+
+    A Docker health check (`pgvpn probe`) may send a packet at any moment: the two
+    figures count only when the log, the cursor and the counter agree twice in a row.
+    """
+    previous = None
+    for _ in range(100):
+        last = scalar(lab, LAST_SEQ, "peer-a")
+        now = (last, lab.tun_counters("peer-b")["rx"], scalar(lab, CURSOR, "peer-b", "peer-a"))
+        if now == previous and now[2] == last:
+            return now[0], now[1]
+        previous = now
+        time.sleep(0.3)
+    raise AssertionError(f"peer-a's log and peer-b's TUN never settled: {previous}")
 
 
 def test_sender_killed_mid_stream_logs_nothing_twice(any_lab: LabHandle) -> None:
