@@ -116,16 +116,18 @@ def wait_read_past(lab: LabHandle, receiver: str, sender: str, seq: int,
 def stream_restored(lab: LabHandle) -> Iterator[None]:
     """Afterwards peer-a's stream ends where it ended before, and both agents run.
 
-    The owner removes what was logged as peer-a past that point, so that no other
-    test meets it, and moves peer-b's cursor back (peer-b restarted: it keeps its
-    cursor in memory).
+    The owner removes what was logged as peer-a since then, so that no other test
+    meets it: past that point, and below it too (a fuzz steps back and repeats seqs,
+    which would break the gap-free numbering later tests check). It moves peer-b's
+    cursor back (peer-b restarted: it keeps its cursor in memory).
     """
     last = last_seq(lab, "peer-a")
+    (started,), = owner_query(lab, "SELECT clock_timestamp()")
     yield
     lab_cli(lab, "stop", "peer-a")
     lab_cli(lab, "stop", "peer-b")
-    owner_execute(lab, "DELETE FROM pgvpn.packets WHERE sender = 'peer-a' AND seq > %s",
-                  [last])
+    owner_execute(lab, "DELETE FROM pgvpn.packets WHERE sender = 'peer-a' "
+                  "AND (seq > %s OR logged_at >= %s)", [last, started])
     owner_execute(lab, "UPDATE pgvpn.cursors SET last_seq = least(last_seq, %s) "
                   "WHERE receiver = 'peer-b' AND sender = 'peer-a'", [last])
     lab_cli(lab, "start", "peer-b")

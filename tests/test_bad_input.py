@@ -18,7 +18,7 @@ import pytest
 from lab.measure import ping
 from tests.conftest import ROOT, CliBackend, LabHandle
 from tests.peerside import agent_log, counted_warnings, lab_cli, owner_execute, wait_for
-from tests.test_tunnel import quiet_snapshot
+from tests.test_tunnel import logged_between, quiet_snapshot
 
 PEER_A, PEER_B = "10.230.0.1", "10.230.0.2"
 BASE_ENV = {"PATH": "/usr/bin:/bin", "PGVPN_NAME": "peer-a", "PGVPN_PEER": "peer-b",
@@ -99,7 +99,8 @@ def test_frames_that_are_not_packets_are_counted_and_dropped(any_lab: LabHandle)
     sent = int(any_lab.exec("peer-a", "python3", "-c", INJECT).stdout)
     tun_a1, _, logged1 = quiet_snapshot(any_lab)
     read = tun_a1["tx"] - tun_a0["tx"]
-    assert read - (logged1["peer-a"] - logged0["peer-a"]) == sent  # none of them logged
+    logged = logged_between(any_lab, logged0, logged1)["peer-a"]
+    assert read - logged == sent  # none of them logged
     wait_for(lambda: counted_warnings(agent_log(any_lab, "peer-a", 5000), BAD_FRAMES_LOG)
              - reported0 == sent, "the agent to report the dropped frames")
     assert tun_index(any_lab, "peer-a") == index  # the same agent, still running

@@ -19,7 +19,7 @@ import pytest
 from lab.measure import ping
 from tests.conftest import ROOT, CliBackend, LabHandle
 from tests.peerside import agent_log, lab_cli, sender_stream_is_whole
-from tests.test_tunnel import iperf_while, quiet_snapshot
+from tests.test_tunnel import iperf_while, logged_between, quiet_snapshot
 
 PEER_A, PEER_B = "10.230.0.1", "10.230.0.2"
 CURSOR = ("SELECT last_seq FROM pgvpn.cursors WHERE receiver = %s AND sender = %s")
@@ -74,13 +74,14 @@ def test_postgres_restarted_during_a_transfer(any_lab: LabHandle, how: str) -> N
 
     tun_a1, tun_b1, logged1 = quiet_snapshot(any_lab)
     # every packet an uplink read from its TUN was committed once, outage or not ...
-    assert logged1["peer-a"] - logged0["peer-a"] == tun_a1["tx"] - tun_a0["tx"]
-    assert logged1["peer-b"] - logged0["peer-b"] == tun_b1["tx"] - tun_b0["tx"]
+    rows = logged_between(any_lab, logged0, logged1)
+    assert rows["peer-a"] == tun_a1["tx"] - tun_a0["tx"]
+    assert rows["peer-b"] == tun_b1["tx"] - tun_b0["tx"]
     assert_whole_streams(any_lab)
     # ... and no logged packet reached a TUN twice (a batch read as the connection
     # died may be lost: the cursor moved with it; TCP resent those)
-    assert tun_b1["rx"] - tun_b0["rx"] <= logged1["peer-a"] - logged0["peer-a"]
-    assert tun_a1["rx"] - tun_a0["rx"] <= logged1["peer-b"] - logged0["peer-b"]
+    assert tun_b1["rx"] - tun_b0["rx"] <= rows["peer-a"]
+    assert tun_a1["rx"] - tun_a0["rx"] <= rows["peer-b"]
 
 
 def test_receiver_killed_resumes_from_its_cursor_and_writes_nothing_twice(

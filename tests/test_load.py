@@ -17,7 +17,7 @@ import pytest
 
 from lab.measure import iperf
 from tests.conftest import CliBackend, LabHandle
-from tests.test_tunnel import quiet_snapshot, wait_for_listener
+from tests.test_tunnel import logged_between, quiet_snapshot, wait_for_listener
 
 DURATION = 30
 STREAMS = 4
@@ -82,7 +82,8 @@ def test_four_streams_each_way_for_30_seconds(any_lab: LabHandle) -> None:
         streams = result.raw["end"]["streams"]
         assert len(streams) == STREAMS, direction
         # what iperf3 had received by its end-of-test message; the rest was in flight
-        assert result.bytes_received >= 0.95 * result.bytes_sent > 1_000_000, direction
+        # (four windows' worth: see test_tunnel; every byte is the exact streams' check)
+        assert result.bytes_received >= 0.9 * result.bytes_sent > 1_000_000, direction
     for direction, (sent, received) in exact.items():
         assert sent and sent == received, direction  # every byte, unaltered
 
@@ -90,7 +91,8 @@ def test_four_streams_each_way_for_30_seconds(any_lab: LabHandle) -> None:
     assert {host: tun_index(any_lab, host) for host in ENDS} == indexes  # no crash
     sent_by_a = tun_a1["tx"] - tun_a0["tx"]
     sent_by_b = tun_b1["tx"] - tun_b0["tx"]
-    assert logged1["peer-a"] - logged0["peer-a"] == sent_by_a
-    assert logged1["peer-b"] - logged0["peer-b"] == sent_by_b
+    rows = logged_between(any_lab, logged0, logged1)
+    assert rows["peer-a"] == sent_by_a
+    assert rows["peer-b"] == sent_by_b
     assert tun_b1["rx"] - tun_b0["rx"] == sent_by_a
     assert tun_a1["rx"] - tun_a0["rx"] == sent_by_b
