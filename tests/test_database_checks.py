@@ -261,6 +261,20 @@ BEGIN
 END
 $$;
 """
+# lock_own() that takes whatever lock it is asked for: a name after the purpose
+# reaches another peer's lock.
+ANY_NAME_LOCK_OWN = r"""
+CREATE OR REPLACE FUNCTION pgvpn.lock_own(purpose text) RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF pgvpn.current_peer() IS NULL THEN
+        RAISE EXCEPTION 'not a peer' USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    RETURN pg_catalog.pg_try_advisory_lock(
+        pg_catalog.hashtextextended('pgvpn.' || purpose || '.' || pgvpn.current_peer(), 0));
+END
+$$;
+"""
 
 WEAKENINGS = [
     Weakening(
@@ -412,6 +426,21 @@ WEAKENINGS = [
         "ALTER POLICY own_cursors ON pgvpn.cursors TO public;",
         {"03_privileges.sql": red(
             "policy own_cursors on pgvpn.cursors applies to pgvpn_agent only")}),
+    Weakening(
+        "advisory-locks-for-public",
+        "GRANT EXECUTE ON FUNCTION pg_catalog.pg_advisory_lock(bigint), "
+        "pg_catalog.pg_try_advisory_lock_shared(integer, integer) TO PUBLIC;",
+        {"07_locks.sql": red(
+            "PUBLIC may call none of the advisory lock functions in this database",
+            "no peer, agent or reader role may call an advisory lock function",
+            "a peer is refused every advisory lock function, on any key",
+            "the locks held are exactly pgvpn.sender.tap-lock and pgvpn.receiver.tap-lock")}),
+    Weakening(
+        "lock-own-any-name",
+        ANY_NAME_LOCK_OWN,
+        {"07_locks.sql": red(
+            "lock_own() takes no other purpose (and no name in one)",
+            "the locks held are exactly pgvpn.sender.tap-lock and pgvpn.receiver.tap-lock")}),
     Weakening(
         "plpgsql-bugs",
         BROKEN_TRIGGER,

@@ -169,15 +169,13 @@ def test_a_live_agent_holding_the_sender_lock_is_refused_never_ended(
         any_lab: LabHandle) -> None:
     """Another session of peer-a's own role takes the sender lock, as a second agent
     would: peer-a's uplink must say who holds it and leave that session alone."""
-    key = "pgvpn.sender.peer-a"
     with psycopg.connect(any_lab.conninfo(superuser=True), autocommit=True) as server, \
             connect_as(any_lab, "peer-a") as rival:
         uplink, = [p for p, (job, _) in sessions(server, "peer-a").items() if job == "uplink"]
         server.execute("SELECT pg_terminate_backend(%s, 5000)", [uplink])
 
         def taken() -> bool:
-            row = rival.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
-                                [key]).fetchone()
+            row = rival.execute("SELECT pgvpn.lock_own('sender')").fetchone()
             return bool(row and row[0])
 
         wait_for(taken, "the rival to take the sender lock", timeout=10)

@@ -23,7 +23,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from lab.measure import ping
 from tests.conftest import ROOT, CliBackend, LabHandle
-from tests.peerside import connect_as, owner_execute, temporary_lent
+from tests.peerside import connect_as, lab_cli, owner_execute, temporary_lent
 
 # Runs the caller's wish whenever it runs with someone else's rights, and says so.
 ESCALATE = """
@@ -104,6 +104,27 @@ def test_only_the_owner_chooses_how_far_ahead(any_lab: LabHandle) -> None:
             errors.InsufficientPrivilege, match="only the owner"):
         conn.execute("SELECT pgvpn.ensure_partitions(400)")
     assert any_lab.sql("SELECT count(*) FROM pgvpn.log_partitions")[0][0] == before
+
+
+def test_a_peer_cannot_hold_another_peers_lock(any_lab: LabHandle) -> None:
+    """Advisory locks need no privilege in PostgreSQL: peer-a holding peer-b's sender
+    lock would keep peer-b's uplink out for as long as it liked. Here it may take
+    none; its own lock it takes through pgvpn.lock_own, and its agent holds that."""
+    with connect_as(any_lab, "peer-a") as conn:
+        for call in ("pg_advisory_lock(hashtextextended('pgvpn.sender.peer-b', 0))",
+                     "pg_try_advisory_lock(hashtextextended('pgvpn.receiver.peer-b', 0))",
+                     "pg_advisory_lock_shared(1, 2)"):
+            with pytest.raises(errors.InsufficientPrivilege):
+                conn.execute(f"SELECT {call}")
+        with pytest.raises(errors.InvalidParameterValue):
+            conn.execute("SELECT pgvpn.lock_own('sender.peer-b')")
+        # its own sender lock is its running agent's: refused, not stolen
+        assert conn.execute("SELECT pgvpn.lock_own('sender')").fetchone() == (False,)
+        assert conn.execute("SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid() "
+                            "AND locktype = 'advisory'").fetchone() == (0,)
+        # peer-b's agent takes its locks afresh while peer-a's session is still there
+        lab_cli(any_lab, "restart", "peer-b")
+        assert ping(CliBackend(any_lab), "peer-b", "10.230.0.1", count=2).received == 2
 
 
 def test_the_owner_is_a_plain_role_that_owns_everything(any_lab: LabHandle) -> None:

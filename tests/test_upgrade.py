@@ -82,6 +82,23 @@ def test_init_hands_an_old_database_to_the_owner_who_migrates_it(old_database: L
                    "has_database_privilege('pgvpn_agent', %s, 'CONNECT')",
                    [SCRATCH, SCRATCH], superuser=True)
     assert rows == [(False, True)]
+    # nor may peers take advisory locks there any more (sql/007_own_locks.sql)
+    with psycopg.connect(conninfo_for(lab, superuser=True), autocommit=True) as conn:
+        assert conn.execute("SELECT has_function_privilege('pgvpn_agent', "
+                            "'pg_advisory_lock(bigint)', 'EXECUTE')").fetchone() == (False,)
+
+
+def test_migrating_without_init_stops_at_the_locks_and_says_who_acts(
+        old_database: LabHandle) -> None:
+    """Where peers may still take any advisory lock (no `pgvpn db init` was run), 007
+    refuses, and the schema stays at the version before it."""
+    with psycopg.connect(conninfo_for(old_database, superuser=True), autocommit=True) as conn:
+        with pytest.raises(PgvpnError, match=r"migration 007_own_locks refused: peers may "
+                           r"still take any advisory lock .*a superuser runs 'pgvpn db init'"):
+            migrate.migrate(conn)
+        assert migrate.applied_version(conn) == 6
+        assert conn.execute("SELECT to_regprocedure('pgvpn.lock_own(text)')").fetchone() == (
+            None,)
 
 
 def test_an_agent_on_an_old_schema_says_who_must_migrate(old_database: LabHandle) -> None:

@@ -2,7 +2,8 @@
 
 It makes the roles (the owner, the group roles pgvpn_agent and pgvpn_reader, and
 pgvpn_peermaker behind the one function that makes peer roles), the database
-owned by the owner, and takes CONNECT and TEMPORARY on it away from PUBLIC. A
+owned by the owner, and takes CONNECT, TEMPORARY and advisory locks in it away
+from PUBLIC (peers take their own locks through pgvpn.lock_own). A
 database that an earlier pgvpn made as a superuser is handed over to the owner,
 schema and all. Afterwards `pgvpn db migrate`, `add-peer`, `prune` and
 `retention` run as the owner, so a hole in any function the owner runs yields
@@ -32,6 +33,12 @@ DATABASE_NAME = re.compile(r"\A[a-z_][a-z0-9_-]{0,62}\Z")
 ALTER_KIND = {"r": "TABLE", "p": "TABLE", "v": "VIEW", "m": "MATERIALIZED VIEW",
               "f": "FOREIGN TABLE", "S": "SEQUENCE"}
 Progress = Callable[[str], None]
+# Every function that takes an advisory lock (session or transaction, shared or not,
+# waiting or trying; bigint and int-pair keys): 16 in PostgreSQL 15.  Unlocking
+# touches only the caller's own locks and stays PUBLIC's.
+ADVISORY_LOCKS = ("SELECT p.oid::regprocedure::text FROM pg_proc p "
+                  "WHERE p.pronamespace = 'pg_catalog'::regnamespace "
+                  "AND p.proname ~ '^pg_(try_)?advisory_(xact_)?lock(_shared)?$' ORDER BY 1")
 
 
 def owner_role(name: str) -> str:
@@ -218,12 +225,19 @@ def _check_peer_maker_schema(conn: psycopg.Connection) -> None:
 
 
 def _restrict_database(conn: psycopg.Connection, database: str, owner: str) -> None:
-    """CONNECT for pgvpn's roles only; TEMPORARY for nobody but the owner."""
+    """CONNECT for pgvpn's roles only; TEMPORARY for nobody but the owner; advisory
+    locks for the owner only (peers take their own through pgvpn.lock_own, 007)."""
     name = sql.Identifier(database)
     conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(name))
     conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
         name, sql.SQL(", ").join(map(sql.Identifier, GROUP_ROLES))))
     conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+    # pg_proc is per database: this changes who may lock here, nowhere else.
+    for (function,) in conn.execute(ADVISORY_LOCKS).fetchall():
+        conn.execute(sql.SQL("REVOKE EXECUTE ON FUNCTION {} FROM PUBLIC").format(
+            sql.SQL(function)))
+        conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(
+            sql.SQL(function), sql.Identifier(owner)))
 
 
 def _hand_over_schema(conn: psycopg.Connection, owner: str, progress: Progress) -> None:

@@ -69,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         "init", help="once, as a superuser: roles, database, and the owner that runs the rest",
         description="Create the owner role (no superuser, no CREATEROLE), pgvpn's group roles, "
         "the database owned by the owner, and the one function through which the owner "
-        "makes peer roles; take CONNECT and TEMPORARY on the database from PUBLIC. A "
-        "database an earlier pgvpn made is handed over to the owner. Safe to run again.")
+        "makes peer roles; take CONNECT, TEMPORARY and advisory locks in the database from "
+        "PUBLIC (peers lock only their own names). A database an earlier pgvpn made is "
+        "handed over to the owner. Safe to run again.")
     init.add_argument("--owner", default=bootstrap.OWNER, metavar="ROLE",
                       type=checked(bootstrap.owner_role),
                       help=f"the owner's login role (default {bootstrap.OWNER})")

@@ -2,6 +2,8 @@
 
 A peer's uplink and downlink each hold a session advisory lock (`pgvpn.sender.NAME`,
 `pgvpn.receiver.NAME`) so that one process alone sends or receives as that peer.
+Only that peer's role can take them: peers lock through pgvpn.lock_own(), which
+names the lock after the session's own peer (sql/007_own_locks.sql).
 When only the client sees its connection die (a black-holed path, a NAT that
 forgot the flow), the server's backend lives on, holding the lock, until the
 server's own keepalive gives up on it; every reconnect would be refused meanwhile.
@@ -76,25 +78,28 @@ def holders(conn: psycopg.Connection, key: str) -> list[Holder]:
     return [Holder(*row) for row in conn.execute(HOLDERS, [key]).fetchall()]
 
 
-def _try_lock(conn: psycopg.Connection, key: str) -> bool:
-    row = conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", [key]).fetchone()
+def _try_lock(conn: psycopg.Connection, purpose: str) -> bool:
+    """The database names the lock after the session's peer (sql/007_own_locks.sql):
+    a peer may take no other advisory lock, so none can hold another peer's."""
+    row = conn.execute("SELECT pgvpn.lock_own(%s)", [purpose]).fetchone()
     return bool(row and row[0])
 
 
-def take_session_lock(conn: psycopg.Connection, key: str, what: str) -> None:
-    """Hold the session lock `key` on `conn`, ending our own lost session that holds it.
+def take_own_lock(conn: psycopg.Connection, purpose: str, peer: str) -> None:
+    """Hold the session lock that makes `conn` the `purpose` ('sender' or 'receiver')
+    for `peer` (the session's own), ending our own lost session that holds it.
 
-    `what` says what the lock makes us, e.g. "the sender for 'peer-a'".
     Raises DatabaseError, naming the holder, if another agent holds it.
     """
-    if _try_lock(conn, key):
+    key, what = f"pgvpn.{purpose}.{peer}", f"the {purpose} for {peer!r}"
+    if _try_lock(conn, purpose):
         return
     found = holders(conn, key)
     for stale in (h for h in found if h.ours):
         log.warning("%s: ending this agent's own lost session that still holds the lock "
                     "(%s)", what, stale)
         conn.execute("SELECT pg_terminate_backend(%s, %s)", [stale.pid, TERMINATE_WAIT_MS])
-    if _try_lock(conn, key):
+    if _try_lock(conn, purpose):
         return
     found = holders(conn, key) or found
     raise DatabaseError(f"another agent is already {what} ({'; '.join(map(str, found))}): "

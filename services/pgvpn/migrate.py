@@ -71,6 +71,11 @@ def migrate(conn: psycopg.Connection) -> int:
                     conn.execute("INSERT INTO pgvpn.schema_migrations (version, name) "
                                  "VALUES (%s, %s)", [migration.version, migration.name])
             except psycopg.errors.InsufficientPrivilege as exc:
+                if exc.diag.message_hint:  # a migration's own check: it says who must act
+                    raise DatabaseError(
+                        f"schema is at version {current}, {latest} is needed, and migration "
+                        f"{migration.version:03d}_{migration.name} refused: "
+                        f"{exc.diag.message_primary}; {exc.diag.message_hint}") from None
                 raise DatabaseError(
                     f"schema is at version {current}, {latest} is needed, and this role may "
                     f"not migrate it ({exc.diag.message_primary}); run 'pgvpn db migrate' "

@@ -1,6 +1,6 @@
 -- Who owns what, and what the roles are (SECURITY.md, "The roles"; `pgvpn db init`).
 \ir begin.inc
-SELECT plan(49);
+SELECT plan(50);
 
 -- ------------------------------------------------------------------ owners
 SELECT db_owner_is(current_database(), 'pgvpn_owner', 'the database is owned by pgvpn_owner');
@@ -26,7 +26,7 @@ SELECT set_eq(
     ARRAY['pgvpn.apply_retention()', 'pgvpn.blog_v1_notify()', 'pgvpn.current_peer()',
           'pgvpn.decode_headers(bytea)', 'pgvpn.ensure_partitions(integer)',
           'pgvpn.expired_partitions(timestamp with time zone)', 'pgvpn.last_sent_seq()',
-          'pgvpn.partition_name(timestamp with time zone,timestamp with time zone)',
+          'pgvpn.lock_own(text)', 'pgvpn.partition_name(timestamp with time zone,timestamp with time zone)',
           'pgvpn.partition_ranges()', 'pgvpn_admin.ensure_peer_role(text,text)'],
     'schemas pgvpn and pgvpn_admin hold exactly the known functions');
 
@@ -50,6 +50,7 @@ FROM (VALUES
     ('pgvpn', 'ensure_partitions', '{integer}', 'pgvpn_owner'),
     ('pgvpn', 'expired_partitions', '{timestamp with time zone}', 'pgvpn_owner'),
     ('pgvpn', 'last_sent_seq', '{}', 'pgvpn_owner'),
+    ('pgvpn', 'lock_own', '{text}', 'pgvpn_owner'),
     ('pgvpn', 'partition_name', '{timestamp with time zone,timestamp with time zone}',
      'pgvpn_owner'),
     ('pgvpn', 'partition_ranges', '{}', 'pgvpn_owner'),

@@ -2,7 +2,7 @@
 -- search_path (or a SQL-standard body), and EXECUTE for exactly the roles that
 -- call it (sql/005_trust.sql, sql/init_peer_roles.sql).
 \ir begin.inc
-SELECT plan(59);
+SELECT plan(65);
 
 -- The intended state, one row per function.  `callers`: the roles granted EXECUTE
 -- besides the function's owner (who always has it).
@@ -13,6 +13,7 @@ INSERT INTO intended VALUES
     ('pgvpn', 'apply_retention', '{}', true, '{pgvpn_agent}'),
     ('pgvpn', 'ensure_partitions', '{integer}', true, '{pgvpn_agent}'),
     ('pgvpn', 'last_sent_seq', '{}', true, '{pgvpn_agent}'),
+    ('pgvpn', 'lock_own', '{text}', true, '{pgvpn_agent}'),
     ('pgvpn_admin', 'ensure_peer_role', '{text,text}', true, '{pgvpn_owner}'),
     ('pgvpn', 'current_peer', '{}', false, '{pgvpn_agent,pgvpn_reader}'),
     ('pgvpn', 'partition_ranges', '{}', false, '{pgvpn_reader}'),
@@ -22,7 +23,7 @@ INSERT INTO intended VALUES
      '{}'),
     ('pgvpn', 'blog_v1_notify', '{}', false, '{}');
 
-SELECT is(count(*)::integer, 10, 'the intended list names the 10 functions of the two schemas')
+SELECT is(count(*)::integer, 11, 'the intended list names the 11 functions of the two schemas')
 FROM intended;
 
 -- --------------------------------------------------------- SECURITY DEFINER

@@ -2,8 +2,9 @@
 
 Why no row is skipped or delivered twice:
 - The uplink is the only writer for its sender (advisory lock on the sender's
-  name), numbers packets with its own gap-free `seq`, and commits one batch at a
-  time, so a sender's rows become visible strictly in `seq` order.
+  name, which only that peer's role may take: pgvpn.lock_own), numbers packets
+  with its own gap-free `seq`, and commits one batch at a time, so a sender's
+  rows become visible strictly in `seq` order.
 - After a lost connection the uplink reads back the highest committed `seq`
   before resending, so an ambiguous commit is never logged twice.
 - The database, not this code, decides who sends and who reads
@@ -30,7 +31,7 @@ import psycopg
 
 from pgvpn.copyformat import PACKET_COLUMNS, encode_packet_rows
 from pgvpn.errors import DatabaseError, PgvpnError
-from pgvpn.locks import take_session_lock
+from pgvpn.locks import take_own_lock
 from pgvpn.transports.base import (
     Counters,
     Downlink,
@@ -83,12 +84,6 @@ RETURNING last_seq, (SELECT last_seq FROM old)
 IDLE_POLL = 1.0  # seconds: a lost notification costs at most this much latency
 
 
-def lock_name(conn: psycopg.Connection, purpose: str, name: str) -> None:
-    """Take the session lock that makes this process the only `purpose` for `name`,
-    from this process's own lost session if need be (pgvpn.locks)."""
-    take_session_lock(conn, f"pgvpn.{purpose}.{name}", f"the {purpose} for {name!r}")
-
-
 class BatchedUplink(Uplink):
     def __init__(self, session: Session) -> None:
         self.session = session
@@ -99,7 +94,7 @@ class BatchedUplink(Uplink):
 
     def _open(self) -> psycopg.Connection:
         conn = self.session.connect("uplink")
-        lock_name(conn, "sender", self.config.name)
+        take_own_lock(conn, "sender", self.config.name)
         row = conn.execute("SELECT pgvpn.last_sent_seq()").fetchone()
         self.committed_seq = int(row[0]) if row else 0
         if not 0 <= self.committed_seq < MAX_SEQ:
@@ -161,7 +156,7 @@ class BatchedDownlink(ListeningDownlink):
         super().__init__(session, channel_for(config.name))
 
     def prepare(self, reader: psycopg.Connection) -> None:
-        lock_name(reader, "receiver", self.config.name)
+        take_own_lock(reader, "receiver", self.config.name)
         try:
             reader.execute("INSERT INTO pgvpn.cursors (receiver, sender) "
                            "VALUES (%(me)s, %(peer)s) ON CONFLICT DO NOTHING", self.params)
