@@ -14,8 +14,8 @@
 #   --min PERCENT     exit 1 if the overall score is below this (default 85)
 #
 # Modules: packets.py (packet checks), copyformat.py (COPY encoding), config.py
-# (settings, peer names: which peer every packet goes to), timespec.py (durations),
-# logs/filter.py (log filters). Tests: only those that need no lab (TESTS below);
+# (settings, peer names: which peer every packet goes to), cliargs.py (command-line
+# values), timespec.py (durations), logs/filter.py (log filters). Tests: only those that need no lab (TESTS below);
 # the lab fixtures are replaced in the copy by ones that fail, so none can start.
 # Everything happens in a scratch copy under $TMPDIR: the repo is never modified.
 # Score = (killed + timed out) / all mutants, per module and overall.
@@ -29,12 +29,13 @@ JOBS=$(nproc)
 KEEP=0
 MIN=85
 
-MODULES=(packets.py copyformat.py config.py timespec.py logs/filter.py)
+MODULES=(packets.py copyformat.py config.py cliargs.py timespec.py logs/filter.py)
 # Lab-free tests of those modules (no lab fixture, no database, no TUN).
 TESTS=(
     tests/test_packets.py
     tests/test_copyformat.py
     tests/test_config.py
+    tests/test_arg_values.py
     tests/test_timespec.py
     tests/test_filters.py
     tests/test_log_tools.py::test_durations_people_type
