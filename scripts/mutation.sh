@@ -15,8 +15,9 @@
 #
 # Modules: packets.py (packet checks), copyformat.py (COPY encoding), config.py
 # (settings, peer names: which peer every packet goes to), cliargs.py (command-line
-# values), timespec.py (durations), logs/filter.py (log filters). Tests: only those that need no lab (TESTS below);
-# the lab fixtures are replaced in the copy by ones that fail, so none can start.
+# values), timespec.py (durations), logs/filter.py (log filters). Tests: only those
+# that need no lab (TESTS below); the lab fixtures are replaced in the copy by ones
+# that fail, so none can start.
 # Everything happens in a scratch copy under $TMPDIR: the repo is never modified.
 # Score = (killed + timed out) / all mutants, per module and overall.
 # Needs the venv with the dev extras (scripts/setup.sh).
@@ -119,7 +120,7 @@ cd "$SCRATCH"
 START=$SECONDS
 step "mutmut run (${#MODULES[@]} modules, ${#TESTS[@]} test selections, $JOBS at once, at most ${BUDGET}s)"
 status=0
-timeout --signal=INT --kill-after=30 "$BUDGET" \
+timeout --signal=TERM --kill-after=30 "$BUDGET" \
     "$VENV/bin/mutmut" run --max-children "$JOBS" >mutmut.log 2>&1 || status=$?
 ELAPSED=$((SECONDS - START))
 if [[ $status -eq 124 ]]; then
