@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
+import ipaddress
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from pgvpn.config import load_config
+from pgvpn import config as config_module
+from pgvpn.config import SETTINGS, add_arguments, interface_name, load_config
 from pgvpn.errors import ConfigError
 
 BASE_ENV = {"PGVPN_NAME": "peer-a", "PGVPN_PEER": "peer-b", "TUN_IP": "10.230.0.1/24",
@@ -87,3 +90,178 @@ def test_help_documents_every_setting_with_its_variable() -> None:
     for variable in ("DATABASE_URL", "TUN_IP", "TUN_PEER", "PGVPN_NAME", "PGVPN_PEER",
                      "PGVPN_MTU", "PGVPN_PROFILE", "PGVPN_SYNCHRONOUS_COMMIT"):
         assert f"${variable}" in done.stdout
+
+
+WHOLE = "must be a whole number between"
+SECONDS = "must be a number of seconds, more than 0 and at most"
+DAY = f"{SECONDS} 86400 (a day)"
+YEAR = f"{SECONDS} 31536000 (a year)"
+IFACE = "interface names have 1-15 printable ASCII characters, no '/', ':' or spaces"
+
+
+@pytest.mark.parametrize(("variable", "value", "problem"), [
+    ("PGVPN_MTU", "575", f"{WHOLE} 576 and 65535"),
+    ("PGVPN_MTU", "65536", f"{WHOLE} 576 and 65535"),
+    ("PGVPN_MTU", "1500.0", f"{WHOLE} 576 and 65535"),
+    # Arabic-Indic digits: str.isdigit() says yes, but they are no ASCII number
+    ("PGVPN_MTU", "\u0661\u0665\u0660\u0660", f"{WHOLE} 576 and 65535"),
+    ("PGVPN_BATCH_PACKETS", "0", f"{WHOLE} 1 and 65536"),
+    ("PGVPN_KEEPALIVE_COUNT", "101", f"{WHOLE} 1 and 100"),
+    ("PGVPN_MAX_REPLAY_AGE", "0", YEAR),
+    ("PGVPN_MAX_REPLAY_AGE", "31536000.5", YEAR),
+    ("PGVPN_MAX_REPLAY_AGE", "nan", YEAR),
+    ("PGVPN_MAX_REPLAY_AGE", "inf", YEAR),
+    ("PGVPN_TCP_USER_TIMEOUT", "0", DAY),
+    ("PGVPN_TCP_USER_TIMEOUT", "86400.5", DAY),
+    ("PGVPN_TCP_USER_TIMEOUT", "-inf", DAY),
+    ("PGVPN_TCP_USER_TIMEOUT", "nan", DAY),
+    ("PGVPN_SYNCHRONOUS_COMMIT", "maybe", "use true or false"),
+    ("PGVPN_TUN_NAME", "sixteen-chars-xx", IFACE),
+    ("PGVPN_TUN_NAME", ".", IFACE),
+    ("PGVPN_TUN_NAME", "..", IFACE),
+    ("PGVPN_TUN_NAME", "tün0", IFACE),
+    ("PGVPN_TUN_NAME", "tun\t0", IFACE),
+    ("PGVPN_TUN_NAME", "a/b", IFACE),
+    ("PGVPN_TUN_NAME", "a:b", IFACE),
+    ("PGVPN_TUN_NAME", "a b", IFACE),
+    ("PGVPN_NAME", "peer_a", "use 1-57 characters: lower-case letters, digits or '-'"),
+    ("PGVPN_NAME", "reader", "'reader' is reserved (pgvpn_reader is one of pgvpn's own roles)"),
+    ("TUN_IP", "10.230.0.1", "give an address with its prefix length, e.g. 10.230.0.1/24"),
+    ("PGVPN_PROFILE", "fastest", "unknown profile; choose one of batched, batched-jumbo, "
+     "blog-v1, blog-v2, notify-only"),
+])
+def test_each_bad_value_gets_its_own_exact_message(variable: str, value: str,
+                                                   problem: str) -> None:
+    environ = {**BASE_ENV, variable: value}
+    key = variable.removeprefix("PGVPN_").lower()
+    with pytest.raises(ConfigError) as caught:
+        load_config(environ=environ)
+    assert str(caught.value) == f"{key} = {value!r} (from ${variable}): {problem}"
+
+
+@pytest.mark.parametrize(("variable", "value", "key", "expected"), [
+    ("PGVPN_MTU", " 576 ", "mtu", 576), ("PGVPN_MTU", "65535", "mtu", 65535),
+    ("PGVPN_MAX_REPLAY_AGE", "0.5", "max_replay_age", 0.5),
+    ("PGVPN_MAX_REPLAY_AGE", "31536000", "max_replay_age", 31536000.0),
+    ("PGVPN_TCP_USER_TIMEOUT", "0.5", "tcp_user_timeout", 0.5),
+    ("PGVPN_TCP_USER_TIMEOUT", "86400", "tcp_user_timeout", 86400.0),
+    ("PGVPN_TUN_NAME", "fifteen-chars-x", "tun_name", "fifteen-chars-x"),
+    ("PGVPN_TUN_NAME", "a", "tun_name", "a"),
+    ("PGVPN_LOG_LEVEL", "debug", "log_level", "DEBUG"),
+    ("PGVPN_LOG_LEVEL", "warning", "log_level", "WARNING"),
+    ("PGVPN_LOG_LEVEL", "Error", "log_level", "ERROR"),
+    ("TUN_IP6", "fd00:230::1/64", "tun_ip6", ipaddress.ip_interface("fd00:230::1/64")),
+])
+def test_values_at_their_limits_are_accepted(variable: str, value: str, key: str,
+                                             expected: object) -> None:
+    assert getattr(load_config(environ={**BASE_ENV, variable: value}), key) == expected
+
+
+@pytest.mark.parametrize("word", ["1", "true", "YES", " On "])
+def test_true_words(word: str) -> None:
+    assert load_config(environ={**BASE_ENV, "PGVPN_ALLOW_PLAINTEXT": word}).allow_plaintext
+
+
+@pytest.mark.parametrize("word", ["0", "FALSE", "no", "off"])
+def test_false_words(word: str) -> None:
+    environ = {**BASE_ENV, "PGVPN_SYNCHRONOUS_COMMIT": word}
+    assert load_config(environ=environ).synchronous_commit is False
+
+
+@pytest.mark.parametrize(("variable", "value", "message"), [
+    ("TUN_IP6", "10.1.0.1/24", "tun_ip6 10.1.0.1/24 is not an IPv6 address"),
+    ("PGVPN_LOG_LEVEL", "verbose", "log_level 'VERBOSE': use DEBUG, INFO, WARNING or ERROR"),
+    ("PGVPN_PEER", "peer-a", "name and peer are both 'peer-a': a peer cannot tunnel to itself"),
+    ("TUN_PEER", "10.230.0.1", "tun_peer 10.230.0.1 must be another address of the same "
+     "family as tun_ip 10.230.0.1/24"),
+])
+def test_settings_that_contradict_each_other(variable: str, value: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(environ={**BASE_ENV, variable: value})
+    assert str(caught.value) == message
+
+
+def test_secrets_are_not_repeated_in_errors() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(environ={**BASE_ENV, "DATABASE_URL": "postgresql://u:hunter2@[::1"})
+    assert str(caught.value) == ("database_url = (not shown) (from $DATABASE_URL): not a valid "
+                                 "libpq connection string or URL")
+
+
+def test_errors_name_the_command_line_option_and_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(environ=BASE_ENV, overrides={"max_replay_age": "0"})
+    assert str(caught.value) == f"max_replay_age = '0' (from --max-replay-age): {YEAR}"
+    file = tmp_path / "agent.yaml"
+    file.write_text("mtu: 100\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(file, environ=BASE_ENV)
+    assert str(caught.value) == f"mtu = 100 (from {file}): {WHOLE} 576 and 65535"
+    file.write_text("- name\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(file, environ=BASE_ENV)
+    assert str(caught.value) == f"config file {file} must be a mapping of setting: value"
+    file.write_text("nmae: a\nmtuu: 1\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(file, environ=BASE_ENV)
+    assert str(caught.value).startswith(f"config file {file}: unknown setting(s) mtuu, nmae; "
+                                        "known: name, peer, database_url, tun_ip, ")
+
+
+def test_missing_settings_message() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(environ={"PGVPN_NAME": "peer-a"})
+    assert str(caught.value) == ("missing setting: peer ($PGVPN_PEER), tun_ip ($TUN_IP), "
+                                 "tun_peer ($TUN_PEER); see 'pgvpn run --help'")
+
+
+def test_the_process_environment_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    for variable, value in BASE_ENV.items():
+        monkeypatch.setenv(variable, value)
+    assert load_config().name == "peer-a"
+
+
+def test_descriptions_are_plain_text() -> None:
+    described = load_config(environ={**BASE_ENV, "DATABASE_URL": "host=db"}).describe()
+    assert (described["database_url"], described["mtu"], described["tun_ip"]) == (
+        "***", "1500", "10.230.0.1/24")
+    assert described["tun_ip6"] is None and described["allow_plaintext"] == "False"
+    assert load_config(environ=BASE_ENV).describe()["database_url"] == ""
+
+
+def test_every_setting_has_an_option_that_documents_it() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    (group,) = [g for g in parser._action_groups if g.title == "settings"]
+    assert group.description == (
+        "each may also come from the YAML file (--config) or the environment; the command "
+        "line wins, then the environment, then the file")
+    options = {a.option_strings[0]: a for a in group._group_actions}
+    assert list(options) == [f"--{s.key.replace('_', '-')}" for s in SETTINGS]
+    assert all(a.default is None and a.dest == s.key and a.metavar == s.env
+               for a, s in zip(options.values(), SETTINGS, strict=True))
+    assert options["--mtu"].help == ("TUN MTU (576-65535); 65000 is fastest (default 1500); "
+                                     "env $PGVPN_MTU")
+    assert options["--name"].help == ("this peer's name; packets it sends are logged with it "
+                                      "as sender [required]; env $PGVPN_NAME")
+    assert options["--database-url"].help == (
+        "libpq connection string or URL; empty means the PG* environment variables; "
+        "env $DATABASE_URL")
+    assert parser.parse_args(["--max-replay-age", "5"]).max_replay_age == "5"
+
+
+def test_whole_numbers_between_limits() -> None:
+    """The factory behind every whole-number setting, at and beyond both limits (the
+    settings table builds its parsers once, at import)."""
+    parse = config_module._whole(2, 4)
+    assert [parse(text) for text in ("2", " 3 ", "4")] == [2, 3, 4]
+    for text in ("1", "5", "-3", "+3", "3.0", "three", "", "\u0663"):
+        with pytest.raises(ValueError) as caught:
+            parse(text)
+        assert str(caught.value) == "must be a whole number between 2 and 4"
+
+
+def test_interface_names_the_kernel_takes() -> None:
+    assert [interface_name(n) for n in ("tunX0", "a", "x" * 15)] == ["tunX0", "a", "x" * 15]
+    with pytest.raises(ValueError, match="1-15 printable ASCII"):
+        interface_name("")

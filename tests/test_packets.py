@@ -71,3 +71,20 @@ def test_any_bytes_get_an_answer_and_never_raise(frame: bytes) -> None:
 def test_every_well_formed_ipv4_udp_packet_is_accepted(payload: bytes) -> None:
     assert packet_problem(ipv4_udp(payload)) is None
     assert packet_problem(ipv6_udp(payload)) is None
+
+
+def test_limits_are_inclusive_and_lengths_read_both_bytes() -> None:
+    """A header-only packet, one exactly the MTU, and lengths above 255 (whose high byte
+    counts) are all whole packets; one byte over the MTU is not."""
+    header_only = bytes(dpkt.ip.IP(src=bytes(4), dst=bytes(4), p=0, len=20))
+    assert len(header_only) == 20 and packet_problem(header_only) is None
+    ip6_header_only = ipv6_udp()[:40]
+    ip6_header_only = ip6_header_only[:4] + b"\0\0" + ip6_header_only[6:]
+    assert packet_problem(ip6_header_only) is None
+    for big in (ipv4_udp(bytes(1472)), ipv6_udp(bytes(1452))):
+        assert len(big) == 1500
+        assert packet_problem(big, max_size=1500) is None
+        assert packet_problem(big, max_size=1499) == "1500-byte packet exceeds the MTU of 1499"
+    long_header = bytearray(ipv4_udp(bytes(20)))
+    long_header[0] = 0x4F  # 60-byte header in a 48-byte frame
+    assert packet_problem(bytes(long_header)) == "IPv4 header length 60 is invalid"
