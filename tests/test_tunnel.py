@@ -80,7 +80,10 @@ def test_iperf3_delivers_every_byte_and_every_packet_is_logged(any_lab: LabHandl
     # missing from sum_received: equality is checked byte for byte by stream_transfer below.
     # What is in flight is about TCP's window and the tunnel's queues, whatever the
     # duration: up to ~5% of 8 s at ~100 Mbit/s on two shared cores (94.9% seen in CI).
-    assert result.bytes_received >= 0.9 * result.bytes_sent > 10_000_000
+    # The floor only says that iperf3 carried something (4 Mbit/s, the blog's figure):
+    # speed is `lab bench`'s business; a CI machine busy elsewhere carried 11 MB.
+    assert result.bytes_received >= 0.9 * result.bytes_sent
+    assert result.bytes_received > 4_000_000
     assert stream_transfer(any_lab, 20_000_000)
 
     tun_a1, tun_b1, logged1 = quiet_snapshot(any_lab)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 
 import psycopg
@@ -99,6 +100,46 @@ def test_migrating_without_init_stops_at_the_locks_and_says_who_acts(
         assert migrate.applied_version(conn) == 6
         assert conn.execute("SELECT to_regprocedure('pgvpn.lock_own(text)')").fetchone() == (
             None,)
+
+
+@pytest.fixture
+def new_database(any_lab: LabHandle) -> Iterator[LabHandle]:
+    """An empty database made by `pgvpn db init`, for the owner to migrate."""
+    any_lab.sql(f"DROP DATABASE IF EXISTS {SCRATCH}", superuser=True)
+    try:
+        bootstrap.init_database(conninfo_for(any_lab, superuser=True, dbname="postgres"),
+                                SCRATCH, bootstrap.OWNER, None, lambda _: None)
+        yield any_lab
+    finally:
+        any_lab.sql(f"DROP DATABASE IF EXISTS {SCRATCH} WITH (FORCE)", superuser=True)
+
+
+def test_two_migrators_at_once_apply_each_migration_once(new_database: LabHandle) -> None:
+    """Two `pgvpn db migrate` started together (two operators, two deploy jobs): one
+    migrates, the other waits for it, finds the schema current, and both succeed."""
+    latest = migrate.available()[-1].version
+    start = threading.Barrier(2)
+    outcomes: dict[int, object] = {}
+
+    def migrator(index: int) -> None:
+        with psycopg.connect(conninfo_for(new_database, superuser=False),
+                             autocommit=True) as conn:
+            start.wait(timeout=30)
+            try:
+                outcomes[index] = migrate.migrate(conn)
+            except PgvpnError as exc:
+                outcomes[index] = exc
+
+    threads = [threading.Thread(target=migrator, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert outcomes == {0: latest, 1: latest}
+    with psycopg.connect(conninfo_for(new_database, superuser=False)) as conn:
+        applied = conn.execute("SELECT version, count(*) FROM pgvpn.schema_migrations "
+                               "GROUP BY version ORDER BY version").fetchall()
+    assert applied == [(version, 1) for version in range(1, latest + 1)]
 
 
 def test_an_agent_on_an_old_schema_says_who_must_migrate(old_database: LabHandle) -> None:

@@ -1,0 +1,86 @@
+"""Integration: an agent's life between its start and its stop.
+
+While it runs, the control connection heartbeats (`pgvpn.peers.last_seen` moves).
+SIGTERM (what `lab stop` and `docker stop` send) stops it cleanly: it says so with
+its totals, removes its TUN device, exits 0, and leaves no session and no lock
+behind, so that its next start takes over at once.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from datetime import datetime
+
+from lab.docker_backend import LABEL
+from lab.measure import ping
+from tests.conftest import CliBackend, LabHandle
+from tests.peerside import agent_log, lab_cli, wait_for
+
+PEER_A = "10.230.0.1"
+STOPPED = "peer peer-b: stopped; sent "
+
+
+def last_seen(lab: LabHandle, peer: str) -> datetime:
+    (seen,), = lab.sql("SELECT last_seen FROM pgvpn.peers WHERE name = %s", [peer])
+    assert isinstance(seen, datetime)
+    return seen
+
+
+def test_the_heartbeat_moves_last_seen(any_lab: LabHandle) -> None:
+    first = last_seen(any_lab, "peer-a")
+    # every 5 s (agent.HEARTBEAT_SECONDS): two beats within 20 s on a loaded machine
+    wait_for(lambda: last_seen(any_lab, "peer-a") > first, "a heartbeat", timeout=20)
+    second = last_seen(any_lab, "peer-a")
+    wait_for(lambda: last_seen(any_lab, "peer-a") > second, "another heartbeat", timeout=20)
+
+
+def agent_sessions(lab: LabHandle, peer: str) -> list[tuple[int, str]]:
+    role = "pgvpn_" + peer.replace("-", "_")
+    return [(int(pid), str(name)) for pid, name in lab.sql(
+        "SELECT pid, application_name FROM pg_stat_activity WHERE usename = %s",
+        [role], superuser=True)]
+
+
+def held_locks(lab: LabHandle, peer: str) -> list[str]:
+    keys = [f"pgvpn.{purpose}.{peer}" for purpose in ("sender", "receiver")]
+    return [str(key) for (key,) in lab.sql(
+        "SELECT k FROM unnest(%s::text[]) k WHERE EXISTS (SELECT FROM pg_locks l "
+        "WHERE l.locktype = 'advisory' AND l.granted "
+        "AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended(k, 0))",
+        [keys], superuser=True)]
+
+
+def docker_exit_code(lab: LabHandle, host: str) -> int:
+    found = subprocess.run(
+        ["docker", "ps", "-a", "-q", "--filter", f"label={LABEL}={lab.name}",
+         "--filter", f"label=com.docker.compose.service={host}"],
+        capture_output=True, text=True, check=True, timeout=30).stdout.split()
+    assert len(found) == 1, found
+    return int(subprocess.run(["docker", "inspect", "-f", "{{.State.ExitCode}}", found[0]],
+                              capture_output=True, text=True, check=True,
+                              timeout=30).stdout)
+
+
+def test_sigterm_stops_cleanly_and_leaves_nothing_behind(any_lab: LabHandle) -> None:
+    assert len(held_locks(any_lab, "peer-b")) == 2  # running: its sender and receiver
+    assert agent_sessions(any_lab, "peer-b")
+    stopped0 = agent_log(any_lab, "peer-b", 100_000).count(STOPPED)
+    lab_cli(any_lab, "stop", "peer-b")
+    try:
+        log = agent_log(any_lab, "peer-b", 100_000)
+        assert log.count(STOPPED) == stopped0 + 1, log[-2000:]
+        last = log[log.rindex("received SIGTERM, stopping"):]
+        assert STOPPED in last and "Traceback" not in last, last
+        if any_lab.backend == "docker":
+            assert docker_exit_code(any_lab, "peer-b") == 0
+        else:  # the namespace outlives the agent: its TUN device must be gone from it
+            shown = any_lab.exec("peer-b", "ip", "link", "show", "pgvpn0", check=False)
+            assert shown.returncode != 0 and "does not exist" in shown.stderr, shown
+        # the server saw it leave: no session, no lock
+        wait_for(lambda: not agent_sessions(any_lab, "peer-b"), "peer-b's sessions to end",
+                 timeout=10)
+        assert held_locks(any_lab, "peer-b") == []
+    finally:
+        lab_cli(any_lab, "start", "peer-b")
+    assert ping(CliBackend(any_lab), "peer-a", "10.230.0.2", count=2).received == 2
+    assert ping(CliBackend(any_lab), "peer-b", PEER_A, count=2).received == 2
