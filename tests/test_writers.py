@@ -108,6 +108,28 @@ def server_now(lab: LabHandle) -> tuple[int, datetime]:
     return int(mark), now
 
 
+def second_agent(lab: LabHandle, host: str, env: dict[str, str], timeout: float = 60
+                 ) -> subprocess.CompletedProcess[str]:
+    """`pgvpn run` in `host` with `env`, until it exits; one still running after
+    `timeout` s was not refused: it is stopped (SIGTERM, its clean stop) and its
+    output returned with the exit code that stop gave."""
+    argv = ["ip", "netns", "exec", lab.namespace(host), sys.executable, "-m", "pgvpn.cli",
+            "run"]
+    with subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT) as process:
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.terminate()
+            try:
+                out, err = process.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                out, err = process.communicate(timeout=30)
+            err += f"\n(still running after {timeout:.0f}s: stopped by the test)"
+        return subprocess.CompletedProcess(argv, process.returncode, out, err)
+
+
 def test_a_second_agent_with_the_same_name_is_refused_and_the_first_runs_on(
         netns_lab: LabHandle) -> None:
     """The second agent has peer-a's settings but its own TUN device, with peer-a's
@@ -124,10 +146,7 @@ def test_a_second_agent_with_the_same_name_is_refused_and_the_first_runs_on(
             repeats_removed(lab, "peer-a", started):
         (holder, holder_name, _), = uplink_sessions(server, "peer-a")
         traffic = pings(lab, 40)
-        second = subprocess.run(
-            ["ip", "netns", "exec", lab.namespace("peer-a"), sys.executable, "-m",
-             "pgvpn.cli", "run"], capture_output=True, text=True, timeout=90, env=env,
-            cwd=ROOT, check=False)
+        second = second_agent(lab, "peer-a", env)
         traffic.join(timeout=90)
         # the first agent's uplink session was never ended by the second agent
         assert server.execute("SELECT application_name FROM pg_stat_activity WHERE pid = %s",
