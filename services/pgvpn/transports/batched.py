@@ -126,8 +126,10 @@ class BatchedUplink(Uplink):
         payload = encode_packet_rows(self.config.peer, first_seq, packets)
 
         def write() -> None:
-            if self.committed_seq >= first_seq:
-                return  # the lost connection's commit went through after all
+            if self.committed_seq >= first_seq:  # _open reread it after a lost connection
+                log.info("uplink: the batch seq %d..%d was committed before the connection "
+                         "was lost; not sent again", first_seq, first_seq + len(packets) - 1)
+                return
             with self.conn.cursor() as cur, cur.copy(COPY_PACKETS) as copy:
                 copy.write(payload)
             self.committed_seq = first_seq + len(packets) - 1
