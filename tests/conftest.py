@@ -93,6 +93,12 @@ class LabHandle:
         return {"tx": stats["tx"]["packets"], "rx": stats["rx"]["packets"],
                 "tx_dropped": stats["tx"]["dropped"]}
 
+    def tun_link(self, host: str) -> dict[str, Any]:
+        """The host's TUN device as `ip -j link` shows it: ifindex (new with every agent
+        start), mtu."""
+        shown = json.loads(self.exec(host, "ip", "-j", "link", "show", "pgvpn0").stdout)
+        return shown[0]  # type: ignore[no-any-return]
+
     def pgvpn(self, *args: str, timeout: float = 120, check: bool = True
               ) -> subprocess.CompletedProcess[bytes]:
         """The `pgvpn` command run here with the operator's connection (the log tools)."""
