@@ -99,6 +99,7 @@ def test_interrupted_first_up_rolls_back_and_down_is_safe_twice() -> None:
     assert "rolling back" in stderr
     assert namespaces("pgvpn-rollbk-") == []
     assert not lab.state_dir.exists()
+    assert lab.leftovers() == []  # no postgres left running from its data directory
     for _ in range(2):
         assert "nothing to remove" in lab.cli("down").stderr
 
