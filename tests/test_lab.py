@@ -91,8 +91,6 @@ def test_check_diagnoses_the_host() -> None:
     """Its exit code says whether any backend can run: 0 with one ready, 1 with none."""
     code, said = lab_check()
     assert code == (0 if "ready" in said.values() else 1), (code, said)
-    if netns_ready() is None:  # root, ip, iperf3 and ping: this host can run namespaces
-        assert code == 0
     # no `ip` on the PATH, no Docker engine at that socket: nothing can run
     code, said = lab_check({**os.environ, "PATH": "/nonexistent",
                             "DOCKER_HOST": "unix:///nonexistent/docker.sock"})
