@@ -8,12 +8,15 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+
+from lab.backend import SCRATCH_HOST
+from lab.controller import static_topology
 
 ROOT = Path(__file__).resolve().parent.parent
 # Tests use their own lab name, so a user's lab ("pgvpn") is never touched.
@@ -61,13 +64,39 @@ class LabHandle:
             cursor = conn.execute(query, params)
             return cursor.fetchall() if cursor.description else []
 
-    def leftovers(self) -> list[str]:
-        """Anything of this lab's that still exists: namespaces, Docker objects, state."""
-        found = []
+    def namespaces(self) -> dict[str, int]:
+        """This lab's network namespaces, the replay scratch host's included, by name:
+        their inode, which every process in one shows in /proc/PID/ns/net."""
         listing = subprocess.run(["ip", "-j", "netns", "list"], capture_output=True,
                                  text=True, check=True).stdout
-        found += [n["name"] for n in json.loads(listing or "[]")
-                  if n["name"] in {f"{self.name}-{h}" for h in ("postgres", "peer-a", "peer-b")}]
+        hosts = [*static_topology().hosts, SCRATCH_HOST]  # the replay scratch host's too
+        ours = {self.namespace(h) for h in hosts}
+        return {n["name"]: os.stat(f"/run/netns/{n['name']}").st_ino
+                for n in json.loads(listing or "[]") if n["name"] in ours}
+
+    def processes(self, namespaces: Iterable[int] = ()) -> list[str]:
+        """Processes of this lab's: in one of its `namespaces` (inodes, which outlive a
+        removed namespace's name), or naming its state directory (postgres's data
+        directory, the agents' password files)."""
+        inodes = {f"net:[{inode}]" for inode in namespaces}
+        mine = f"{self.state_dir}/".encode()
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                text = Path(f"/proc/{pid}/cmdline").read_bytes()
+                if (os.readlink(f"/proc/{pid}/ns/net") in inodes or mine in text
+                        or mine in Path(f"/proc/{pid}/environ").read_bytes()):
+                    argv = text.replace(b"\0", b" ").decode(errors="replace")
+                    found.append(f"process {pid}: {argv}")
+            except OSError:
+                continue  # it ended meanwhile
+        return found
+
+    def leftovers(self, namespaces: Iterable[int] = ()) -> list[str]:
+        """Anything of this lab's that still exists: namespaces (the replay scratch
+        host's too), processes (see `processes`), Docker objects, state."""
+        found = list(self.namespaces())
+        found += self.processes(namespaces)
         if shutil.which("docker") and self.backend == "docker":
             label = f"label=io.pgvpn.project={self.name}"
             for kind in (["ps", "-a"], ["network", "ls"], ["volume", "ls"]):
@@ -92,6 +121,12 @@ class LabHandle:
         stats = shown[0]["stats64"]
         return {"tx": stats["tx"]["packets"], "rx": stats["rx"]["packets"],
                 "tx_dropped": stats["tx"]["dropped"]}
+
+    def tun_link(self, host: str) -> dict[str, Any]:
+        """The host's TUN device as `ip -j link` shows it: ifindex (new with every agent
+        start), mtu."""
+        shown = json.loads(self.exec(host, "ip", "-j", "link", "show", "pgvpn0").stdout)
+        return shown[0]  # type: ignore[no-any-return]
 
     def pgvpn(self, *args: str, timeout: float = 120, check: bool = True
               ) -> subprocess.CompletedProcess[bytes]:
@@ -161,8 +196,9 @@ def running_lab(backend: str, name: str) -> Iterator[LabHandle]:
     try:
         yield lab
     finally:
+        namespaces = lab.namespaces().values()  # to find what ran in them once removed
         lab.cli("down")
-        leftovers = lab.leftovers()
+        leftovers = lab.leftovers(namespaces)
         assert not leftovers, f"lab down left these behind: {leftovers}"
 
 

@@ -73,6 +73,35 @@ def agent_log(lab: LabHandle, host: str, tail: int = 400) -> str:
     return lab.cli("logs", host, "--tail", str(tail)).stdout
 
 
+WHOLE_LOG = 100_000  # the most lines `lab logs --tail` gives (lab.cli.MAX_LOG_LINES)
+# The agent's start line (pgvpn.agent): what it runs with, as it understood its settings.
+START_LINE = re.compile(r"peer (?P<peer>\S+): (?P<tun>\S+) on .*, mtu (?P<mtu>\d+)\) -> "
+                        r"peer .*, profile (?P<profile>\S+), (?P<commit>\w+) commit$",
+                        re.MULTILINE)
+
+
+def log_mark(lab: LabHandle, host: str) -> int:
+    """How many lines the host's log holds now: a window over what an action adds starts
+    there (the log keeps every earlier test's lines)."""
+    lines = agent_log(lab, host, WHOLE_LOG).splitlines()
+    assert len(lines) < WHOLE_LOG, f"{host}'s log is too long to window"
+    return len(lines)
+
+
+def log_since(lab: LabHandle, host: str, mark: int) -> str:
+    """The lines the host's log gained since `log_mark` gave `mark`."""
+    lines = agent_log(lab, host, WHOLE_LOG).splitlines()
+    assert mark <= len(lines) < WHOLE_LOG, f"{host}'s log shrank or grew too long: {mark}"
+    return "\n".join(lines[mark:])
+
+
+def last_start(lab: LabHandle, host: str) -> re.Match[str]:
+    """The newest start line in the host's agent log: the running agent's own."""
+    starts = list(START_LINE.finditer(agent_log(lab, host, WHOLE_LOG)))
+    assert starts, f"no start line in {host}'s log"
+    return starts[-1]
+
+
 def counted_warnings(log: str, what: str) -> int:
     """The sum of the counts in the agent's rate-limited 'WHAT: N (last: ...)' warnings."""
     return sum(int(n) for n in re.findall(re.escape(what) + r": (\d+) \(last: ", log))
@@ -91,3 +120,11 @@ def sender_stream_is_whole(lab: LabHandle) -> dict[str, tuple[int, int, int, int
                    "FROM pgvpn.packets GROUP BY sender")
     return {sender: (int(n), int(distinct), int(first), int(last))
             for sender, n, distinct, first, last in rows}
+
+
+def agent_marks(lab: LabHandle, peer: str) -> set[str]:
+    """The instance marks of `peer`'s agent sessions (application_name `pgvpn PEER JOB
+    MARK`, one random mark per agent process): a restarted agent has another."""
+    rows = lab.sql("SELECT application_name FROM pg_stat_activity WHERE application_name "
+                   "LIKE %s", [f"pgvpn {peer} %"], superuser=True)
+    return {name.rsplit(" ", 1)[1] for (name,) in rows}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pgvpn import config as config_module
-from pgvpn.config import SETTINGS, add_arguments, interface_name, load_config
+from pgvpn.config import REQUIRED, SETTINGS, add_arguments, interface_name, load_config
 from pgvpn.errors import ConfigError
 
 BASE_ENV = {"PGVPN_NAME": "peer-a", "PGVPN_PEER": "peer-b", "TUN_IP": "10.230.0.1/24",
@@ -84,12 +85,24 @@ def test_cli_reports_a_bad_config_in_one_line_without_traceback() -> None:
         "65535")
 
 
+def squeezed(text: str) -> str:
+    """Text with argparse's line wrapping undone (it also breaks lines after a hyphen)."""
+    return re.sub(r"-\s+", "-", " ".join(text.split()))
+
+
 def test_help_documents_every_setting_with_its_variable() -> None:
+    """Every setting of the table (config.SETTINGS), not a list kept by hand: its flag,
+    its variable, its help, default and whether it is required."""
     done = subprocess.run([sys.executable, "-m", "pgvpn.cli", "run", "--help"],
                           capture_output=True, text=True, check=True)
-    for variable in ("DATABASE_URL", "TUN_IP", "TUN_PEER", "PGVPN_NAME", "PGVPN_PEER",
-                     "PGVPN_MTU", "PGVPN_PROFILE", "PGVPN_SYNCHRONOUS_COMMIT"):
-        assert f"${variable}" in done.stdout
+    shown = squeezed(done.stdout)
+    for setting in SETTINGS:
+        flag = f"--{setting.key.replace('_', '-')} {setting.env}"
+        default = "" if setting.default in (None, "") else f" (default {setting.default})"
+        required = " [required]" if setting.key in REQUIRED else ""
+        described = squeezed(f"{setting.help}{default}{required}; env ${setting.env}")
+        assert f"{flag} {described}" in shown, setting.key
+    assert shown.count("; env $") == len(SETTINGS)
 
 
 WHOLE = "must be a whole number between"

@@ -7,18 +7,32 @@ live interface, and every failure to start says what to check.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from datetime import datetime
+from pathlib import Path
 
 import pytest
 
 from lab.measure import ping
+from pgvpn.config import SETTINGS
+from tests.agentside import agent_memory
 from tests.conftest import ROOT, CliBackend, LabHandle
-from tests.peerside import agent_log, lab_cli, sender_stream_is_whole
+from tests.peerside import (
+    agent_log,
+    agent_marks,
+    lab_cli,
+    log_mark,
+    log_since,
+    sender_stream_is_whole,
+    wait_for,
+)
 from tests.test_tunnel import iperf_while, logged_between, quiet_snapshot
 
 PEER_A, PEER_B = "10.230.0.1", "10.230.0.2"
@@ -26,8 +40,16 @@ CURSOR = ("SELECT last_seq FROM pgvpn.cursors WHERE receiver = %s AND sender = %
 LAST_SEQ = "SELECT coalesce(max(seq), 0) FROM pgvpn.packets WHERE sender = %s"
 
 
+AGENTS = ("peer-a", "peer-b")
+
+
 def scalar(lab: LabHandle, query: str, *params: str) -> int:
     return int(lab.sql(query, list(params))[0][0])
+
+
+def postmaster_started(lab: LabHandle) -> datetime:
+    """When the database server started: a restart or crash recovery moves it."""
+    return lab.sql("SELECT pg_postmaster_start_time()")[0][0]  # type: ignore[no-any-return]
 
 
 def assert_whole_streams(lab: LabHandle) -> None:
@@ -61,16 +83,24 @@ def test_unreachable_database_at_start_retries_then_says_what_to_check() -> None
 
 @pytest.mark.parametrize("how", ["restart", "crash"])
 def test_postgres_restarted_during_a_transfer(any_lab: LabHandle, how: str) -> None:
-    """Agents reconnect with backoff; TCP inside the tunnel recovers what was in flight."""
+    """Agents reconnect with backoff; TCP inside the tunnel recovers what was in flight.
+
+    The server really went away (its start time moved) and each agent said so after
+    it did: its log is read from where it stood before the restart, not the lines
+    earlier tests left there.
+    """
     tun_a0, tun_b0, logged0 = quiet_snapshot(any_lab)
+    started = postmaster_started(any_lab)
+    marks = {host: log_mark(any_lab, host) for host in AGENTS}
     restart = ["restart", "postgres"] + (["--kill"] if how == "crash" else [])
     transferred = iperf_while(any_lab, lambda: lab_cli(any_lab, *restart), duration=12,
                               after=3)
+    assert postmaster_started(any_lab) > started
     assert transferred is not None
     assert transferred.bytes_received >= 0.9 * transferred.bytes_sent > 5_000_000
-    for host in ("peer-a", "peer-b"):
+    for host in AGENTS:
         assert re.search(r"database connection lost .*; reconnecting (at once|in)",
-                         agent_log(any_lab, host)), host
+                         log_since(any_lab, host, marks[host])), host
 
     tun_a1, tun_b1, logged1 = quiet_snapshot(any_lab)
     # every packet an uplink read from its TUN was committed once, outage or not ...
@@ -128,12 +158,75 @@ def settled_delivery(lab: LabHandle) -> tuple[int, int]:
     raise AssertionError(f"peer-a's log and peer-b's TUN never settled: {previous}")
 
 
+def frozen_agent(lab: LabHandle, host: str) -> None:
+    """Stop the host's agent with SIGSTOP and wait until every thread of it is stopped:
+    from then on it reads nothing from its TUN, so the TUN's tx counter stays what the
+    agent had read when it is killed."""
+    if lab.backend == "docker":  # the agent is the container's main process
+        found = subprocess.run(
+            ["docker", "ps", "-q", "--filter", f"label=io.pgvpn.project={lab.name}",
+             "--filter", f"label=com.docker.compose.service={host}"],
+            capture_output=True, text=True, check=True).stdout.split()
+        assert len(found) == 1, f"{host}: containers {found}"
+        pid = int(subprocess.run(["docker", "inspect", "-f", "{{.State.Pid}}", found[0]],
+                                 capture_output=True, text=True, check=True).stdout)
+    else:
+        pid = agent_memory(lab, host).pid
+    os.kill(pid, signal.SIGSTOP)
+
+    def stopped() -> bool:
+        tasks = Path(f"/proc/{pid}/task")
+        return all(stat.read_text().rsplit(")", 1)[1].split()[0] in "tT"
+                   for stat in tasks.glob("*/stat"))
+
+    wait_for(stopped, f"{host}'s agent to stop", 10)
+
+
 def test_sender_killed_mid_stream_logs_nothing_twice(any_lab: LabHandle) -> None:
-    # the client's own address vanishes with the TUN device: iperf3 may fail
-    iperf_while(any_lab, lambda: lab_cli(any_lab, "restart", "--kill", "peer-a"), duration=6,
-                after=2, tolerate_failure=True)
-    quiet_snapshot(any_lab)
+    """A killed sender loses at most what it held: one batch, read from its TUN (so
+    counted in the TUN's tx) but not yet committed. The agent is frozen (SIGSTOP) before
+    the SIGKILL so that its TUN's tx can be read, then, for its rows since `before`:
+    tx - batch_packets <= rows <= tx. The agent started in its place (another process:
+    another session mark) logs exactly what its new TUN's tx says, numbering on from
+    the killed one's last committed seq, and delivery stays without repeats.
+    iperf3 may fail: its client's address vanishes with the killed agent's TUN device.
+    """
+    batch = next(s.default for s in SETTINGS if s.key == "batch_packets")  # the lab's
+    tun_a0, tun_b0, logged0 = quiet_snapshot(any_lab)
+    marks0 = agent_marks(any_lab, "peer-a")
+    ifindex0 = any_lab.tun_link("peer-a")["ifindex"]
+    seen: dict[str, int] = {}
+
+    def kill() -> None:
+        frozen_agent(any_lab, "peer-a")
+        try:
+            seen["tx"] = any_lab.tun_counters("peer-a")["tx"]
+            seen["ifindex"] = any_lab.tun_link("peer-a")["ifindex"]
+        finally:
+            lab_cli(any_lab, "stop", "--kill", "peer-a")
+        # its last COPY commits or aborts once its sessions end
+        wait_for(lambda: not agent_marks(any_lab, "peer-a"),
+                 "the killed agent's sessions to end", 60)
+        seen["last"] = scalar(any_lab, LAST_SEQ, "peer-a")
+        lab_cli(any_lab, "start", "peer-a")
+
+    try:
+        iperf_while(any_lab, kill, duration=6, after=2, tolerate_failure=True)
+    finally:
+        lab_cli(any_lab, "start", "peer-a")  # nothing to do if it runs
+    tun_a1, tun_b1, logged1 = quiet_snapshot(any_lab)
+    assert agent_marks(any_lab, "peer-a").isdisjoint(marks0)
     assert_whole_streams(any_lab)
+
+    assert seen["ifindex"] == ifindex0  # the TUN counted at the kill is the one at `before`
+    read_by_killed = seen["tx"] - tun_a0["tx"]
+    by_killed = logged_between(any_lab, logged0, {"peer-a": seen["last"]})["peer-a"]
+    assert read_by_killed > 500  # it was killed mid-stream
+    assert read_by_killed - batch <= by_killed <= read_by_killed, (by_killed, read_by_killed)
+    # the new TUN device counts from the new agent's start
+    by_new = logged_between(any_lab, {"peer-a": seen["last"]}, logged1)["peer-a"]
+    assert by_new == tun_a1["tx"] > 0
+    assert tun_b1["rx"] - tun_b0["rx"] <= by_killed + by_new
     assert ping(CliBackend(any_lab), "peer-a", PEER_B, count=2).received == 2
 
 

@@ -28,8 +28,18 @@ def test_status_shows_hosts_addresses_health_and_the_log(netns_lab: LabHandle) -
     assert all(h["running"] for h in hosts.values())
     assert hosts["peer-a"]["underlay"] == {"net-a": "10.231.1.11"}
     assert "10.230.0.1/24" in hosts["peer-a"]["tunnel"]
-    assert status["log"]["packets"] >= 0
     assert "password" not in json.dumps(status).lower()
+
+
+def test_status_counts_the_packets_logged(netns_lab: LabHandle) -> None:
+    """`lab status` counts the log's rows: what the database holds, and more after a ping."""
+    count = "SELECT count(*) FROM pgvpn.packets"
+    before = netns_lab.sql(count)[0][0]
+    shown = netns_lab.status()["log"]["packets"]
+    assert before <= shown <= netns_lab.sql(count)[0][0]  # a packet may cross meanwhile
+    assert netns_lab.exec("peer-a", "ping", "-c", "3", "-i", "0.2", "10.230.0.2").returncode == 0
+    # 3 requests and 3 replies, each logged before it was delivered
+    assert netns_lab.status()["log"]["packets"] >= shown + 6
 
 
 def test_exec_passes_the_exit_code_through(netns_lab: LabHandle) -> None:
@@ -67,12 +77,24 @@ def test_bench_json_on_stdout_and_reports_on_disk(any_lab: LabHandle, tmp_path: 
     assert "| batched |" in Path(out, "report.md").read_text()
 
 
-def test_check_diagnoses_the_host() -> None:
+def lab_check(env: dict[str, str] | None = None) -> tuple[int, dict[str, str]]:
+    """`lab check`'s exit code and what it says of each backend."""
     done = subprocess.run([sys.executable, "-m", "lab.cli", "check"], capture_output=True,
-                          text=True, cwd=ROOT, check=False)
-    assert re.search(r"^netns +backend: ", done.stderr, re.MULTILINE)
-    assert re.search(r"^docker +backend: ", done.stderr, re.MULTILINE)
-    assert re.search(r"^iperf3 *: ", done.stderr, re.MULTILINE)
+                          text=True, cwd=ROOT, check=False, env=env)
+    assert re.search(r"^iperf3 *: ", done.stderr, re.MULTILINE), done.stderr
+    said = dict(re.findall(r"^(\w+) +backend: (.*)$", done.stderr, re.MULTILINE))
+    assert set(said) == {"netns", "docker"}, done.stderr
+    return done.returncode, said
+
+
+def test_check_diagnoses_the_host() -> None:
+    """Its exit code says whether any backend can run: 0 with one ready, 1 with none."""
+    code, said = lab_check()
+    assert code == (0 if "ready" in said.values() else 1), (code, said)
+    # no `ip` on the PATH, no Docker engine at that socket: nothing can run
+    code, said = lab_check({**os.environ, "PATH": "/nonexistent",
+                            "DOCKER_HOST": "unix:///nonexistent/docker.sock"})
+    assert code == 1 and "ready" not in said.values(), said
 
 
 def namespaces(prefix: str) -> list[str]:
@@ -99,6 +121,7 @@ def test_interrupted_first_up_rolls_back_and_down_is_safe_twice() -> None:
     assert "rolling back" in stderr
     assert namespaces("pgvpn-rollbk-") == []
     assert not lab.state_dir.exists()
+    assert lab.leftovers() == []  # no postgres left running from its data directory
     for _ in range(2):
         assert "nothing to remove" in lab.cli("down").stderr
 

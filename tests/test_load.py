@@ -8,15 +8,15 @@ agent read from its TUN is a row, every row reached the other TUN.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from typing import Any
 
 import pytest
 
-from lab.measure import iperf
+from lab.measure import IperfResult, iperf
 from tests.conftest import CliBackend, LabHandle
+from tests.peerside import agent_marks
 from tests.test_tunnel import logged_between, quiet_snapshot, wait_for_listener
 
 DURATION = 30
@@ -32,11 +32,6 @@ SEND = (
     "import hashlib, random, socket, sys; data = random.Random(5).randbytes(int(sys.argv[2]));"
     " s = socket.create_connection((sys.argv[1], 40003), timeout=60); s.sendall(data);"
     " s.close(); print(len(data), hashlib.sha256(data).hexdigest())")
-
-
-def tun_index(lab: LabHandle, host: str) -> int:
-    shown = json.loads(lab.exec(host, "ip", "-j", "link", "show", "pgvpn0").stdout)
-    return int(shown[0]["ifindex"])
 
 
 def exact_stream(lab: LabHandle, sender: str, receiver: str, size: int,
@@ -55,16 +50,20 @@ def exact_stream(lab: LabHandle, sender: str, receiver: str, size: int,
 
 @pytest.mark.slow
 def test_four_streams_each_way_for_30_seconds(any_lab: LabHandle) -> None:
-    indexes = {host: tun_index(any_lab, host) for host in ENDS}
+    indexes = {host: any_lab.tun_link(host)["ifindex"] for host in ENDS}
+    marks = {host: agent_marks(any_lab, host) for host in ENDS}
     tun_a0, tun_b0, logged0 = quiet_snapshot(any_lab)
     backend = CliBackend(any_lab)
-    reports: dict[str, Any] = {}
+    reports: dict[str, IperfResult | Exception] = {}
     exact: dict[str, Any] = {}
 
     def load(client: str, server: str) -> None:
-        reports[f"{client}->{server}"] = iperf(backend, server=server, address=ENDS[server],
-                                               client=client, duration=DURATION,
-                                               streams=STREAMS)
+        try:
+            reports[f"{client}->{server}"] = iperf(
+                backend, server=server, address=ENDS[server], client=client,
+                duration=DURATION, streams=STREAMS)
+        except Exception as exc:  # a thread's error is otherwise only printed
+            reports[f"{client}->{server}"] = exc
 
     threads = [threading.Thread(target=load, args=("peer-a", "peer-b")),
                threading.Thread(target=load, args=("peer-b", "peer-a"))]
@@ -78,7 +77,10 @@ def test_four_streams_each_way_for_30_seconds(any_lab: LabHandle) -> None:
         thread.join(timeout=DURATION + 120)
     assert time.monotonic() - started < DURATION + 120
 
+    # both directions reported, and neither with an error
+    assert set(reports) == set(exact) == {"peer-a->peer-b", "peer-b->peer-a"}, reports
     for direction, result in reports.items():
+        assert isinstance(result, IperfResult), f"{direction}: {result!r}"
         streams = result.raw["end"]["streams"]
         assert len(streams) == STREAMS, direction
         # what iperf3 had received by its end-of-test message; the rest was in flight
@@ -88,7 +90,9 @@ def test_four_streams_each_way_for_30_seconds(any_lab: LabHandle) -> None:
         assert sent and sent == received, direction  # every byte, unaltered
 
     tun_a1, tun_b1, logged1 = quiet_snapshot(any_lab)
-    assert {host: tun_index(any_lab, host) for host in ENDS} == indexes  # no crash
+    # no agent restarted: the same TUN devices, the same processes' sessions
+    assert {host: any_lab.tun_link(host)["ifindex"] for host in ENDS} == indexes
+    assert {host: agent_marks(any_lab, host) for host in ENDS} == marks
     sent_by_a = tun_a1["tx"] - tun_a0["tx"]
     sent_by_b = tun_b1["tx"] - tun_b0["tx"]
     rows = logged_between(any_lab, logged0, logged1)

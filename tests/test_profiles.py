@@ -20,8 +20,10 @@ from lab.plot import plot_throughput
 from lab.report import build_report, render_markdown, write_report
 from pgvpn.transports import PROFILES, Profile
 from tests.conftest import CliBackend, LabHandle
+from tests.peerside import last_start
 
 PEER_A, PEER_B = "10.230.0.1", "10.230.0.2"
+LAB_MTU = 1500  # the session's lab runs with the default MTU
 LOG_TIMEOUT = 60.0  # seconds for a slow profile to commit what its TUN handed it
 
 
@@ -45,6 +47,41 @@ def test_ping_both_ways(lab_on: tuple[LabHandle, Profile]) -> None:
     for host, target in (("peer-a", PEER_B), ("peer-b", PEER_A)):
         result = ping(backend, host, target, count=3, interval=0.2)
         assert result.received == 3, f"{profile.name}: {host} -> {target}: {result}"
+
+
+# Each packet table's growth mark: the highest id, or for the partitioned log (no index
+# on id) the sum of each sender's highest seq, read along its (sender, seq) index.
+TABLE_MARK = {"pgvpn.packets": "SELECT coalesce(sum((SELECT max(seq) FROM pgvpn.packets "
+                               "WHERE sender = name)), 0) FROM pgvpn.peers"}
+
+
+def table_marks(lab: LabHandle) -> dict[str, int]:
+    """A mark per table any profile logs to; it rises with every row logged there."""
+    tables = sorted({p.log_table for p in PROFILES.values() if p.log_table})
+    return {table: int(lab.sql(TABLE_MARK.get(table, f"SELECT coalesce(max(id), 0) "
+                                                     f"FROM {table}"))[0][0])
+            for table in tables}
+
+
+def test_the_agents_run_the_chosen_profile(lab_on: tuple[LabHandle, Profile]) -> None:
+    """`lab up --profile X` on a running lab restarts the agents with X, not just the
+    lab's record of it: each agent's own start line says X, its TUN has X's MTU, and
+    traffic grows X's table and no other (notify-only: none at all)."""
+    lab, profile = lab_on
+    mtu = profile.default_mtu(LAB_MTU)
+    for host in ("peer-a", "peer-b"):
+        start = last_start(lab, host)
+        assert (start["profile"], int(start["mtu"]), start["commit"]) == (
+            profile.name, mtu, "synchronous"), start[0]
+        assert lab.tun_link(host)["mtu"] == mtu, host
+    before = table_marks(lab)
+    # a reply arrives only after both packets crossed: each was logged, if the profile logs
+    result = ping(CliBackend(lab), "peer-a", PEER_B, count=3, interval=0.2)
+    assert result.received == 3, f"{profile.name}: {result}"
+    grown = {table: mark - before[table] for table, mark in table_marks(lab).items()
+             if mark != before[table]}
+    assert set(grown) == ({profile.log_table} if profile.log_table else set()), grown
+    assert all(added >= 6 for added in grown.values()), grown  # 3 requests, 3 replies
 
 
 Snapshot = tuple[int, int, dict[str, int]]
