@@ -21,19 +21,28 @@ from pgvpn.copyformat import PACKET_COLUMNS, encode_packet_rows
 from tests.conftest import CliBackend, LabHandle
 from tests.peerside import agent_log, lab_cli, owner_execute, peer_conninfo, wait_for
 
-# argv[1] == "reset": clear the peak first (clear_refs 5 resets VmHWM), so that the
-# peak measured afterwards is the test's own, not that of earlier traffic.
-MEMORY_PROBE = """\
+# The start of a script run in an agent's host: agent_pids() yields the pgvpn agents
+# running in this network namespace (a host's own, whatever the backend).
+AGENT_PIDS = """\
 import os, sys
 me = os.readlink("/proc/self/ns/net")
+def agent_pids():
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\\0")
+            if os.readlink(f"/proc/{pid}/ns/net") != me or b"run" not in argv:
+                continue
+        except OSError:
+            continue
+        if any(a.endswith((b"pgvpn", b"pgvpn.cli")) for a in argv):
+            yield pid
+"""
+# argv[1] == "reset": clear the peak first (clear_refs 5 resets VmHWM), so that the
+# peak measured afterwards is the test's own, not that of earlier traffic.
+MEMORY_PROBE = AGENT_PIDS + """\
 found = []
-for pid in filter(str.isdigit, os.listdir("/proc")):
+for pid in agent_pids():
     try:
-        argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\\0")
-        if os.readlink(f"/proc/{pid}/ns/net") != me or b"run" not in argv:
-            continue
-        if not any(a.endswith((b"pgvpn", b"pgvpn.cli")) for a in argv):
-            continue
         if sys.argv[1:] == ["reset"]:
             with open(f"/proc/{pid}/clear_refs", "w") as refs:
                 refs.write("5")

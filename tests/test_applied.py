@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import sys
 
+from tests.agentside import AGENT_PIDS
 from tests.conftest import LabHandle
 from tests.peerside import last_start
 
@@ -20,19 +21,12 @@ LARGE_MTU = 9000
 # Opens a session the way the host's running agent opens each of its own: its own
 # environment (read from /proc), its own settings (load_config), its own
 # Session.connect; then says what the session commits with. argv: VAR=VALUE overrides.
-SESSION_PROBE = """\
-import os, sys
+SESSION_PROBE = AGENT_PIDS + """\
 from pgvpn.config import load_config
 from pgvpn.transports.base import Session
-me = os.readlink("/proc/self/ns/net")
 found = []
-for pid in filter(str.isdigit, os.listdir("/proc")):
+for pid in agent_pids():
     try:
-        argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\\0")
-        if os.readlink(f"/proc/{pid}/ns/net") != me or b"run" not in argv:
-            continue
-        if not any(a.endswith((b"pgvpn", b"pgvpn.cli")) for a in argv):
-            continue
         environ = open(f"/proc/{pid}/environ", "rb").read().decode().split("\\0")
     except OSError:
         continue
