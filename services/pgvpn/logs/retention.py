@@ -22,6 +22,8 @@ from psycopg import sql
 from pgvpn.errors import PgvpnError
 
 PRUNE_LOCK = "pgvpn.prune"
+OWNER_ONLY = ("pgvpn prune must run as the owner of the pgvpn schema (agents apply the "
+              "retention policy themselves)")
 
 
 @dataclass(frozen=True)
@@ -107,16 +109,18 @@ def prune(conn: psycopg.Connection, older_than: timedelta | None, *, dry_run: bo
                              "(pgvpn retention --keep 7d)")
     if older_than <= timedelta(0):
         raise PgvpnError("--older-than must be longer than zero")
-    locked = conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
-                          [PRUNE_LOCK]).fetchone()
+    try:  # in pgvpn's database only the owner may take advisory locks (sql/007)
+        locked = conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
+                              [PRUNE_LOCK]).fetchone()
+    except psycopg.errors.InsufficientPrivilege:
+        raise PgvpnError(OWNER_ONLY) from None
     if not locked or not locked[0]:
         raise PgvpnError("another 'pgvpn prune', or an agent applying the retention "
                          "policy, is at work on this database: try again in a moment")
     try:
         return _prune_locked(conn, older_than, dry_run, progress)
     except psycopg.errors.InsufficientPrivilege:
-        raise PgvpnError("pgvpn prune must run as the owner of the pgvpn schema "
-                         "(agents apply the retention policy themselves)") from None
+        raise PgvpnError(OWNER_ONLY) from None
     finally:
         conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", [PRUNE_LOCK])
 
