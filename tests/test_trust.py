@@ -22,6 +22,7 @@ from psycopg import errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from lab.measure import ping
+from pgvpn import migrate
 from tests.conftest import ROOT, CliBackend, LabHandle
 from tests.peerside import connect_as, lab_cli, owner_execute, temporary_lent
 
@@ -140,6 +141,11 @@ def test_the_owner_is_a_plain_role_that_owns_everything(any_lab: LabHandle) -> N
     assert owners == [("pgvpn_owner",)]
     with pytest.raises(errors.InsufficientPrivilege):
         owner_execute(any_lab, "CREATE ROLE pgvpn_trust_probe LOGIN")
+    # and its commands need nothing more (the lab's `lab up` ran migrate and add-peer so)
+    latest = str(migrate.available()[-1].version)
+    assert any_lab.pgvpn("db", "version").stdout.decode().strip() == latest
+    assert any_lab.pgvpn("db", "migrate").returncode == 0
+    assert any_lab.pgvpn("db", "version").stdout.decode().strip() == latest
 
 
 def test_the_owner_makes_peer_roles_and_nothing_else(any_lab: LabHandle) -> None:
