@@ -1,8 +1,10 @@
 """Every transport profile carries real traffic, and every logged one logs each packet.
 
-Integration tests run on the session's namespace lab, one profile after another
+Integration tests run on both backends' session labs, one profile after another
 (the profile fixture is module-scoped, so pytest groups the tests by profile and
-restarts the agents once per profile). The report tests are pure unit tests.
+restarts the agents once per profile): how a profile reaches the agents (a process's
+environment, a container's) is the backend's business. The report tests are pure
+unit tests.
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ LOG_TIMEOUT = 60.0  # seconds for a slow profile to commit what its TUN handed i
 
 
 @pytest.fixture(scope="module")
-def profile_lab(netns_lab: LabHandle) -> Iterator[LabHandle]:
+def profile_lab(any_lab: LabHandle) -> Iterator[LabHandle]:
     """The session's lab, handed back on the default profile whatever ran here."""
-    yield netns_lab
-    netns_lab.use_profile("batched")
+    yield any_lab
+    any_lab.use_profile("batched")
 
 
 @pytest.fixture(scope="module", params=list(PROFILES))
