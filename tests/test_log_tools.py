@@ -1,4 +1,5 @@
-"""The packet log as a product: filters, the decoding view, export, replay, retention.
+"""The packet log as a product: filters, the decoding view, export, replay (partitions,
+retention and prune: tests/test_prune.py).
 
 Unit tests first (no lab needed), then integration tests on the namespace lab.
 """
@@ -8,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import io
 import ipaddress
-import itertools
 import json
 import os
 import shutil
@@ -16,7 +16,6 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -29,15 +28,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lab.measure import iperf
 from pgvpn.cli import build_parser
 from pgvpn.errors import PgvpnError
 from pgvpn.logs.filter import LogFilter, filter_from_args, parse_network, parse_protocol
 from pgvpn.logs.pcap import LINKTYPE_RAW, write_pcap
 from pgvpn.logs.replay import read_input, schedule
 from pgvpn.timespec import format_duration, parse_duration, parse_time
-from tests.conftest import ROOT, CliBackend, LabHandle
-from tests.peerside import connect_as
+from tests.conftest import ROOT, LabHandle
 
 PEER_A, PEER_B = "10.230.0.1", "10.230.0.2"
 NOW = datetime(2025, 11, 25, 12, 0, tzinfo=UTC)
@@ -375,100 +372,6 @@ def test_replay_into_the_scratch_host_is_answered_there(any_lab: LabHandle) -> N
                            "--speed", "4")
     assert "replayed 2 packets" in replayed.stderr
     assert "answered with 2 packet(s)" in replayed.stderr
-
-
-def test_retention_policy_is_applied_by_an_agent_role(netns_lab: LabHandle) -> None:
-    old = (db_now(netns_lab) - timedelta(days=60)).date()
-    name = f"packets_{old:%Y%m%d}"
-    # two agents' own roles: the owner is no member of pgvpn_agent, and need not be
-    with psycopg.connect(netns_lab.conninfo(), autocommit=True) as owner, \
-            connect_as(netns_lab, "peer-a") as conn, connect_as(netns_lab, "peer-b") as other:
-        make_old_partition(owner, name, old, rows=10)
-        owner.execute("UPDATE pgvpn.log_settings SET retention = '30 days'")
-        try:
-            with pytest.raises(psycopg.errors.InsufficientPrivilege):
-                conn.execute(f"DROP TABLE pgvpn.{name}")  # agents cannot drop on their own
-            with conn.transaction():
-                assert conn.execute("SELECT pgvpn.apply_retention()").fetchone() == (1,)
-                # the other agent's maintenance at the same moment skips, without waiting
-                assert other.execute("SELECT pgvpn.apply_retention()").fetchone() == (0,)
-        finally:
-            owner.execute("UPDATE pgvpn.log_settings SET retention = NULL")
-        assert owner.execute("SELECT to_regclass(%s)", [f"pgvpn.{name}"]).fetchone() == (None,)
-
-
-def test_finer_partitions_fill_gaps_without_overlaps(netns_lab: LabHandle) -> None:
-    with psycopg.connect(netns_lab.conninfo()) as conn, conn.transaction(force_rollback=True):
-        conn.execute("UPDATE pgvpn.log_settings SET partition_step = '1 hour', "
-                     "partitions_ahead = '4 days'")
-        assert conn.execute("SELECT pgvpn.ensure_partitions()").fetchone()[0] > 0  # type: ignore[index]
-        ranges = conn.execute("SELECT range_from, range_to FROM pgvpn.log_partitions "
-                              "WHERE range_to > now()").fetchall()
-        horizon = conn.execute("SELECT now() + interval '4 days'").fetchone()[0]  # type: ignore[index]
-    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))  # contiguous
-    assert ranges[-1][1] >= horizon
-    hourly = [r for r in ranges if r[1] - r[0] == timedelta(hours=1)]
-    assert hourly and all(r[0] >= ranges[0][0] + timedelta(days=3) for r in hourly)
-
-
-def make_old_partition(conn: psycopg.Connection, name: str, day: Any, rows: int,
-                       sender: str = "old-peer") -> None:
-    """As the owner: a partition for a past day, holding `rows` copies of a logged packet."""
-    conn.execute(f"CREATE TABLE IF NOT EXISTS pgvpn.{name} PARTITION OF pgvpn.packets "
-                 f"FOR VALUES FROM ('{day}') TO ('{day + timedelta(days=1)}')")
-    conn.execute(
-        "INSERT INTO pgvpn.packets (logged_at, sender, seq, receiver, length, data) "
-        "SELECT %s::date + make_interval(secs => g), %s, g, 'peer-b', 84, "
-        "decode(repeat('45', 84), 'hex') FROM generate_series(1, %s) g", [day, sender, rows])
-
-
-def test_prune_drops_only_old_partitions_while_iperf3_runs(netns_lab: LabHandle) -> None:
-    today = db_now(netns_lab).date()
-    old, older = today - timedelta(days=20), today - timedelta(days=30)
-    with psycopg.connect(netns_lab.conninfo(), autocommit=True) as conn:
-        make_old_partition(conn, f"packets_{older:%Y%m%d}", older, rows=500)
-        # a peer whose newest packet is old: its partition must stay (seq resumes there)
-        conn.execute("INSERT INTO pgvpn.peers (name) VALUES ('idle-peer') ON CONFLICT DO NOTHING")
-        make_old_partition(conn, f"packets_{old:%Y%m%d}", old, rows=50, sender="idle-peer")
-    before = dict(netns_lab.sql("SELECT sender, max(seq) FROM pgvpn.packets "
-                                "WHERE sender IN ('peer-a', 'peer-b') GROUP BY sender"))
-
-    result: dict[str, Any] = {}
-    load = threading.Thread(target=lambda: result.update(iperf=iperf(
-        CliBackend(netns_lab), server="peer-b", address=PEER_B, client="peer-a", duration=4)))
-    load.start()
-    time.sleep(1.0)  # prune in the middle of the transfer
-    pruned = netns_lab.pgvpn("prune", "--older-than", "7d")
-    assert load.is_alive(), "the prune did not finish while iperf3 was still sending"
-    load.join(timeout=60)
-
-    report = pruned.stdout.decode()
-    assert f"dropped pgvpn.packets_{older:%Y%m%d}" in report
-    assert f"kept pgvpn.packets_{old:%Y%m%d}: holds the newest packet of idle-peer" in report
-    assert "dropped 1 partition(s)" in report
-    # TCP delivered the stream (iperf3 reports an error otherwise; its byte counts stop at
-    # its end-of-test message, so bytes still queued then are missing from them); that
-    # the log lost nothing is checked row by row below.
-    assert result["iperf"].bytes_received > 5_000_000
-
-    netns_lab.wait_settled()
-    names = {r[0] for r in netns_lab.sql("SELECT partition::text FROM pgvpn.log_partitions")}
-    assert f"pgvpn.packets_{older:%Y%m%d}" not in names
-    assert netns_lab.sql("SELECT count(*) FROM pgvpn.packets WHERE sender = 'old-peer'") == [
-        (0,)]
-    # nothing newer is lost: every sender's numbering is still gap-free, and every row
-    # that existed before the prune is still there
-    for sender, last_before in before.items():
-        (low, high, count), = netns_lab.sql(
-            "SELECT min(seq), max(seq), count(*) FROM pgvpn.packets WHERE sender = %s",
-            [sender])
-        assert count == high - low + 1 and high > last_before
-    ahead = netns_lab.sql("SELECT max(range_to) - now() FROM pgvpn.log_partitions")[0][0]
-    assert ahead >= timedelta(days=2)  # partitions ahead untouched (and topped up)
-
-    with psycopg.connect(netns_lab.conninfo(), autocommit=True) as conn:  # tidy up
-        conn.execute("DELETE FROM pgvpn.peers WHERE name = 'idle-peer'")
-        conn.execute(f"DROP TABLE pgvpn.packets_{old:%Y%m%d}")
 
 
 def test_files_reach_a_host_through_exec_alone(netns_lab: LabHandle) -> None:
