@@ -80,17 +80,23 @@ START_LINE = re.compile(r"peer (?P<peer>\S+): (?P<tun>\S+) on .*, mtu (?P<mtu>\d
                         re.MULTILINE)
 
 
+def log_lines(lab: LabHandle, host: str) -> list[str]:
+    """The host's whole log, a line each; the blank lines `lab logs` may end with (after
+    a container's log, say) are no lines, or a mark would count them as seen."""
+    return agent_log(lab, host, WHOLE_LOG).rstrip().splitlines()
+
+
 def log_mark(lab: LabHandle, host: str) -> int:
     """How many lines the host's log holds now: a window over what an action adds starts
     there (the log keeps every earlier test's lines)."""
-    lines = agent_log(lab, host, WHOLE_LOG).splitlines()
+    lines = log_lines(lab, host)
     assert len(lines) < WHOLE_LOG, f"{host}'s log is too long to window"
     return len(lines)
 
 
 def log_since(lab: LabHandle, host: str, mark: int) -> str:
     """The lines the host's log gained since `log_mark` gave `mark`."""
-    lines = agent_log(lab, host, WHOLE_LOG).splitlines()
+    lines = log_lines(lab, host)
     assert mark <= len(lines) < WHOLE_LOG, f"{host}'s log shrank or grew too long: {mark}"
     return "\n".join(lines[mark:])
 

@@ -90,7 +90,9 @@ ROW_DATA = st.one_of(
     ip_packets(),
 ).map(confined)
 RECEIVERS = st.one_of(st.sampled_from(["peer-b", "peer-b", "peer-b", "peer-a", "nobody"]),
-                      st.text(st.characters(exclude_characters="\x00"), max_size=30))
+                      # any text a peer can send: UTF-8 (no lone surrogates), no NUL
+                      st.text(st.characters(codec="utf-8", exclude_characters="\x00"),
+                              max_size=30))
 # Each row's seq is the previous one's plus a step: repeats, small gaps, steps back
 # below what peer-b already read, and jumps far ahead.
 SEQ_STEPS = st.one_of(st.integers(-3, 3), st.integers(-(2**40), 2**40))

@@ -45,7 +45,8 @@ def test_a_lost_control_connection_is_replaced(any_lab: LabHandle) -> None:
              timeout=30)
     (new_pid, new_name), = lab_sessions(any_lab, "peer-a", "control")
     assert new_pid != pid and new_name == name  # the same process, another session
-    assert "(control connection lost)" in log_since(any_lab, "peer-a", mark)
+    said = log_since(any_lab, "peer-a", mark)
+    assert "(control connection lost)" in said, agent_log(any_lab, "peer-a", 50)
     assert ping(CliBackend(any_lab), "peer-a", "10.230.0.2", count=2).received == 2
 
 
