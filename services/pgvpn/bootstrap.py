@@ -233,11 +233,11 @@ def _restrict_database(conn: psycopg.Connection, database: str, owner: str) -> N
         name, sql.SQL(", ").join(map(sql.Identifier, GROUP_ROLES))))
     conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
     # pg_proc is per database: this changes who may lock here, nowhere else.
-    for (function,) in conn.execute(ADVISORY_LOCKS).fetchall():
-        conn.execute(sql.SQL("REVOKE EXECUTE ON FUNCTION {} FROM PUBLIC").format(
-            sql.SQL(function)))
-        conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(
-            sql.SQL(function), sql.Identifier(owner)))
+    functions = sql.SQL(", ").join(
+        sql.SQL(function) for (function,) in conn.execute(ADVISORY_LOCKS).fetchall())
+    conn.execute(sql.SQL("REVOKE EXECUTE ON FUNCTION {} FROM PUBLIC").format(functions))
+    conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(
+        functions, sql.Identifier(owner)))
 
 
 def _hand_over_schema(conn: psycopg.Connection, owner: str, progress: Progress) -> None:

@@ -71,15 +71,13 @@ def migrate(conn: psycopg.Connection) -> int:
                     conn.execute("INSERT INTO pgvpn.schema_migrations (version, name) "
                                  "VALUES (%s, %s)", [migration.version, migration.name])
             except psycopg.errors.InsufficientPrivilege as exc:
-                if exc.diag.message_hint:  # a migration's own check: it says who must act
-                    raise DatabaseError(
-                        f"schema is at version {current}, {latest} is needed, and migration "
-                        f"{migration.version:03d}_{migration.name} refused: "
-                        f"{exc.diag.message_primary}; {exc.diag.message_hint}") from None
-                raise DatabaseError(
-                    f"schema is at version {current}, {latest} is needed, and this role may "
-                    f"not migrate it ({exc.diag.message_primary}); run 'pgvpn db migrate' "
-                    "as the database owner") from None
+                primary, hint = exc.diag.message_primary, exc.diag.message_hint
+                why = (f"migration {migration.version:03d}_{migration.name} refused: "
+                       f"{primary}; {hint}" if hint  # a migration's own check says who acts
+                       else f"this role may not migrate it ({primary}); run 'pgvpn db "
+                       "migrate' as the database owner")
+                raise DatabaseError(f"schema is at version {current}, {latest} is needed, "
+                                    f"and {why}") from None
             except psycopg.Error as exc:
                 raise DatabaseError(f"migration {migration.version:03d}_{migration.name} "
                                     f"failed: {exc.diag.message_primary or exc}") from None
