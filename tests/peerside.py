@@ -134,3 +134,27 @@ def agent_marks(lab: LabHandle, peer: str) -> set[str]:
     rows = lab.sql("SELECT application_name FROM pg_stat_activity WHERE application_name "
                    "LIKE %s", [f"pgvpn {peer} %"], superuser=True)
     return {name.rsplit(" ", 1)[1] for (name,) in rows}
+
+
+def agent_running(lab: LabHandle, host: str) -> bool:
+    return any(h["running"] for h in lab.status()["hosts"] if h["name"] == host)
+
+
+def docker_container(lab: LabHandle, host: str) -> str:
+    """The id of a Docker lab's container for `host` (running or not), by the labels
+    the lab gives it."""
+    from lab.docker_backend import LABEL
+
+    found = subprocess.run(
+        ["docker", "ps", "-a", "-q", "--filter", f"label={LABEL}={lab.name}",
+         "--filter", f"label=com.docker.compose.service={host}"],
+        capture_output=True, text=True, check=True, timeout=30).stdout.split()
+    assert len(found) == 1, f"{host}: containers {found}"
+    return found[0]
+
+
+def docker_state(lab: LabHandle, host: str, field: str) -> int:
+    """A number of the container's State (Pid, ExitCode), as `docker inspect` gives it."""
+    return int(subprocess.run(["docker", "inspect", "-f", f"{{{{.State.{field}}}}}",
+                               docker_container(lab, host)],
+                              capture_output=True, text=True, check=True, timeout=30).stdout)

@@ -6,7 +6,6 @@ is counted, dropped and reported (at most a line a second), and traffic goes on.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -86,14 +85,9 @@ print(len(frames))
 """
 
 
-def tun_index(lab: LabHandle, host: str) -> int:
-    shown = json.loads(lab.exec(host, "ip", "-j", "link", "show", "pgvpn0").stdout)
-    return int(shown[0]["ifindex"])
-
-
 def test_frames_that_are_not_packets_are_counted_and_dropped(any_lab: LabHandle) -> None:
     """A packet socket writes garbage into peer-a's TUN: its agent reads and drops it."""
-    index = tun_index(any_lab, "peer-a")
+    index = any_lab.tun_link("peer-a")["ifindex"]
     tun_a0, _, logged0 = quiet_snapshot(any_lab)
     reported0 = counted_warnings(agent_log(any_lab, "peer-a", 5000), BAD_FRAMES_LOG)
     sent = int(any_lab.exec("peer-a", "python3", "-c", INJECT).stdout)
@@ -103,7 +97,7 @@ def test_frames_that_are_not_packets_are_counted_and_dropped(any_lab: LabHandle)
     assert read - logged == sent  # none of them logged
     wait_for(lambda: counted_warnings(agent_log(any_lab, "peer-a", 5000), BAD_FRAMES_LOG)
              - reported0 == sent, "the agent to report the dropped frames")
-    assert tun_index(any_lab, "peer-a") == index  # the same agent, still running
+    assert any_lab.tun_link("peer-a")["ifindex"] == index  # the same agent, still running
     assert ping(CliBackend(any_lab), "peer-a", PEER_B, count=2).received == 2
 
 
@@ -133,7 +127,7 @@ def bad_rows() -> dict[str, bytes]:
 def test_rows_that_are_not_packets_are_skipped_and_logged(any_lab: LabHandle) -> None:
     """The owner writes rows into peer-a's stream by hand; peer-b's agent must skip them."""
     quiet_snapshot(any_lab)
-    index = tun_index(any_lab, "peer-b")
+    index = any_lab.tun_link("peer-b")["ifindex"]
     reported0 = counted_warnings(agent_log(any_lab, "peer-b", 5000), BAD_ROWS_LOG)
     lab_cli(any_lab, "stop", "peer-a")  # so that nothing else writes peer-a's stream now
     try:
@@ -151,7 +145,7 @@ def test_rows_that_are_not_packets_are_skipped_and_logged(any_lab: LabHandle) ->
         assert any_lab.tun_counters("peer-b")["rx"] - rx0 == 1  # the good one only
         wait_for(lambda: counted_warnings(agent_log(any_lab, "peer-b", 5000), BAD_ROWS_LOG)
                  - reported0 == len(rows) - 1, "the agent to report the skipped rows")
-        assert tun_index(any_lab, "peer-b") == index  # the same agent, still running
+        assert any_lab.tun_link("peer-b")["ifindex"] == index  # the same agent, still running
     finally:
         lab_cli(any_lab, "start", "peer-a")
     assert ping(CliBackend(any_lab), "peer-a", PEER_B, count=2).received == 2

@@ -28,7 +28,14 @@ from tests.agentside import (
     wait_read_past,
 )
 from tests.conftest import LabHandle
-from tests.peerside import agent_log, counted_warnings, lab_cli, owner_execute, wait_for
+from tests.peerside import (
+    agent_log,
+    agent_running,
+    counted_warnings,
+    lab_cli,
+    owner_execute,
+    wait_for,
+)
 
 PEER_B = "10.230.0.2"
 ROW_MAX = 65535  # the largest IP packet, so the largest row the database accepts
@@ -62,10 +69,6 @@ def test_the_database_refuses_rows_out_of_bounds(any_lab: LabHandle) -> None:
         owner_execute(any_lab, "INSERT INTO pgvpn.packets (sender, seq, receiver, length, "
                       "data) VALUES ('peer-a', 1, 'nobody', %s, %s)",
                       [40 * 2**20, bytes(40 * 2**20)])
-
-
-def agent_running(lab: LabHandle, host: str) -> bool:
-    return any(h["running"] for h in lab.status()["hosts"] if h["name"] == host)
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from tests.conftest import ROOT, CliBackend, LabHandle
 from tests.peerside import (
     agent_log,
     agent_marks,
+    docker_state,
     lab_cli,
     log_mark,
     log_since,
@@ -162,16 +163,9 @@ def frozen_agent(lab: LabHandle, host: str) -> None:
     """Stop the host's agent with SIGSTOP and wait until every thread of it is stopped:
     from then on it reads nothing from its TUN, so the TUN's tx counter stays what the
     agent had read when it is killed."""
-    if lab.backend == "docker":  # the agent is the container's main process
-        found = subprocess.run(
-            ["docker", "ps", "-q", "--filter", f"label=io.pgvpn.project={lab.name}",
-             "--filter", f"label=com.docker.compose.service={host}"],
-            capture_output=True, text=True, check=True).stdout.split()
-        assert len(found) == 1, f"{host}: containers {found}"
-        pid = int(subprocess.run(["docker", "inspect", "-f", "{{.State.Pid}}", found[0]],
-                                 capture_output=True, text=True, check=True).stdout)
-    else:
-        pid = agent_memory(lab, host).pid
+    # in a container the agent is the main process
+    pid = (docker_state(lab, host, "Pid") if lab.backend == "docker"
+           else agent_memory(lab, host).pid)
     os.kill(pid, signal.SIGSTOP)
 
     def stopped() -> bool:

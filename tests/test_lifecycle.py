@@ -10,13 +10,23 @@ stops it loudly: the traceback, and one last line that says what stopped it.
 
 from __future__ import annotations
 
-import subprocess
 from datetime import datetime
 
-from lab.docker_backend import LABEL
+import psycopg
+
 from lab.measure import ping
+from pgvpn.locks import holders
 from tests.conftest import CliBackend, LabHandle
-from tests.peerside import agent_log, lab_cli, log_mark, log_since, owner_execute, wait_for
+from tests.peerside import (
+    agent_log,
+    agent_running,
+    docker_state,
+    lab_cli,
+    log_mark,
+    log_since,
+    owner_execute,
+    wait_for,
+)
 
 PEER_A = "10.230.0.1"
 STOPPED = "peer peer-b: stopped; sent "
@@ -65,23 +75,10 @@ def agent_sessions(lab: LabHandle, peer: str) -> list[tuple[int, str]]:
 
 
 def held_locks(lab: LabHandle, peer: str) -> list[str]:
+    """Which of the peer's sender and receiver locks some session holds (pgvpn.locks)."""
     keys = [f"pgvpn.{purpose}.{peer}" for purpose in ("sender", "receiver")]
-    return [str(key) for (key,) in lab.sql(
-        "SELECT k FROM unnest(%s::text[]) k WHERE EXISTS (SELECT FROM pg_locks l "
-        "WHERE l.locktype = 'advisory' AND l.granted "
-        "AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended(k, 0))",
-        [keys], superuser=True)]
-
-
-def docker_exit_code(lab: LabHandle, host: str) -> int:
-    found = subprocess.run(
-        ["docker", "ps", "-a", "-q", "--filter", f"label={LABEL}={lab.name}",
-         "--filter", f"label=com.docker.compose.service={host}"],
-        capture_output=True, text=True, check=True, timeout=30).stdout.split()
-    assert len(found) == 1, found
-    return int(subprocess.run(["docker", "inspect", "-f", "{{.State.ExitCode}}", found[0]],
-                              capture_output=True, text=True, check=True,
-                              timeout=30).stdout)
+    with psycopg.connect(lab.conninfo(superuser=True), autocommit=True) as conn:
+        return [key for key in keys if holders(conn, key)]
 
 
 def test_sigterm_stops_cleanly_and_leaves_nothing_behind(any_lab: LabHandle) -> None:
@@ -95,7 +92,7 @@ def test_sigterm_stops_cleanly_and_leaves_nothing_behind(any_lab: LabHandle) -> 
         last = log[log.rindex("received SIGTERM, stopping"):]
         assert STOPPED in last and "Traceback" not in last, last
         if any_lab.backend == "docker":
-            assert docker_exit_code(any_lab, "peer-b") == 0
+            assert docker_state(any_lab, "peer-b", "ExitCode") == 0
         else:  # the namespace outlives the agent: its TUN device must be gone from it
             shown = any_lab.exec("peer-b", "ip", "link", "show", "pgvpn0", check=False)
             assert shown.returncode != 0 and "does not exist" in shown.stderr, shown
@@ -107,10 +104,6 @@ def test_sigterm_stops_cleanly_and_leaves_nothing_behind(any_lab: LabHandle) -> 
         lab_cli(any_lab, "start", "peer-b")
     assert ping(CliBackend(any_lab), "peer-a", "10.230.0.2", count=2).received == 2
     assert ping(CliBackend(any_lab), "peer-b", PEER_A, count=2).received == 2
-
-
-def agent_running(lab: LabHandle, host: str) -> bool:
-    return any(h["running"] for h in lab.status()["hosts"] if h["name"] == host)
 
 
 def test_a_data_path_error_no_reconnect_fixes_stops_the_agent_loudly(

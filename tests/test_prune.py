@@ -23,11 +23,10 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from lab.measure import iperf
+from pgvpn.logs.retention import PRUNE_LOCK
 from tests.conftest import CliBackend, LabHandle
 from tests.peerside import connect_as, peer_conninfo, wait_for
 from tests.test_log_tools import PEER_B, db_now
-
-PRUNE_LOCK = "pgvpn.prune"
 
 
 def test_retention_policy_is_applied_by_an_agent_role(netns_lab: LabHandle) -> None:
