@@ -196,7 +196,7 @@ def test_failing_log_maintenance_leaves_the_data_path_running(any_lab: LabHandle
     lab_cli(any_lab, "stop", "peer-b")
     lab_cli(any_lab, "start", "peer-b", env={"PGVPN_MAINTENANCE_INTERVAL": "1"})
     grant = "EXECUTE ON FUNCTION pgvpn.ensure_partitions FROM pgvpn_agent"
-    failed = r"log maintenance failed: permission denied for function ensure_partitions"
+    failed = r"partition maintenance failed: permission denied for function ensure_partitions"
     try:
         owner_execute(any_lab, f"REVOKE {grant}")
         wait_for(lambda: len(re.findall(failed, agent_log(any_lab, "peer-b"))) >= 3,

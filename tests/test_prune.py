@@ -1,6 +1,6 @@
 """Integration: partitions and pruning (the log product's only way to drop rows).
 
-The retention policy applied by the agents' own roles; finer partitions fill gaps;
+Only the owner drops an expired partition (agents cannot); finer partitions fill gaps;
 a prune while iperf3 runs drops only old partitions and loses no row. Then `pgvpn
 prune` at its edges: a dry run drops nothing; without --older-than the stored policy
 is the age; a second prune while one is at work is refused; a peer or reader is
@@ -29,24 +29,28 @@ from tests.peerside import connect_as, peer_conninfo, wait_for
 from tests.test_log_tools import PEER_B, db_now
 
 
-def test_retention_policy_is_applied_by_an_agent_role(netns_lab: LabHandle) -> None:
+def test_only_the_owner_drops_an_expired_partition(netns_lab: LabHandle) -> None:
+    """Dropping a partition locks the whole log: a peer that could, could hold that lock
+    and stop the tunnel (sql/008). Agents keep partitions ahead and drop nothing; the
+    owner's `pgvpn prune` applies the stored policy."""
     old = (db_now(netns_lab) - timedelta(days=60)).date()
     name = f"packets_{old:%Y%m%d}"
-    # two agents' own roles: the owner is no member of pgvpn_agent, and need not be
     with psycopg.connect(netns_lab.conninfo(), autocommit=True) as owner, \
-            connect_as(netns_lab, "peer-a") as conn, connect_as(netns_lab, "peer-b") as other:
+            connect_as(netns_lab, "peer-a") as peer:
         make_old_partition(owner, name, old, rows=10)
         owner.execute("UPDATE pgvpn.log_settings SET retention = '30 days'")
         try:
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
-                conn.execute(f"DROP TABLE pgvpn.{name}")  # agents cannot drop on their own
-            with conn.transaction():
-                assert conn.execute("SELECT pgvpn.apply_retention()").fetchone() == (1,)
-                # the other agent's maintenance at the same moment skips, without waiting
-                assert other.execute("SELECT pgvpn.apply_retention()").fetchone() == (0,)
+                peer.execute(f"DROP TABLE pgvpn.{name}")
+            with pytest.raises(psycopg.errors.UndefinedFunction):
+                peer.execute("SELECT pgvpn.apply_retention()")  # gone since sql/008
+            peer.execute("SELECT pgvpn.ensure_partitions()")  # an agent's maintenance
+            assert f"pgvpn.{name}" in partitions(netns_lab)
+            pruned = netns_lab.pgvpn("prune").stdout.decode()
         finally:
             owner.execute("UPDATE pgvpn.log_settings SET retention = NULL")
-        assert owner.execute("SELECT to_regclass(%s)", [f"pgvpn.{name}"]).fetchone() == (None,)
+    assert f"dropped pgvpn.{name}" in pruned
+    assert f"pgvpn.{name}" not in partitions(netns_lab)
 
 
 def test_finer_partitions_fill_gaps_without_overlaps(netns_lab: LabHandle) -> None:
@@ -191,8 +195,8 @@ def test_a_second_prune_is_refused_while_one_is_at_work(
         refused = lab.pgvpn("prune", "--older-than", "30d", check=False)
     assert refused.returncode == 2, refused
     assert refused.stderr.decode().strip().splitlines() == [
-        "pgvpn: error: another 'pgvpn prune', or an agent applying the retention policy, "
-        "is at work on this database: try again in a moment"]
+        "pgvpn: error: another 'pgvpn prune' is at work on this database: try again in a "
+        "moment"]
     assert name in partitions(lab)
 
 
@@ -214,8 +218,8 @@ def test_only_the_owner_prunes(old_day: tuple[LabHandle, date, str], who: str) -
             lab.sql("DROP ROLE prune_reader", superuser=True)
     assert done.returncode == 2, done
     assert done.stderr.decode().strip().splitlines() == [
-        "pgvpn: error: pgvpn prune must run as the owner of the pgvpn schema (agents apply "
-        "the retention policy themselves)"]
+        "pgvpn: error: pgvpn prune must run as the owner of the pgvpn schema (the only role "
+        "that drops partitions)"]
     assert name in partitions(lab)
 
 

@@ -58,16 +58,6 @@ def gained(lab: LabHandle, role: str) -> list[str]:
     return found + [f"member of {m}" for m in row[4] or [] if m != "pgvpn_agent"]
 
 
-@pytest.fixture
-def retention_set(any_lab: LabHandle) -> Iterator[LabHandle]:
-    """A retention policy far in the past, so apply_retention() walks the partitions."""
-    owner_execute(any_lab, "UPDATE pgvpn.log_settings SET retention = '3650 days'")
-    try:
-        yield any_lab
-    finally:
-        owner_execute(any_lab, "UPDATE pgvpn.log_settings SET retention = NULL")
-
-
 def test_the_reported_attack_is_refused_at_its_first_step(any_lab: LabHandle) -> None:
     with connect_as(any_lab, "peer-a") as conn:
         with pytest.raises(errors.InsufficientPrivilege, match="temporary"):
@@ -78,11 +68,11 @@ def test_the_reported_attack_is_refused_at_its_first_step(any_lab: LabHandle) ->
 
 
 @pytest.mark.parametrize("call", ["SELECT pgvpn.ensure_partitions()",
-                                  "SELECT pgvpn.apply_retention()",
-                                  "SELECT pgvpn.last_sent_seq()"])
-def test_shadowed_catalogs_never_run_as_the_owner(retention_set: LabHandle, call: str) -> None:
+                                  "SELECT pgvpn.last_sent_seq()",
+                                  "SELECT pgvpn.lock_own('receiver')"])
+def test_shadowed_catalogs_never_run_as_the_owner(any_lab: LabHandle, call: str) -> None:
     """With TEMPORARY lent, the search_path (pg_temp last) is the defence, and it holds."""
-    lab = retention_set
+    lab = any_lab
     ran: list[str] = []
     with temporary_lent(lab, "peer-a"), connect_as(lab, "peer-a") as conn:
         conn.add_notice_handler(lambda notice: ran.append(notice.message_primary or ""))
@@ -223,9 +213,86 @@ def test_a_reader_reads_the_whole_log_and_changes_nothing(any_lab: LabHandle,
                               "UPDATE pgvpn.log_settings SET retention = '1 day'",
                               "INSERT INTO pgvpn.packets (seq, receiver, length, data) "
                               "VALUES (1, 'peer-a', 1, '\\x45')",
-                              "SELECT pgvpn.apply_retention()",
+                              "SELECT pgvpn.ensure_partitions()",
                               "CREATE TEMPORARY TABLE scratch (x int)"):
                 with pytest.raises(errors.InsufficientPrivilege):
                     conn.execute(statement)
     finally:
         any_lab.sql("DROP ROLE trust_reader", superuser=True)
+
+
+# LOCK TABLE's modes, strongest first. Agents' own statements take ROW EXCLUSIVE (COPY,
+# cursor updates) and ACCESS SHARE (reads); no weaker mode blocks them.
+LOCK_MODES = ("ACCESS EXCLUSIVE", "EXCLUSIVE", "SHARE ROW EXCLUSIVE", "SHARE",
+              "SHARE UPDATE EXCLUSIVE", "ROW SHARE", "ROW EXCLUSIVE", "ACCESS SHARE")
+HARMLESS_MODES = {"ROW EXCLUSIVE", "ACCESS SHARE", None}
+# What a peer may execute (sql/005, 007, 008): a new grant must be thought through here.
+PEER_FUNCTIONS = {"pgvpn.current_peer()", "pgvpn.ensure_partitions(integer)",
+                  "pgvpn.last_sent_seq()", "pgvpn.lock_own(text)"}
+
+
+@pytest.fixture
+def hostile_peer(any_lab: LabHandle) -> Iterator[psycopg.Connection]:
+    """A third peer, registered as any other, whose session the test keeps hostile."""
+    any_lab.sql("CREATE ROLE pgvpn_mallory LOGIN PASSWORD 'mallory-password-1234' "
+                "IN ROLE pgvpn_agent", superuser=True)
+    owner_execute(any_lab, "INSERT INTO pgvpn.peers (name) VALUES ('mallory')")
+    params = conninfo_to_dict(any_lab.conninfo())
+    params.update(user="pgvpn_mallory", password="mallory-password-1234")
+    try:
+        with psycopg.connect(make_conninfo(**params)) as conn:
+            yield conn
+    finally:
+        owner_execute(any_lab, "DELETE FROM pgvpn.peers WHERE name = 'mallory'")
+        any_lab.sql("DROP ROLE pgvpn_mallory", superuser=True)
+
+
+def strongest_lock(conn: psycopg.Connection, relation: str) -> str | None:
+    """Take the strongest LOCK TABLE mode the session may on `relation`, and keep it."""
+    for mode in LOCK_MODES:
+        try:
+            with conn.transaction():  # a savepoint: a refusal leaves the rest standing
+                conn.execute(f"LOCK TABLE {relation} IN {mode} MODE NOWAIT")
+        except errors.InsufficientPrivilege:
+            continue
+        except errors.LockNotAvailable:
+            pass  # allowed, and only busy: the agents' locks conflict with it
+        return mode
+    return None
+
+
+def test_a_peer_holding_all_it_can_in_an_open_transaction_stops_no_traffic(
+        any_lab: LabHandle, hostile_peer: psycopg.Connection) -> None:
+    """Locks last until the transaction ends, and a peer may keep one open for ever.
+    Whatever another peer takes, calls or locks in it, peer-a and peer-b still talk:
+    no peer may drop a partition (sql/008 took apply_retention() away) nor lock a
+    table beyond the modes the agents' own statements take (no table-level UPDATE)."""
+    conn = hostile_peer
+    callable_ = {str(f) for (f,) in conn.execute(
+        "SELECT p.oid::regprocedure FROM pg_proc p WHERE p.pronamespace IN "
+        "('pgvpn'::regnamespace, 'pgvpn_admin'::regnamespace) "
+        "AND has_function_privilege(p.oid, 'EXECUTE')")}
+    assert callable_ == PEER_FUNCTIONS
+    relations = [str(r) for (r,) in conn.execute(
+        "SELECT c.oid::regclass FROM pg_class c WHERE c.relnamespace = 'pgvpn'::regnamespace "
+        "AND c.relkind IN ('r', 'p', 'v') ORDER BY 1")]
+    # a partition to attach, so that ensure_partitions() takes and keeps its locks too:
+    # the owner drops the last one ahead (days in the future: empty), the peer's call
+    # makes it again
+    (last,), = any_lab.sql("SELECT partition::text FROM pgvpn.log_partitions "
+                           "WHERE range_from > now() + interval '1 day' "
+                           "ORDER BY range_from DESC LIMIT 1")
+    assert any_lab.sql(f"SELECT count(*) FROM {last}") == [(0,)]
+    owner_execute(any_lab, f"DROP TABLE {last}")
+    with conn.transaction():
+        assert conn.execute("SELECT pgvpn.current_peer()").fetchone() == ("mallory",)
+        assert conn.execute("SELECT pgvpn.ensure_partitions()").fetchone()[0] > 0  # type: ignore[index]
+        conn.execute("SELECT pgvpn.last_sent_seq(), pgvpn.lock_own('sender'), "
+                     "pgvpn.lock_own('receiver')")
+        conn.execute("SELECT FROM pgvpn.peers FOR UPDATE")  # its own row (RLS)
+        taken = {relation: strongest_lock(conn, relation) for relation in relations}
+        assert {r: m for r, m in taken.items() if m not in HARMLESS_MODES} == {}
+        assert taken["pgvpn.cursors"] == "ROW EXCLUSIVE"  # INSERT's mode, no more
+        for host, target in (("peer-a", "10.230.0.2"), ("peer-b", "10.230.0.1")):
+            result = ping(CliBackend(any_lab), host, target, count=3, interval=0.2)
+            assert result.received == 3, (host, result, taken)

@@ -127,6 +127,15 @@ WEAKENINGS = [
             "without TEMPORARY the peer cannot create a temporary table",
             "the lent TEMPORARY went to peer-a only")}),
     Weakening(
+        "table-update-on-cursors",  # before sql/008: LOCK TABLE pgvpn.cursors in any mode
+        "GRANT UPDATE ON pgvpn.cursors TO pgvpn_agent;",
+        {"03_privileges.sql": red(
+            "pgvpn_agent on pgvpn.cursors: SELECT, INSERT",
+            "pgvpn_agent on pgvpn.cursors(receiver): SELECT, INSERT",
+            "pgvpn_agent on pgvpn.cursors(sender): SELECT, INSERT",
+            "relations in pgvpn grant exactly the intended privileges, none to PUBLIC or "
+            "anyone else")}),
+    Weakening(
         "execute-for-public",
         "GRANT EXECUTE ON FUNCTION pgvpn.last_sent_seq() TO PUBLIC;",
         {"02_functions.sql": red(
@@ -178,11 +187,7 @@ WEAKENINGS = [
             "table pgvpn.peers is owned by pgvpn_owner",
             "function pgvpn.last_sent_seq() is owned by pgvpn_owner",
             "every relation in pgvpn (partitions and indexes too) is owned by pgvpn_owner",
-            "every type in pgvpn is owned by pgvpn_owner"),
-         # apply_retention (as pgvpn_owner) can no longer read pgvpn.peers
-         "04_attacks.sql": red(
-            "pgvpn.apply_retention() under attack drops expired partitions",
-            "the expired partition is gone")}),
+            "every type in pgvpn is owned by pgvpn_owner")}),
     Weakening(
         "owner-superuser",
         "ALTER ROLE pgvpn_owner SUPERUSER;",

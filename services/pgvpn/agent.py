@@ -217,13 +217,6 @@ class Agent:
                         self.config.lock_timeout, locks.MAINTENANCE_LOCK, held_by)
         control.execute("SELECT pgvpn.ensure_partitions()")
 
-    def _maintain_log(self, control: psycopg.Connection) -> None:
-        """Partitions ahead, and the owner's retention policy (pgvpn.log_settings) behind."""
-        self._ensure_partitions(control)
-        row = control.execute("SELECT pgvpn.apply_retention()").fetchone()
-        if row and row[0]:
-            log.info("retention: dropped %d expired partition(s) of the packet log", row[0])
-
     def _housekeep(self, job: str, action: Callable[[psycopg.Connection], object],
                    retry_in: float) -> bool:
         """Run a housekeeping job on the control connection; True if it succeeded.
@@ -265,7 +258,8 @@ class Agent:
                 next_heartbeat = now + HEARTBEAT_SECONDS
             if now >= next_maintenance:
                 retry_in = min(interval, MAINTENANCE_RETRY)
-                done = self._housekeep("log maintenance", self._maintain_log, retry_in)
+                done = self._housekeep("partition maintenance", self._ensure_partitions,
+                                       retry_in)
                 next_maintenance = now + (interval if done else retry_in)
             for bad in (self.bad_frames, self.bad_rows):  # counts a burst left pending
                 if now >= bad.next_at:

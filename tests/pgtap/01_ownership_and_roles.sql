@@ -1,6 +1,6 @@
 -- Who owns what, and what the roles are (SECURITY.md, "The roles"; `pgvpn db init`).
 \ir begin.inc
-SELECT plan(50);
+SELECT plan(49);
 
 -- ------------------------------------------------------------------ owners
 SELECT db_owner_is(current_database(), 'pgvpn_owner', 'the database is owned by pgvpn_owner');
@@ -23,7 +23,7 @@ SELECT set_eq(
 SELECT set_eq(
     $$SELECT p.oid::regprocedure::text FROM pg_catalog.pg_proc p
       WHERE p.pronamespace IN ('pgvpn'::regnamespace, 'pgvpn_admin'::regnamespace)$$,
-    ARRAY['pgvpn.apply_retention()', 'pgvpn.blog_v1_notify()', 'pgvpn.current_peer()',
+    ARRAY['pgvpn.blog_v1_notify()', 'pgvpn.current_peer()',
           'pgvpn.decode_headers(bytea)', 'pgvpn.ensure_partitions(integer)',
           'pgvpn.expired_partitions(timestamp with time zone)', 'pgvpn.last_sent_seq()',
           'pgvpn.lock_own(text)', 'pgvpn.partition_name(timestamp with time zone,timestamp with time zone)',
@@ -43,8 +43,7 @@ SELECT function_owner_is(f.schema, f.name, f.args, f.owner,
                          format('function %s.%s(%s) is owned by %s', f.schema, f.name,
                                 array_to_string(f.args, ', '), f.owner))
 FROM (VALUES
-    ('pgvpn', 'apply_retention', '{}'::name[], 'pgvpn_owner'),
-    ('pgvpn', 'blog_v1_notify', '{}', 'pgvpn_owner'),
+    ('pgvpn', 'blog_v1_notify', '{}'::name[], 'pgvpn_owner'),
     ('pgvpn', 'current_peer', '{}', 'pgvpn_owner'),
     ('pgvpn', 'decode_headers', '{bytea}', 'pgvpn_owner'),
     ('pgvpn', 'ensure_partitions', '{integer}', 'pgvpn_owner'),

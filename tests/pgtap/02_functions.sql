@@ -2,7 +2,7 @@
 -- search_path (or a SQL-standard body), and EXECUTE for exactly the roles that
 -- call it (sql/005_trust.sql, sql/init_peer_roles.sql).
 \ir begin.inc
-SELECT plan(65);
+SELECT plan(59);
 
 -- The intended state, one row per function.  `callers`: the roles granted EXECUTE
 -- besides the function's owner (who always has it).
@@ -10,7 +10,6 @@ CREATE TEMPORARY TABLE intended (
     schema name, name name, args name[], definer boolean, callers name[]
 ) ON COMMIT DROP;
 INSERT INTO intended VALUES
-    ('pgvpn', 'apply_retention', '{}', true, '{pgvpn_agent}'),
     ('pgvpn', 'ensure_partitions', '{integer}', true, '{pgvpn_agent}'),
     ('pgvpn', 'last_sent_seq', '{}', true, '{pgvpn_agent}'),
     ('pgvpn', 'lock_own', '{text}', true, '{pgvpn_agent}'),
@@ -23,7 +22,7 @@ INSERT INTO intended VALUES
      '{}'),
     ('pgvpn', 'blog_v1_notify', '{}', false, '{}');
 
-SELECT is(count(*)::integer, 11, 'the intended list names the 11 functions of the two schemas')
+SELECT is(count(*)::integer, 10, 'the intended list names the 10 functions of the two schemas')
 FROM intended;
 
 -- --------------------------------------------------------- SECURITY DEFINER

@@ -2,17 +2,18 @@
 -- view, sequence, schema and the database; row-level security and its policies
 -- (sql/001-005, SECURITY.md "What a peer can and cannot do").
 \ir begin.inc
-SELECT plan(112);
+SELECT plan(119);
 
 -- ---------------------------------------------------------------- tables, views
 -- Effective privileges (has_table_privilege: membership and PUBLIC included).
--- A peer INSERTs into pgvpn.packets only through column privileges (below).
+-- A peer INSERTs into pgvpn.packets, and UPDATEs cursors and peers, only through
+-- column privileges (below): table-level UPDATE would let it LOCK TABLE in any mode.
 CREATE TEMPORARY TABLE intended (relation name, agent name[], reader name[]) ON COMMIT DROP;
 INSERT INTO intended VALUES
     ('schema_migrations', '{SELECT}',               '{SELECT}'),
-    ('peers',             '{SELECT,INSERT,UPDATE}', '{SELECT}'),
+    ('peers',             '{SELECT,INSERT}',        '{SELECT}'),
     ('packets',           '{}',                     '{SELECT}'),
-    ('cursors',           '{SELECT,INSERT,UPDATE}', '{SELECT}'),
+    ('cursors',           '{SELECT,INSERT}',        '{SELECT}'),
     ('log_settings',      '{SELECT}',               '{SELECT}'),
     ('blog_v1_packets',   '{SELECT,INSERT}',        '{SELECT}'),
     ('blog_v2_packets',   '{SELECT,INSERT}',        '{SELECT}'),
@@ -75,6 +76,19 @@ SELECT column_privs_are('pgvpn', 'blog_v1_packets', 'received', 'pgvpn_agent',
                         'pgvpn_agent on pgvpn.blog_v1_packets(received): SELECT, INSERT, UPDATE');
 SELECT column_privs_are('pgvpn', 'blog_v1_packets', 'sender', 'pgvpn_agent', '{SELECT,INSERT}',
                         'pgvpn_agent on pgvpn.blog_v1_packets(sender): SELECT, INSERT (no UPDATE)');
+-- Cursors and peers: UPDATE of exactly the columns the agents move (sql/008).
+-- Table-level UPDATE would also allow LOCK TABLE ... ACCESS EXCLUSIVE, which a
+-- peer could hold in an open transaction and stop every downlink.
+SELECT column_privs_are('pgvpn', c.rel, c.col, 'pgvpn_agent', c.privs,
+                        format('pgvpn_agent on pgvpn.%s(%s): %s', c.rel, c.col,
+                               array_to_string(c.privs, ', ')))
+FROM (VALUES ('cursors', 'receiver', '{SELECT,INSERT}'::name[]),
+             ('cursors', 'sender', '{SELECT,INSERT}'),
+             ('cursors', 'last_seq', '{SELECT,INSERT,UPDATE}'),
+             ('cursors', 'updated_at', '{SELECT,INSERT,UPDATE}'),
+             ('peers', 'name', '{SELECT,INSERT}'),
+             ('peers', 'tunnel_addr', '{SELECT,INSERT,UPDATE}'),
+             ('peers', 'last_seen', '{SELECT,INSERT,UPDATE}')) AS c(rel, col, privs);
 SELECT set_eq(
     $$SELECT c.relname::text, t.attname::text,
              CASE a.grantee WHEN 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END,
@@ -87,8 +101,12 @@ SELECT set_eq(
              ('packets', 'receiver', 'pgvpn_agent', 'INSERT'),
              ('packets', 'length', 'pgvpn_agent', 'INSERT'),
              ('packets', 'data', 'pgvpn_agent', 'INSERT'),
-             ('blog_v1_packets', 'received', 'pgvpn_agent', 'UPDATE')$$,
-    'column grants in pgvpn are exactly INSERT on packets(seq, receiver, length, data) and UPDATE on blog_v1_packets(received), to pgvpn_agent');
+             ('blog_v1_packets', 'received', 'pgvpn_agent', 'UPDATE'),
+             ('cursors', 'last_seq', 'pgvpn_agent', 'UPDATE'),
+             ('cursors', 'updated_at', 'pgvpn_agent', 'UPDATE'),
+             ('peers', 'tunnel_addr', 'pgvpn_agent', 'UPDATE'),
+             ('peers', 'last_seen', 'pgvpn_agent', 'UPDATE')$$,
+    'column grants in pgvpn are exactly INSERT on packets(seq, receiver, length, data) and UPDATE on blog_v1_packets(received), cursors(last_seq, updated_at), peers(tunnel_addr, last_seen), to pgvpn_agent');
 SELECT col_default_is('pgvpn', 'packets', 'sender', 'pgvpn.current_peer()',
                       'pgvpn.packets.sender defaults to pgvpn.current_peer()');
 

@@ -13,21 +13,17 @@
 -- can call, with pg_temp first in its own search_path.  Nothing may have run as
 -- the owner, and the peer must have gained nothing.
 \ir begin.inc
-SELECT plan(30);
+SELECT plan(29);
 
 -- ------------------------------------------------------------- the scene
 -- A packet each way between the lab's peers, a cursor of each for a sender no
--- agent uses, an expired partition and a retention policy that expires it.
+-- agent uses.
 INSERT INTO pgvpn.peers (name) VALUES ('tap-x') ON CONFLICT DO NOTHING;
 INSERT INTO pgvpn.cursors (receiver, sender, last_seq)
 VALUES ('peer-a', 'tap-x', 0), ('peer-b', 'tap-x', 0)
 ON CONFLICT (receiver, sender) DO UPDATE SET last_seq = 0;
 INSERT INTO pgvpn.packets (sender, seq, receiver, length, data)
 VALUES ('peer-b', 900000001, 'peer-a', 1, '\x01'), ('peer-a', 900000001, 'peer-b', 1, '\x02');
-CREATE TABLE pgvpn.packets_20000101 PARTITION OF pgvpn.packets
-    FOR VALUES FROM ('2000-01-01 00:00:00+00') TO ('2000-01-02 00:00:00+00');
-ALTER TABLE pgvpn.packets_20000101 OWNER TO pgvpn_owner;
-UPDATE pgvpn.log_settings SET retention = '30 days';
 CREATE TABLE pg_temp.before AS
 SELECT r.rolname, a.rolpassword
 FROM pg_catalog.pg_roles r JOIN pg_catalog.pg_authid a ON a.oid = r.oid;
@@ -200,7 +196,7 @@ SELECT pg_temp.try_query('peer reads its shadow pg_class',
 -- Everything a peer can call.
 SELECT pg_temp.try_query('ensure_partitions()', 'SELECT pgvpn.ensure_partitions()');
 SELECT pg_temp.try_query('ensure_partitions(30) as a peer', 'SELECT pgvpn.ensure_partitions(30)');
-SELECT pg_temp.try_query('apply_retention()', 'SELECT pgvpn.apply_retention()');
+SELECT pg_temp.try_query('lock_own(receiver)', 'SELECT pgvpn.lock_own(''receiver'')');
 SELECT pg_temp.try_query('last_sent_seq()', 'SELECT pgvpn.last_sent_seq()');
 SELECT pg_temp.try_query('current_peer()', 'SELECT pgvpn.current_peer()');
 SELECT pg_temp.try_query('inbox: receivers',
@@ -255,9 +251,8 @@ SELECT is(pg_temp.outcome('ensure_partitions()'), '00000',
           'pgvpn.ensure_partitions() works for the peer under attack');
 SELECT is(pg_temp.outcome('ensure_partitions(30) as a peer'), '42501',
           'pgvpn.ensure_partitions(days_ahead) is refused to a peer');
-SELECT matches(pg_temp.result('apply_retention()'), '^[1-9][0-9]*$',
-               'pgvpn.apply_retention() under attack drops expired partitions');
-SELECT hasnt_table('pgvpn', 'packets_20000101', 'the expired partition is gone');
+SELECT is(pg_temp.outcome('lock_own(receiver)'), '00000',
+          'pgvpn.lock_own() works for the peer under attack');
 SELECT is(pg_temp.result('last_sent_seq()'), '900000001',
           'pgvpn.last_sent_seq() under attack is the peer''s own last seq');
 SELECT is(pg_temp.result('current_peer()'), 'peer-a',

@@ -7,7 +7,7 @@
 \ir begin.inc
 CREATE SCHEMA plpgsql_check_ext;
 CREATE EXTENSION plpgsql_check SCHEMA plpgsql_check_ext;
-SELECT plan(10);
+SELECT plan(9);
 
 CREATE TEMPORARY TABLE checked ON COMMIT DROP AS
 SELECT p.oid::regprocedure::text AS fn, t.tgrelid::regclass::text AS trigger_relation
@@ -46,10 +46,10 @@ INSERT INTO accepted VALUES
 
 SELECT set_eq(
     $$SELECT fn FROM checked$$,
-    ARRAY['pgvpn.apply_retention()', 'pgvpn.blog_v1_notify()', 'pgvpn.decode_headers(bytea)',
+    ARRAY['pgvpn.blog_v1_notify()', 'pgvpn.decode_headers(bytea)',
           'pgvpn.ensure_partitions(integer)', 'pgvpn.lock_own(text)',
           'pgvpn_admin.ensure_peer_role(text,text)'],
-    'plpgsql_check checks all six PL/pgSQL functions of pgvpn and pgvpn_admin');
+    'plpgsql_check checks all five PL/pgSQL functions of pgvpn and pgvpn_admin');
 SELECT is_empty(
     $$SELECT p.oid::regprocedure::text FROM pg_catalog.pg_proc p
       WHERE p.pronamespace IN ('pgvpn'::regnamespace, 'pgvpn_admin'::regnamespace)
@@ -72,7 +72,7 @@ SELECT is_empty(
                                  AND a.detail IS NOT DISTINCT FROM i.detail)
              ORDER BY i.lineno$$, f),
     format('plpgsql_check: %s has no error and no warning but the accepted ones', f))
-FROM unnest(ARRAY['pgvpn.apply_retention()', 'pgvpn.blog_v1_notify()',
+FROM unnest(ARRAY['pgvpn.blog_v1_notify()',
                   'pgvpn.decode_headers(bytea)', 'pgvpn.ensure_partitions(integer)',
                   'pgvpn.lock_own(text)', 'pgvpn_admin.ensure_peer_role(text,text)']) AS f;
 

@@ -69,23 +69,26 @@ PRUNE_EPILOG = """\
 examples:
   pgvpn prune --older-than 7d --dry-run   # what would go
   pgvpn prune --older-than 12h            # drop partitions wholly older than 12 hours
-  pgvpn prune                             # apply the retention policy now
+  pgvpn prune                             # apply the retention policy (pgvpn retention)
 
 Whole partitions are detached (CONCURRENTLY: agents keep writing) and dropped;
 no row is deleted. The partition of the present and those ahead always stay, and
 so does a partition holding a peer's newest packet (its numbering resumes there).
-Runs as the database owner.
+Runs as the database owner, the only role that drops partitions: to apply the
+retention policy, run 'pgvpn prune' on a schedule (cron, a systemd timer), e.g.
+  0 * * * *  DATABASE_URL=postgresql://pgvpn_owner@db/pgvpn pgvpn prune
 """
 RETENTION_EPILOG = """\
 examples:
   pgvpn retention                          # show the policy
-  pgvpn retention --keep 7d                # keep a week; agents drop older partitions hourly
+  pgvpn retention --keep 7d                # keep a week; 'pgvpn prune' drops the rest
   pgvpn retention --keep forever
   pgvpn retention --partition-step 1h --ahead 1d   # hourly partitions, one day ahead
 
-The policy lives in the database (pgvpn.log_settings), so it is set once, as the
-owner, and every agent applies it in its hourly maintenance, as it already keeps
-partitions ahead: no cron job to remember. 'pgvpn prune' applies it on demand.
+The policy lives in the database (pgvpn.log_settings), set once, as the owner.
+'pgvpn prune' (the owner, on a schedule: see 'pgvpn prune --help') applies it;
+agents only keep partitions ahead. No peer may drop a partition: dropping one
+locks the whole log, and a peer could hold that lock and stop the tunnel.
 Partition size bounds retention's precision: with daily partitions, --keep 12h
 drops a day only once all of it is 12h old.
 """
@@ -178,8 +181,8 @@ def add_parsers(commands: argparse._SubParsersAction[OneLineParser]) -> None:
         description="Show or set how long the log is kept and how it is partitioned.",
         epilog=RETENTION_EPILOG, formatter_class=RAW)
     keep.add_argument("--keep", metavar="DURATION|forever", type=keep_check,
-                      help="drop partitions older than this, at least 1m (agents apply it "
-                      "hourly)")
+                      help="drop partitions older than this, at least 1m (applied by "
+                      "'pgvpn prune')")
     keep.add_argument("--partition-step", metavar="DURATION", type=step_check,
                       help="time one new partition covers: 1d (default), 1h, 15m, ...: a "
                       "divisor of a day, or whole days up to 31d")

@@ -1,13 +1,14 @@
 """Keeping the log's size under control: whole partitions dropped, never rows deleted.
 
-Two ways in, one rule (pgvpn.expired_partitions, migration 003):
-- `pgvpn prune` (this module, as the owner) drops partitions wholly older than a
-  cutoff with DETACH PARTITION ... CONCURRENTLY then DROP TABLE: the detach takes
-  only a SHARE UPDATE EXCLUSIVE lock, so agents keep inserting and reading
-  throughout, and the drop touches a table that is no longer part of the log;
-- the retention policy in pgvpn.log_settings, which every agent applies hourly
-  through pgvpn.apply_retention() (agents may not drop tables themselves).
-The partition holding the now() and those ahead of it are never candidates.
+`pgvpn prune` (this module, as the owner) drops the partitions wholly older than a
+cutoff, given or the retention policy in pgvpn.log_settings, by the rule of
+pgvpn.expired_partitions (migration 003): DETACH PARTITION ... CONCURRENTLY then
+DROP TABLE. The detach takes only a SHARE UPDATE EXCLUSIVE lock, so agents keep
+inserting and reading throughout, and the drop touches a table that is no longer
+part of the log. Only the owner prunes: agents applied the policy themselves until
+migration 008, through a function whose drop locked the whole log, a lock a hostile
+peer could hold. The partition holding now() and those ahead of it are never
+candidates.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from psycopg import sql
 from pgvpn.errors import PgvpnError
 
 PRUNE_LOCK = "pgvpn.prune"
-OWNER_ONLY = ("pgvpn prune must run as the owner of the pgvpn schema (agents apply the "
-              "retention policy themselves)")
+OWNER_ONLY = ("pgvpn prune must run as the owner of the pgvpn schema (the only role that "
+              "drops partitions)")
 
 
 @dataclass(frozen=True)
@@ -115,8 +116,8 @@ def prune(conn: psycopg.Connection, older_than: timedelta | None, *, dry_run: bo
     except psycopg.errors.InsufficientPrivilege:
         raise PgvpnError(OWNER_ONLY) from None
     if not locked or not locked[0]:
-        raise PgvpnError("another 'pgvpn prune', or an agent applying the retention "
-                         "policy, is at work on this database: try again in a moment")
+        raise PgvpnError("another 'pgvpn prune' is at work on this database: try again "
+                         "in a moment")
     try:
         return _prune_locked(conn, older_than, dry_run, progress)
     except psycopg.errors.InsufficientPrivilege:
