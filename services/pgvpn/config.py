@@ -57,20 +57,29 @@ def _whole(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+def _number(value: str, rule: str) -> float:
+    """A float, or ValueError saying the rule (not Python's "could not convert")."""
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(rule) from None
+
+
 def _seconds(value: str) -> float:
     """Finite and bounded: the database gets it as an interval (make_interval)."""
-    number = float(value)
+    rule = f"must be a number of seconds, more than 0 and at most {MAX_REPLAY_AGE} (a year)"
+    number = _number(value, rule)
     if not math.isfinite(number) or not 0 < number <= MAX_REPLAY_AGE:
-        raise ValueError(f"must be a number of seconds, more than 0 and at most "
-                         f"{MAX_REPLAY_AGE} (a year)")
+        raise ValueError(rule)
     return number
 
 
 def _timeout(value: str) -> float:
     """Seconds up to a day: libpq and the server take these as int32 milliseconds."""
-    number = float(value)
+    rule = "must be a number of seconds, more than 0 and at most 86400 (a day)"
+    number = _number(value, rule)
     if not math.isfinite(number) or not 0 < number <= 86400:
-        raise ValueError("must be a number of seconds, more than 0 and at most 86400 (a day)")
+        raise ValueError(rule)
     return number
 
 
@@ -175,7 +184,8 @@ SETTINGS: tuple[Setting, ...] = (
             "longest wait for a lock, e.g. the partition-maintenance lock; the statement is "
             "retried (data path) or its job put off (maintenance)"),
     Setting("maintenance_interval", "PGVPN_MAINTENANCE_INTERVAL", _seconds, 3600.0,
-            "seconds between runs of the log's maintenance (partitions ahead, retention); "
+            "seconds between runs of the log's maintenance (partitions ahead; retention is the "
+            "owner's `pgvpn prune`); "
             "a failed run is retried within a minute and never stops the tunnel"),
     Setting("log_level", "PGVPN_LOG_LEVEL", str.upper, "INFO",
             "DEBUG shows per-second counters; INFO, WARNING, ERROR"),
