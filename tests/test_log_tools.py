@@ -35,6 +35,7 @@ from pgvpn.logs.pcap import LINKTYPE_RAW, write_pcap
 from pgvpn.logs.replay import read_input, schedule
 from pgvpn.timespec import format_duration, parse_duration, parse_time
 from tests.conftest import ROOT, LabHandle
+from tests.peerside import docker_container
 
 PEER_A, PEER_B = "10.230.0.1", "10.230.0.2"
 NOW = datetime(2025, 11, 25, 12, 0, tzinfo=UTC)
@@ -314,26 +315,41 @@ def test_export_reads_back_as_the_logged_rows(any_lab: LabHandle, tmp_path: Path
         assert (src4 or src6) in (PEER_A, PEER_B, "fd00:230::1", "fd00:230::2")
 
 
-def test_replayed_ping_reproduces_its_echo_requests(netns_lab: LabHandle,
+def in_scratch_host(lab: LabHandle) -> list[str]:
+    """A command prefix that runs a host program inside the replay scratch host's network
+    namespace (made now if missing): `ip netns exec`, or nsenter into the container's."""
+    code = ("from lab.controller import Lab; "
+            "print(Lab.current().backend.ensure_scratch_host(lambda _: None))")
+    host = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=lab.env, cwd=ROOT, check=True).stdout.strip()
+    if lab.backend == "netns":
+        return ["ip", "netns", "exec", lab.namespace(host)]
+    pid = subprocess.run(["docker", "inspect", "-f", "{{.State.Pid}}",
+                          docker_container(lab, host)], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    return ["nsenter", "-t", pid, "-n"]
+
+
+def test_replayed_ping_reproduces_its_echo_requests(any_lab: LabHandle,
                                                     tmp_path: Path) -> None:
+    """Byte for byte, on both backends: tshark on this host, in the scratch host's
+    network namespace (the agent image has no capture tool, and needs none)."""
     if shutil.which("tshark") is None:
         pytest.skip("tshark is needed to watch the target interface")
-    since = db_now(netns_lab).isoformat()
-    checked(netns_lab.exec("peer-a", "ping", "-c3", "-i0.3", "-p", "c0ffee", PEER_B))
-    netns_lab.wait_settled()
-    requests = [bytes(r[0]) for r in netns_lab.sql(
+    lab = any_lab
+    since = db_now(lab).isoformat()
+    checked(lab.exec("peer-a", "ping", "-c3", "-i0.3", "-p", "c0ffee", PEER_B))
+    lab.wait_settled()
+    requests = [bytes(r[0]) for r in lab.sql(
         "SELECT data FROM pgvpn.packet_headers WHERE logged_at >= %s AND sender = 'peer-a' "
         "AND icmp_type = 8 ORDER BY seq", [since])]
     assert len(requests) == 3
 
     # Watch the scratch host before the replay makes its TUN device there: "any"
     # sees interfaces that appear later. It has no other interface than lo.
-    scratch = netns_lab.namespace("replay")
-    if subprocess.run(["ip", "netns", "exec", scratch, "true"], check=False).returncode:
-        subprocess.run(["ip", "netns", "add", scratch], check=True)
     capture = tmp_path / "replay.pcap"
     watcher = subprocess.Popen(
-        ["ip", "netns", "exec", scratch, "tshark", "-i", "any", "-f", "icmp", "-c", "6",
+        [*in_scratch_host(lab), "tshark", "-i", "any", "-f", "icmp", "-c", "6",
          "-a", "duration:30", "-F", "pcap", "-w", str(capture)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -341,8 +357,8 @@ def test_replayed_ping_reproduces_its_echo_requests(netns_lab: LabHandle,
         deadline = time.monotonic() + 20
         while "Capturing on" not in watcher.stderr.readline():
             assert time.monotonic() < deadline and watcher.poll() is None, "tshark did not start"
-        replayed = netns_lab.cli("replay", "--sender", "peer-a", "--proto", "icmp",
-                                 "--since", since, "--speed", "2")
+        replayed = lab.cli("replay", "--sender", "peer-a", "--proto", "icmp",
+                           "--since", since, "--speed", "2")
         assert replayed.returncode == 0, replayed.stderr
         assert "replayed 3 packets" in replayed.stderr
         assert "answered with 3 packet(s)" in replayed.stderr  # the echo replies
