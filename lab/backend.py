@@ -22,6 +22,9 @@ TUN_DEVICE = "pgvpn0"  # the agents' default tun_name
 # A host with no links at all, made on demand by `lab replay` and removed by `lab down`:
 # whatever a replay makes its stack answer cannot leave it.
 SCRATCH_HOST = "replay"
+# Seconds each host may take to come up, instead of the backend's own default: for a
+# machine slower than the defaults allow for (or a test that wants a timeout now).
+START_TIMEOUT_VARIABLE = "PGVPN_START_TIMEOUT"
 
 
 class LabError(Exception):
@@ -137,16 +140,37 @@ class Backend(ABC):
                              encoded[start:start + COPY_CHUNK]]).check(f"writing {path}")
         return path
 
+    def start_timeout(self, default: float) -> float:
+        """`default` seconds, or what PGVPN_START_TIMEOUT says."""
+        given = self.env.get(START_TIMEOUT_VARIABLE, "").strip()
+        if not given:
+            return default
+        try:
+            seconds = float(given)
+        except ValueError:
+            seconds = 0.0
+        if not 0 < seconds <= 3600:
+            raise LabError(f"{START_TIMEOUT_VARIABLE}={given!r}: give seconds, more than 0 "
+                           "and at most 3600")
+        return seconds
+
+    def remove_images(self, progress: Progress) -> None:
+        """Remove the images this backend builds (`lab down --images`); none by default."""
+        progress(f"the {self.name} backend builds no images")
+
     def wait_started(self, host: str, *, ready: Callable[[], bool], alive: Callable[[], bool],
                      condition: str, timeout: float, poll: float) -> None:
         """Poll `ready` until it holds; fail at once if the service died, or at the
-        timeout, either way with the tail of its log so the user sees why."""
+        timeout, either way with the tail of its log so the user sees why. The
+        timeout is the backend's default unless PGVPN_START_TIMEOUT says otherwise."""
+        timeout = self.start_timeout(timeout)
         deadline = time.monotonic() + timeout
         while not ready():
             if not alive():
                 raise LabError(f"{host} exited during start; its log:\n{self.logs(host, 15)}")
             if time.monotonic() > deadline:
-                raise LabError(f"{host} did not {condition} within {timeout:.0f}s; its log:\n"
+                raise LabError(f"{host} did not {condition} within {timeout:g}s "
+                               f"({START_TIMEOUT_VARIABLE} sets another limit); its log:\n"
                                f"{self.logs(host, 15)}")
             time.sleep(poll)
 

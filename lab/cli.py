@@ -25,7 +25,8 @@ from pgvpn.config import MAX_MTU, MIN_MTU
 from pgvpn.errors import PgvpnError
 from pgvpn.transports import PROFILES
 
-err = Console(stderr=True, highlight=False)
+# soft_wrap: a progress line stays one line in a log or a pipe, whatever its length
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 MAX_BENCH_SECONDS = 3600
 MAX_LOG_LINES = 100_000
 
@@ -58,13 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="build and start the lab (idempotent)",
                              description="Build the topology of compose.yaml and start it. "
                              "A failed first 'up' is rolled back; 'up' on a healthy lab with "
-                             "the same settings changes nothing.")
+                             "the same settings changes nothing. Each host must come up within "
+                             "90 s (Docker) or 30 s (netns); PGVPN_START_TIMEOUT=SECONDS sets "
+                             "another limit.")
     up.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
                     help="auto (default): docker when an engine answers, else netns")
     add_lab_settings(up)
 
     down = commands.add_parser("down", help="remove everything the lab made")
-    down.add_argument("--images", action="store_true", help="also remove the lab's images")
+    down.add_argument("--images", action="store_true",
+                      help="also remove every image pgvpn built (agent, postgres, the local "
+                      "base), except one another lab's container uses")
 
     status = commands.add_parser("status", help="hosts, addresses, agent health, log size")
     status.add_argument("--json", action="store_true", help="machine-readable, on stdout")
@@ -194,8 +199,8 @@ def cmd_down(args: argparse.Namespace) -> int:
         if backend.available() is None and backend.exists():
             Lab(backend, settings).down(progress)
             removed_any = True
-        if name == "docker" and args.images and backend.available() is None:
-            backend.remove_images(progress)  # type: ignore[attr-defined]
+        if args.images and backend.available() is None:
+            backend.remove_images(progress)
     state.remove_state()
     progress("lab is down" if removed_any else "nothing to remove: no lab was up")
     return 0

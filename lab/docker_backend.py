@@ -16,7 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from lab import state, tls
-from lab.backend import SCRATCH_HOST, Backend, ExecResult, HostState, LabError, Progress, run
+from lab.backend import (
+    SCRATCH_HOST,
+    TUN_DEVICE,
+    Backend,
+    ExecResult,
+    HostState,
+    LabError,
+    Progress,
+    run,
+)
 from lab.topology import LABEL, ROOT, Host, Topology
 from pgvpn import bootstrap
 
@@ -167,9 +176,26 @@ class DockerBackend(Backend):
             raise LabError("building the images failed; see the output above")
 
     def remove_images(self, progress: Progress) -> None:
-        for image in self.client.images.list(filters={"label": f"{LABEL}=pgvpn"}):
-            progress(f"removing image {', '.join(image.tags) or image.short_id}")
-            self.client.images.remove(image.id, force=True)
+        """Every image pgvpn built (agent, postgres, every tag, and the local base), but
+        one a container still uses: another lab's, which must keep running. The base
+        goes last, once nothing is built on it."""
+        import docker
+
+        in_use: dict[str, str] = {}
+        for container in self.client.containers.list(all=True):
+            in_use.setdefault(container.attrs["Image"], container.name)
+        images = self.client.images.list(filters={"label": f"{LABEL}=pgvpn"})
+        images.sort(key=lambda image: LOCAL_BASE in image.tags)
+        for image in images:
+            name = ", ".join(image.tags) or image.short_id
+            if image.id in in_use:
+                progress(f"keeping image {name}: container {in_use[image.id]} uses it")
+                continue
+            progress(f"removing image {name}")
+            try:
+                self.client.images.remove(image.id, force=True)
+            except docker.errors.APIError as exc:  # e.g. a child image built elsewhere
+                progress(f"keeping image {name}: {exc.explanation or exc}")
 
     # ------------------------------------------------------------- lifecycle
     def create(self, progress: Progress) -> None:
@@ -181,7 +207,9 @@ class DockerBackend(Backend):
         self.compose("up", "-d", "--no-deps", "--no-build", host.name).check(
             f"starting {host.name}")
         self.wait_started(host.name, ready=lambda: self._ready(host),
-                          alive=lambda: self._alive(host.name), condition="become ready",
+                          alive=lambda: self._alive(host.name),
+                          condition="become ready" if host.role == "database"
+                          else f"bring its TUN device {TUN_DEVICE} up",
                           timeout=READY_TIMEOUT, poll=0.3)
 
     def _alive(self, host: str) -> bool:

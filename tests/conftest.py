@@ -217,3 +217,22 @@ def any_lab(request: pytest.FixtureRequest) -> LabHandle:
     """The same tests on both backends: the lab's promise is that they behave alike."""
     fixture = "netns_lab" if request.param == "netns" else "docker_lab"
     return request.getfixturevalue(fixture)  # type: ignore[no-any-return]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked docker_alone run last (their fixture takes the session's Docker lab
+    down); the order of everything else stays as pytest grouped it."""
+    items.sort(key=lambda item: item.get_closest_marker("docker_alone") is not None)
+
+
+@pytest.fixture
+def docker_alone() -> None:
+    """The Docker engine with no lab of this session's on it: compose.yaml's networks
+    have fixed subnets, so a second lab could not start beside the session's."""
+    reason = docker_ready() or netns_ready()
+    if reason:
+        pytest.skip(f"docker lab unavailable: {reason}")
+    session_lab = LabHandle("docker", TEST_LAB + "-d")
+    session_lab.cli("down")
+    assert session_lab.leftovers() == []
