@@ -9,6 +9,7 @@ that stalls fails with a message instead of hanging the run.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,11 +17,20 @@ from typing import Any
 
 from lab.backend import LabError, Progress
 from lab.controller import Lab
-from lab.measure import IperfResult, iperf, ping
+from lab.measure import IperfResult, PingResult, iperf, ping
 from lab.report import BLOG_V1_MBPS
 from pgvpn.transports import PROFILES
 
 LOG_SETTLE_TIMEOUT = 15.0  # seconds a slow profile gets to commit what it still holds
+# RTT samples: idle, 100 echoes 20 ms apart (2 s); under load, one every 100 ms while
+# iperf3 runs, from its second second to shortly before its end (the queue is full).
+IDLE_PINGS, IDLE_INTERVAL = 100, 0.02
+LOADED_INTERVAL, LOADED_START = 0.1, 1.0
+
+
+def loaded_ping_count(duration: float) -> int:
+    """Echoes that fit between LOADED_START and half a second before iperf3 ends."""
+    return max(3, int((duration - LOADED_START - 0.5) / LOADED_INTERVAL))
 
 
 def measure_underlay(lab: Lab, duration: float, progress: Progress) -> IperfResult:
@@ -45,8 +55,21 @@ def bench_profile(lab: Lab, duration: float, progress: Progress,
     if underlay is None:
         underlay = measure_underlay(lab, duration, progress)
     before = lab.log_totals()
+    progress(f"tunnel: idle RTT, {IDLE_PINGS} pings {client.name} -> {server.name}")
+    rtt = ping(lab.backend, client.name, server.tunnel_address, count=IDLE_PINGS,
+               interval=IDLE_INTERVAL)
     progress(f"tunnel: iperf3 {client.name} -> {server.name} ({server.tunnel_address}) "
-             f"for {duration:g}s, profile {lab.settings.profile}")
+             f"for {duration:g}s, profile {lab.settings.profile}, pinging meanwhile")
+    loaded: dict[str, PingResult] = {}
+    target = server.tunnel_address
+
+    def ping_under_load() -> None:
+        time.sleep(LOADED_START)
+        loaded["rtt"] = ping(lab.backend, client.name, target,
+                             count=loaded_ping_count(duration), interval=LOADED_INTERVAL)
+
+    pinger = threading.Thread(target=ping_under_load, name="bench-loaded-ping", daemon=True)
+    pinger.start()
     try:
         tunnel = iperf(lab.backend, server=server.name, address=server.tunnel_address,
                        client=client.name, duration=duration)
@@ -54,8 +77,9 @@ def bench_profile(lab: Lab, duration: float, progress: Progress,
         raise LabError(f"the tunnel stalled or failed with profile {lab.settings.profile}: "
                        f"{exc}; see 'lab logs {client.name}' and 'lab logs {server.name}'"
                        ) from None
-    progress("tunnel: ping RTT sample")
-    rtt = ping(lab.backend, client.name, server.tunnel_address, count=20, interval=0.1)
+    finally:
+        pinger.join(timeout=duration + 60)  # ping's own bound is shorter
+    under_load = loaded.get("rtt", PingResult(0, 0, {}))
     after = settled_log_totals(lab)
     if raw_dir is not None:
         raw_dir.mkdir(parents=True, exist_ok=True)
@@ -80,6 +104,10 @@ def bench_profile(lab: Lab, duration: float, progress: Progress,
         "times_blog_v1_published": round(tunnel.receiver_mbps / BLOG_V1_MBPS, 1),
         "rtt_ms": rtt.rtt_ms,
         "ping_loss": rtt.transmitted - rtt.received,
+        # percentiles of single echoes: idle, and behind one iperf3 stream
+        "rtt_idle_ms": rtt.percentiles(),
+        "rtt_loaded_ms": under_load.percentiles(),
+        "ping_loss_loaded": under_load.transmitted - under_load.received,
         "packets_logged": after["packets"] - before["packets"],
         "bytes_logged": after["bytes"] - before["bytes"],
         "logged": PROFILES[lab.settings.profile].logged,

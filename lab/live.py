@@ -21,6 +21,8 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from lab.report import rtt_pair
+
 
 class BenchDisplay:
     """`progress` and `finished` are the callbacks `lab.bench.bench_profiles` takes."""
@@ -55,7 +57,8 @@ class BenchDisplay:
             logged = (f"{result['packets_logged']} packets logged" if result["logged"]
                       else "not logged")
             line = (f"[green]{name}[/]: [bold]{result['receiver_mbps']:.1f} Mbit/s[/], "
-                    f"RTT {result['rtt_ms'].get('avg', float('nan')):.2f} ms, {logged}")
+                    f"RTT p50/p99 idle {rtt_pair(result, 'rtt_idle_ms')} ms, under load "
+                    f"{rtt_pair(result, 'rtt_loaded_ms')} ms, {logged}")
         self.live.console.print(line)
         self.done += 1
         upcoming = self.profiles[self.done] if self.done < len(self.profiles) else "done"

@@ -6,6 +6,7 @@ Backend-neutral: everything here goes through `Backend.exec`.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ IPERF_PORT = 5201
 CONNECT_RETRY_SECONDS = 15.0
 _RTT = re.compile(r"= ([\d.]+)/([\d.]+)/([\d.]+)/")
 _LOSS = re.compile(r"(\d+) packets transmitted, (\d+) received")
+_REPLY_TIME = re.compile(r"^\d+ bytes from .* time=([\d.]+) ms$", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,22 @@ class PingResult:
     transmitted: int
     received: int
     rtt_ms: dict[str, float]
+    samples_ms: tuple[float, ...] = ()  # each reply's RTT, in the order they came
+
+    def percentiles(self) -> dict[str, float | int | None]:
+        """p50 and p99 of the replies' RTTs (nearest rank), with the sample count."""
+        return {"p50": percentile(self.samples_ms, 50), "p99": percentile(self.samples_ms, 99),
+                "samples": len(self.samples_ms)}
+
+
+def percentile(samples: tuple[float, ...] | list[float], rank: float) -> float | None:
+    """The nearest-rank percentile: a value that was measured, never an interpolation
+    (p99 of 50 samples is the largest); None without samples."""
+    if not samples:
+        return None
+    ordered = sorted(samples)
+    index = max(0, math.ceil(rank / 100 * len(ordered)) - 1)
+    return ordered[min(index, len(ordered) - 1)]
 
 
 def ping(backend: Backend, host: str, address: str, *, count: int = 10,
@@ -94,7 +112,8 @@ def ping(backend: Backend, host: str, address: str, *, count: int = 10,
         transmitted=int(loss[1]) if loss else count,
         received=int(loss[2]) if loss else 0,
         rtt_ms={"min": float(rtt[1]), "avg": float(rtt[2]), "max": float(rtt[3])} if rtt
-        else {})
+        else {},
+        samples_ms=tuple(float(t) for t in _REPLY_TIME.findall(result.stdout)))
 
 
 def wait_for_ping(backend: Backend, host: str, address: str, timeout: float) -> None:

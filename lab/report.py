@@ -89,6 +89,13 @@ def _cell(value: float | None, template: str) -> str:
     return "n/a" if value is None else template.format(value)
 
 
+def rtt_pair(result: dict[str, Any], key: str) -> str:
+    """'p50 / p99' in ms of result[key] (rtt_idle_ms or rtt_loaded_ms); n/a if absent."""
+    rtt = result.get(key) or {}
+    return (f"{_cell(rtt.get('p50'), '{:.2f}')} / {_cell(rtt.get('p99'), '{:.2f}')}"
+            if rtt.get("p50") is not None else "n/a")
+
+
 def render_markdown(report: dict[str, Any], *, chart: str | None = None) -> str:
     """report.md: one row per profile, published and measured side by side."""
     results = report["results"]
@@ -101,9 +108,10 @@ def render_markdown(report: dict[str, Any], *, chart: str | None = None) -> str:
         f"{_cell(report.get('underlay_mbps'), '{:.0f}')} Mbit/s.",
         "",
         "| profile | logged | MTU | published Mbit/s | measured Mbit/s | x blog-v1 measured "
-        f"| x blog-v1 published ({BLOG_V1_MBPS}) | tunnel/underlay | RTT avg ms "
+        f"| x blog-v1 published ({BLOG_V1_MBPS}) | tunnel/underlay "
+        "| idle RTT p50 / p99 ms | RTT under load p50 / p99 ms "
         "| retransmits | packets logged | MB logged |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         logged = "yes" if r["logged"] else "no"
@@ -112,17 +120,19 @@ def render_markdown(report: dict[str, Any], *, chart: str | None = None) -> str:
         if "error" in r:
             reason = " ".join(str(r["error"]).split())[:160].replace("|", "/")
             lines.append(f"| {r['profile']} | {logged} | | {published} "
-                         f"| **failed**: {reason} | | | | | | | |")
+                         f"| **failed**: {reason} | | | | | | | | |")
             continue
         lines.append(
             f"| {r['profile']} | {logged} | {r['mtu']} | {published} "
             f"| {r['receiver_mbps']:.1f} | {_cell(r.get('times_blog_v1_measured'), '{:.1f}x')} "
             f"| {r['times_blog_v1_published']:.1f}x "
             f"| {_cell(r['tunnel_to_underlay'], '{:.1%}')} "
-            f"| {_cell(r['rtt_ms'].get('avg'), '{:.2f}')} | {r['retransmits']} "
+            f"| {rtt_pair(r, 'rtt_idle_ms')} | {rtt_pair(r, 'rtt_loaded_ms')} "
+            f"| {r['retransmits']} "
             f"| {r['packets_logged'] if r['logged'] else '-'} "
             f"| {mb_logged} |")
-    lines.append("")
+    lines += ["", "RTT: single pings through the tunnel, idle (before iperf3) and under load "
+              "(while the one iperf3 stream runs); nearest-rank percentiles.", ""]
     if any(p in PUBLISHED for p in (r["profile"] for r in results)):
         lines += ["Published figures are the blog posts' own, measured by their author on his "
                   "machine; only the measured columns come from this run.", ""]

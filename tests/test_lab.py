@@ -17,7 +17,7 @@ from tests.conftest import ROOT, LabHandle, netns_ready
 
 REQUIRED_FIELDS = {"underlay_mbps", "backend", "profile", "mtu", "duration_s", "receiver_mbps",
                    "sender_mbps", "retransmits", "rtt_ms", "packets_logged", "bytes_logged",
-                   "intervals"}
+                   "intervals", "rtt_idle_ms", "rtt_loaded_ms"}
 
 
 def test_status_shows_hosts_addresses_health_and_the_log(netns_lab: LabHandle) -> None:
@@ -72,6 +72,9 @@ def test_bench_json_on_stdout_and_reports_on_disk(any_lab: LabHandle, tmp_path: 
     assert report["receiver_mbps"] > 0 and report["underlay_mbps"] > report["receiver_mbps"]
     assert report["packets_logged"] > 1000 and report["bytes_logged"] > 1_000_000
     assert set(report["rtt_ms"]) == {"min", "avg", "max"}
+    idle, loaded = report["rtt_idle_ms"], report["rtt_loaded_ms"]
+    assert idle["samples"] >= 90 and loaded["samples"] >= 3  # 100 idle pings; 2 s of load
+    assert 0 < idle["p50"] <= idle["p99"] and 0 < loaded["p50"] <= loaded["p99"]
     assert len(report["intervals"]) >= 2
     assert {"report.json", "report.md"} <= set(os.listdir(out))
     assert "| batched |" in Path(out, "report.md").read_text()

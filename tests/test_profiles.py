@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from lab.measure import iperf, ping
+from lab.backend import ExecResult
+from lab.measure import iperf, percentile, ping
 from lab.plot import plot_throughput
 from lab.report import build_report, render_markdown, write_report
 from pgvpn.transports import PROFILES, Profile
@@ -145,6 +146,8 @@ def fake_result(profile: str, mbps: float, *, logged: bool = True) -> dict[str, 
         "underlay_mbps": 13000.0, "tunnel_to_underlay": mbps / 13000,
         "times_blog_v1_published": round(mbps / 3.93, 1),
         "rtt_ms": {"min": 1.0, "avg": 2.5, "max": 4.0}, "ping_loss": 0,
+        "rtt_idle_ms": {"p50": 2.25, "p99": 3.5, "samples": 100},
+        "rtt_loaded_ms": {"p50": 21.0, "p99": 44.125, "samples": 85}, "ping_loss_loaded": 0,
         "packets_logged": 12345 if logged else 0, "bytes_logged": 2_000_000 if logged else 0,
         "logged": logged,
         "intervals": [{"t": 1.0, "mbps": mbps * 0.9}, {"t": 2.0, "mbps": mbps * 1.1},
@@ -166,7 +169,30 @@ def test_single_profile_report_keeps_its_fields_at_the_top() -> None:
     assert report["results"][0]["profile"] == "batched" and report["failed"] == []
     assert report["results"][0]["times_blog_v1_measured"] is None
     markdown = render_markdown(report)
-    assert "| batched | yes | 1500 | - | 300.0 | n/a | 76.3x |" in markdown
+    assert ("| batched | yes | 1500 | - | 300.0 | n/a | 76.3x | 2.3% | 2.25 / 3.50 "
+            "| 21.00 / 44.12 | 3 | 12345 | 2.0 |") in markdown
+
+
+def test_rtt_percentiles_are_measured_values() -> None:
+    """Nearest rank: p99 of 100 samples is the 99th smallest, of 50 the largest; a reply
+    line marked DUP! or a lost echo adds no sample."""
+    samples = [float(n) for n in range(100, 0, -1)]
+    assert (percentile(samples, 50), percentile(samples, 99)) == (50.0, 99.0)
+    assert percentile(samples[:50], 99) == 100.0 and percentile([], 50) is None
+    output = ("PING 10.230.0.2 (10.230.0.2) 56(84) bytes of data.\n"
+              "64 bytes from 10.230.0.2: icmp_seq=1 ttl=64 time=4.21 ms\n"
+              "64 bytes from 10.230.0.2: icmp_seq=1 ttl=64 time=9.99 ms (DUP!)\n"
+              "64 bytes from fd00:230::2: icmp_seq=3 ttl=64 time=0.912 ms\n\n"
+              "--- 10.230.0.2 ping statistics ---\n"
+              "3 packets transmitted, 2 received, +1 duplicates, 33% packet loss\n")
+
+    class Replies:
+        def exec(self, host: str, argv: Any, *, timeout: float = 60) -> ExecResult:
+            return ExecResult(0, output, "")
+
+    result = ping(Replies(), "peer-a", "10.230.0.2", count=3)  # type: ignore[arg-type]
+    assert result.samples_ms == (4.21, 0.912)
+    assert result.percentiles() == {"p50": 0.912, "p99": 4.21, "samples": 2}
 
 
 def test_several_profiles_side_by_side() -> None:
