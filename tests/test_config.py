@@ -124,10 +124,12 @@ IFACE = "interface names have 1-15 printable ASCII characters, no '/', ':' or sp
     ("PGVPN_MAX_REPLAY_AGE", "31536000.5", YEAR),
     ("PGVPN_MAX_REPLAY_AGE", "nan", YEAR),
     ("PGVPN_MAX_REPLAY_AGE", "inf", YEAR),
+    ("PGVPN_MAX_REPLAY_AGE", "forever", YEAR),  # no number: the rule, not Python's words
     ("PGVPN_TCP_USER_TIMEOUT", "0", DAY),
     ("PGVPN_TCP_USER_TIMEOUT", "86400.5", DAY),
     ("PGVPN_TCP_USER_TIMEOUT", "-inf", DAY),
     ("PGVPN_TCP_USER_TIMEOUT", "nan", DAY),
+    ("PGVPN_TCP_USER_TIMEOUT", "10s", DAY),
     ("PGVPN_SYNCHRONOUS_COMMIT", "maybe", "use true or false"),
     ("PGVPN_TUN_NAME", "sixteen-chars-xx", IFACE),
     ("PGVPN_TUN_NAME", ".", IFACE),

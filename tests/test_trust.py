@@ -138,6 +138,49 @@ def test_the_owner_is_a_plain_role_that_owns_everything(any_lab: LabHandle) -> N
     assert any_lab.pgvpn("db", "version").stdout.decode().strip() == latest
 
 
+# SASLprep maps U+00A0 (no-break space) to a space and NFKC-folds the ligature U+FB01
+# ("fi"): a hand-made verifier that skipped either would not let this password in.
+UNICODE_PASSWORD = "p\u00e4ss\u00a0w\u00f6rd-\ufb01ve-\u2603-long-enough"
+LOGIN_AS = """
+import sys, psycopg
+with psycopg.connect(host=sys.argv[1], dbname="pgvpn", user=sys.argv[2], password=sys.argv[3],
+                     sslmode="verify-full", sslrootcert=sys.argv[4], connect_timeout=10) as c:
+    print(c.execute("SELECT pgvpn.current_peer()").fetchone()[0])
+"""
+
+
+def login_as(lab: LabHandle, user: str, password: str) -> subprocess.CompletedProcess[str]:
+    """Log in over the network with a password, TLS verified, as a peer does from
+    peer-a's place (its namespace on netns; the host reaches Docker's networks)."""
+    where = ["ip", "netns", "exec", lab.namespace("peer-a")] if lab.backend == "netns" else []
+    return subprocess.run([*where, sys.executable, "-c", LOGIN_AS, "10.231.1.10", user,
+                           password, str(lab.state_dir / "secrets" / "ca-cert")],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_the_owner_adds_a_peer_whose_unicode_password_logs_in(any_lab: LabHandle,
+                                                               tmp_path: Path) -> None:
+    """`pgvpn db add-peer` as the owner (no superuser): the SCRAM verifier is libpq's
+    (SASLprep included), made on the client, so the password itself never reaches the
+    server, and a wrong one is refused."""
+    secret = tmp_path / "password"
+    secret.write_text(UNICODE_PASSWORD + "\n")
+    try:
+        added = any_lab.pgvpn("db", "add-peer", "trust-added", "--password-file", str(secret))
+        assert added.stderr.decode().strip().endswith(
+            "role pgvpn_trust_added for peer trust-added created")
+        (stored,), = any_lab.sql("SELECT rolpassword FROM pg_authid "
+                                 "WHERE rolname = 'pgvpn_trust_added'", superuser=True)
+        assert stored.startswith("SCRAM-SHA-256$4096:") and UNICODE_PASSWORD not in stored
+        logged_in = login_as(any_lab, "pgvpn_trust_added", UNICODE_PASSWORD)
+        assert (logged_in.returncode, logged_in.stdout.strip()) == (0, "trust-added"), logged_in
+        refused = login_as(any_lab, "pgvpn_trust_added", UNICODE_PASSWORD.replace("\u00a0", ""))
+        assert "password authentication failed" in refused.stderr, refused
+    finally:
+        owner_execute(any_lab, "DELETE FROM pgvpn.peers WHERE name = 'trust-added'")
+        any_lab.sql("DROP ROLE IF EXISTS pgvpn_trust_added", superuser=True)
+
+
 def test_the_owner_makes_peer_roles_and_nothing_else(any_lab: LabHandle) -> None:
     with psycopg.connect(any_lab.conninfo(), autocommit=True) as conn:
         verifier = conn.pgconn.encrypt_password(b"x" * 24, b"pgvpn_trust_probe",
