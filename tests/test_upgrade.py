@@ -19,7 +19,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgvpn import bootstrap, migrate
 from pgvpn.copyformat import PACKET_COLUMNS
-from pgvpn.errors import PgvpnError
+from pgvpn.errors import DatabaseError, PgvpnError
 from tests.conftest import ROOT, LabHandle
 from tests.peerside import peer_conninfo
 
@@ -159,6 +159,18 @@ def test_an_agent_on_an_old_schema_says_who_must_migrate(old_database: LabHandle
     with psycopg.connect(conninfo_for(old_database, superuser=True), autocommit=True) as conn:
         assert conn.execute("SELECT max(version) FROM pgvpn.schema_migrations"
                             ).fetchone() == (BEFORE_TRUST,)
+
+
+def test_an_agent_older_than_the_schema_says_to_upgrade_the_agent(any_lab: LabHandle) -> None:
+    """Migrating is not the cure for an agent that is behind: it says what is."""
+    latest = migrate.available()[-1].version
+    with psycopg.connect(any_lab.conninfo()) as conn, conn.transaction(force_rollback=True):
+        conn.execute("INSERT INTO pgvpn.schema_migrations (version, name) "
+                     "VALUES (%s, 'from_a_newer_pgvpn')", [latest + 1])
+        with pytest.raises(DatabaseError) as caught:
+            migrate.require_current(conn)
+    assert str(caught.value) == (f"schema is at version {latest + 1}, newer than this agent "
+                                 f"(which knows up to {latest}): upgrade the agent")
 
 
 def test_init_never_runs_the_owners_code_as_the_superuser(any_lab: LabHandle) -> None:

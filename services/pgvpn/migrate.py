@@ -92,6 +92,9 @@ def require_current(conn: psycopg.Connection) -> int:
     """Check, without changing anything, that the schema is the one this agent speaks."""
     latest = available()[-1].version
     current = applied_version(conn)
+    if current > latest:
+        raise DatabaseError(f"schema is at version {current}, newer than this agent "
+                            f"(which knows up to {latest}): upgrade the agent")
     if current != latest:
         raise DatabaseError(f"schema is at version {current} but this agent needs {latest}: "
                             "run 'pgvpn db migrate' as the database owner")
