@@ -60,13 +60,16 @@ def bench_profile(lab: Lab, duration: float, progress: Progress,
                interval=IDLE_INTERVAL)
     progress(f"tunnel: iperf3 {client.name} -> {server.name} ({server.tunnel_address}) "
              f"for {duration:g}s, profile {lab.settings.profile}, pinging meanwhile")
-    loaded: dict[str, PingResult] = {}
+    loaded: dict[str, PingResult | str] = {}
     target = server.tunnel_address
 
     def ping_under_load() -> None:
         time.sleep(LOADED_START)
-        loaded["rtt"] = ping(lab.backend, client.name, target,
-                             count=loaded_ping_count(duration), interval=LOADED_INTERVAL)
+        try:
+            loaded["rtt"] = ping(lab.backend, client.name, target,
+                                 count=loaded_ping_count(duration), interval=LOADED_INTERVAL)
+        except LabError as exc:  # said in the result, never a traceback from a thread
+            loaded["error"] = str(exc)
 
     pinger = threading.Thread(target=ping_under_load, name="bench-loaded-ping", daemon=True)
     pinger.start()
@@ -79,7 +82,9 @@ def bench_profile(lab: Lab, duration: float, progress: Progress,
                        ) from None
     finally:
         pinger.join(timeout=duration + 60)  # ping's own bound is shorter
-    under_load = loaded.get("rtt", PingResult(0, 0, {}))
+    under_load = loaded.get("rtt")
+    if not isinstance(under_load, PingResult):
+        progress(f"tunnel: no RTT under load: {loaded.get('error', 'ping did not finish')}")
     after = settled_log_totals(lab)
     if raw_dir is not None:
         raw_dir.mkdir(parents=True, exist_ok=True)
@@ -106,8 +111,10 @@ def bench_profile(lab: Lab, duration: float, progress: Progress,
         "ping_loss": rtt.transmitted - rtt.received,
         # percentiles of single echoes: idle, and behind one iperf3 stream
         "rtt_idle_ms": rtt.percentiles(),
-        "rtt_loaded_ms": under_load.percentiles(),
-        "ping_loss_loaded": under_load.transmitted - under_load.received,
+        "rtt_loaded_ms": under_load.percentiles() if isinstance(under_load, PingResult)
+        else {"p50": None, "p99": None, "samples": 0},
+        "ping_loss_loaded": under_load.transmitted - under_load.received
+        if isinstance(under_load, PingResult) else None,
         "packets_logged": after["packets"] - before["packets"],
         "bytes_logged": after["bytes"] - before["bytes"],
         "logged": PROFILES[lab.settings.profile].logged,

@@ -223,7 +223,10 @@ class DockerBackend(Backend):
         if host.role == "database":
             health = container.attrs["State"].get("Health", {}).get("Status")
             return bool(health == "healthy")
-        return bool(self.tunnel_addresses(host.name))
+        try:
+            return bool(self.tunnel_addresses(host.name))
+        except LabError:  # it stopped between the two looks: wait_started asks alive()
+            return False
 
     def stop(self, host: Host) -> None:
         self.compose("stop", "-t", str(STOP_TIMEOUT), host.name).check(f"stopping {host.name}")

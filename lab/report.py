@@ -89,11 +89,18 @@ def _cell(value: float | None, template: str) -> str:
     return "n/a" if value is None else template.format(value)
 
 
+LOSS_OF = {"rtt_idle_ms": "ping_loss", "rtt_loaded_ms": "ping_loss_loaded"}
+
+
 def rtt_pair(result: dict[str, Any], key: str) -> str:
-    """'p50 / p99' in ms of result[key] (rtt_idle_ms or rtt_loaded_ms); n/a if absent."""
+    """'p50 / p99' in ms of result[key] (rtt_idle_ms or rtt_loaded_ms), and the echoes
+    lost if any (percentiles count replies only); n/a if nothing was measured."""
     rtt = result.get(key) or {}
+    if rtt.get("p50") is None:
+        return "n/a"
+    lost = result.get(LOSS_OF[key]) or 0
     return (f"{_cell(rtt.get('p50'), '{:.2f}')} / {_cell(rtt.get('p99'), '{:.2f}')}"
-            if rtt.get("p50") is not None else "n/a")
+            + (f" ({lost} lost)" if lost else ""))
 
 
 def render_markdown(report: dict[str, Any], *, chart: str | None = None) -> str:

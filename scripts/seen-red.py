@@ -17,17 +17,20 @@ Exit status 0 only if every break turned its test red.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from xml.etree import ElementTree
 
 ROOT = Path(__file__).resolve().parent.parent
 LAB_NAME = "pgvpn-red"  # its own lab: yours, and the test suite's, are never touched
 # What a broken build may leave behind (a break of the rollback leaves a whole lab):
 # the session's labs and tests/test_docker_lab.py's.
-LEFT_BEHIND = (LAB_NAME, f"{LAB_NAME}-d", "pgvpn-dlife")
+LEFT_BEHIND = (LAB_NAME, f"{LAB_NAME}-d", f"{LAB_NAME}-l")
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,15 @@ BREAKS = [
 ]
 
 
+def failed_in_its_call(junit: Path) -> bool:
+    """True if the test itself failed (an assertion, in its body), not its setup: a
+    break that keeps the lab from coming up proves nothing about the test."""
+    if not junit.exists():
+        return False
+    cases = ElementTree.parse(junit).getroot().iter("testcase")
+    return any(case.find("failure") is not None for case in cases)
+
+
 def run_broken(brk: Break) -> tuple[bool, float, str]:
     """(went red, seconds, the test's last lines), with the break undone afterwards."""
     path = ROOT / brk.path
@@ -112,22 +124,33 @@ def run_broken(brk: Break) -> tuple[bool, float, str]:
         raise SystemExit(f"seen-red: {brk.name}: the text to break occurs "
                          f"{original.count(brk.old)} times in {brk.path}, not once")
     started = time.monotonic()
-    try:
-        path.write_text(original.replace(brk.old, brk.new))
-        marker = "docker" if brk.docker else "not docker"
-        done = subprocess.run(
-            [str(ROOT / ".venv" / "bin" / "pytest"), "-q", "-x", "-p", "no:cacheprovider",
-             "-m", marker, brk.test], cwd=ROOT, capture_output=True, text=True,
-            env={**os.environ, "PGVPN_TEST_LAB_NAME": LAB_NAME}, check=False, timeout=1800)
-    finally:
-        path.write_text(original)
-        for lab in LEFT_BEHIND:
-            subprocess.run([str(ROOT / ".venv" / "bin" / "lab"), "down"], cwd=ROOT,
-                           env={**os.environ, "PGVPN_LAB_NAME": lab}, capture_output=True,
-                           check=False, timeout=600)
-    tail = "\n".join(done.stdout.strip().splitlines()[-3:])
-    # 1: tests failed; anything else (0 passed, 2-5 usage or collection errors) is not red
-    return done.returncode == 1, time.monotonic() - started, tail
+    with tempfile.TemporaryDirectory(prefix="seen-red-") as scratch:
+        junit = Path(scratch) / "junit.xml"
+        try:
+            path.write_text(original.replace(brk.old, brk.new))
+            marker = "docker" if brk.docker else "not docker"
+            done = subprocess.run(
+                [str(ROOT / ".venv" / "bin" / "pytest"), "-q", "-x", "-p", "no:cacheprovider",
+                 "-m", marker, f"--junitxml={junit}", brk.test], cwd=ROOT,
+                capture_output=True, text=True, check=False, timeout=1800,
+                env={**os.environ, "PGVPN_TEST_LAB_NAME": LAB_NAME})
+            output = done.stdout
+        except subprocess.TimeoutExpired:
+            output = "the test did not finish within 1800 s"
+        finally:
+            path.write_text(original)
+            for lab in LEFT_BEHIND:
+                subprocess.run([str(ROOT / ".venv" / "bin" / "lab"), "down"], cwd=ROOT,
+                               env={**os.environ, "PGVPN_LAB_NAME": lab},
+                               capture_output=True, check=False, timeout=600)
+        red = failed_in_its_call(junit)
+    tail = "\n".join(output.strip().splitlines()[-3:])
+    return red, time.monotonic() - started, tail
+
+
+def stop_on_signal(signum: int, _frame: object) -> None:
+    """SIGTERM or SIGHUP: unwind like Ctrl-C, so that the break is undone."""
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str]) -> int:
@@ -140,6 +163,8 @@ def main(argv: list[str]) -> int:
         print(f"seen-red: no such break: {', '.join(sorted(unknown))} (see --list)",
               file=sys.stderr)
         return 2
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop_on_signal)
     green = []
     print("| break | test | outcome | seconds |\n|---|---|---|---:|")
     for brk in chosen:

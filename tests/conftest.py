@@ -236,3 +236,10 @@ def docker_alone() -> None:
     session_lab = LabHandle("docker", TEST_LAB + "-d")
     session_lab.cli("down")
     assert session_lab.leftovers() == []
+    labs = subprocess.run(["docker", "ps", "-a", "--filter", "label=io.pgvpn.project",
+                           "--format", '{{.Label "io.pgvpn.project"}}'], capture_output=True,
+                          text=True, check=True).stdout.split()
+    others = sorted({lab for lab in labs if not lab.startswith(f"{TEST_LAB}-")})
+    if others:  # a lab that is not this session's: yours, or another session's
+        pytest.skip(f"another pgvpn Docker lab is up ({', '.join(others)}): these tests "
+                    "need the engine to themselves")

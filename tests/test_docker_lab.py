@@ -15,11 +15,11 @@ import subprocess
 import pytest
 
 from lab.docker_backend import LOCAL_BASE, PUBLIC_BASE
-from tests.conftest import LabHandle
+from tests.conftest import TEST_LAB, LabHandle
 from tests.peerside import lab_cli
 
 pytestmark = [pytest.mark.docker, pytest.mark.docker_alone]
-LIFE_LAB = "pgvpn-dlife"
+LIFE_LAB = TEST_LAB + "-l"  # beside the session's labs, never a lab of yours
 
 
 def pgvpn_images() -> list[str]:

@@ -20,7 +20,7 @@ import pytest
 from lab.backend import ExecResult
 from lab.measure import iperf, percentile, ping
 from lab.plot import plot_throughput
-from lab.report import build_report, render_markdown, write_report
+from lab.report import build_report, render_markdown, rtt_pair, write_report
 from pgvpn.transports import PROFILES, Profile
 from tests.conftest import CliBackend, LabHandle
 from tests.peerside import last_start
@@ -193,6 +193,11 @@ def test_rtt_percentiles_are_measured_values() -> None:
     result = ping(Replies(), "peer-a", "10.230.0.2", count=3)  # type: ignore[arg-type]
     assert result.samples_ms == (4.21, 0.912)
     assert result.percentiles() == {"p50": 0.912, "p99": 4.21, "samples": 2}
+    # the report says what the percentiles leave out: lost echoes, or nothing measured
+    loaded = {"rtt_loaded_ms": {"p50": 1.0, "p99": 2.5, "samples": 3}, "ping_loss_loaded": 2}
+    assert rtt_pair(loaded, "rtt_loaded_ms") == "1.00 / 2.50 (2 lost)"
+    assert rtt_pair({"rtt_loaded_ms": {"p50": None, "p99": None, "samples": 0},
+                     "ping_loss_loaded": None}, "rtt_loaded_ms") == "n/a"
 
 
 def test_several_profiles_side_by_side() -> None:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -161,16 +162,19 @@ def test_an_agent_on_an_old_schema_says_who_must_migrate(old_database: LabHandle
                             ).fetchone() == (BEFORE_TRUST,)
 
 
-def test_an_agent_older_than_the_schema_says_to_upgrade_the_agent(any_lab: LabHandle) -> None:
-    """Migrating is not the cure for an agent that is behind: it says what is."""
+@pytest.mark.parametrize("check", [migrate.require_current, migrate.migrate])
+def test_an_older_pgvpn_than_the_schema_says_to_upgrade_it(any_lab: LabHandle,
+                                                           check: Any) -> None:
+    """Migrating is not the cure for an agent (or a migrator) that is behind, and an
+    older `pgvpn db migrate` never reports success on a newer schema."""
     latest = migrate.available()[-1].version
     with psycopg.connect(any_lab.conninfo()) as conn, conn.transaction(force_rollback=True):
         conn.execute("INSERT INTO pgvpn.schema_migrations (version, name) "
                      "VALUES (%s, 'from_a_newer_pgvpn')", [latest + 1])
         with pytest.raises(DatabaseError) as caught:
-            migrate.require_current(conn)
-    assert str(caught.value) == (f"schema is at version {latest + 1}, newer than this agent "
-                                 f"(which knows up to {latest}): upgrade the agent")
+            check(conn)
+    assert str(caught.value) == (f"schema is at version {latest + 1}, newer than this pgvpn "
+                                 f"(which knows up to {latest}): upgrade it")
 
 
 def test_init_never_runs_the_owners_code_as_the_superuser(any_lab: LabHandle) -> None:

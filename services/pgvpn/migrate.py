@@ -48,10 +48,18 @@ def applied_version(conn: psycopg.Connection) -> int:
     return int(row[0]) if row else 0
 
 
+def newer_than_this_pgvpn(current: int, latest: int) -> DatabaseError:
+    """A schema from a newer pgvpn: this one must be upgraded, nothing migrated."""
+    return DatabaseError(f"schema is at version {current}, newer than this pgvpn (which "
+                         f"knows up to {latest}): upgrade it")
+
+
 def migrate(conn: psycopg.Connection) -> int:
     """Apply every missing migration, each in its own transaction; return the version."""
     migrations = available()
     latest = migrations[-1].version
+    if applied_version(conn) > latest:
+        raise newer_than_this_pgvpn(applied_version(conn), latest)
     if applied_version(conn) == latest:
         log.info("schema at version %d (up to date)", latest)
         return latest
@@ -93,8 +101,7 @@ def require_current(conn: psycopg.Connection) -> int:
     latest = available()[-1].version
     current = applied_version(conn)
     if current > latest:
-        raise DatabaseError(f"schema is at version {current}, newer than this agent "
-                            f"(which knows up to {latest}): upgrade the agent")
+        raise newer_than_this_pgvpn(current, latest)
     if current != latest:
         raise DatabaseError(f"schema is at version {current} but this agent needs {latest}: "
                             "run 'pgvpn db migrate' as the database owner")
