@@ -154,6 +154,10 @@ class Backend(ABC):
                            "and at most 3600")
         return seconds
 
+    def check_start_timeout(self) -> None:
+        """Refuse a bad PGVPN_START_TIMEOUT before a command changes anything."""
+        self.start_timeout(0.0)
+
     def remove_images(self, progress: Progress) -> None:
         """Remove the images this backend builds (`lab down --images`); none by default."""
         progress(f"the {self.name} backend builds no images")

@@ -83,8 +83,9 @@ def bench_profile(lab: Lab, duration: float, progress: Progress,
     finally:
         pinger.join(timeout=duration + 60)  # ping's own bound is shorter
     under_load = loaded.get("rtt")
-    if not isinstance(under_load, PingResult):
+    if not isinstance(under_load, PingResult):  # nothing measured: no loss to speak of
         progress(f"tunnel: no RTT under load: {loaded.get('error', 'ping did not finish')}")
+        under_load = None
     after = settled_log_totals(lab)
     if raw_dir is not None:
         raw_dir.mkdir(parents=True, exist_ok=True)
@@ -108,13 +109,11 @@ def bench_profile(lab: Lab, duration: float, progress: Progress,
         if underlay.receiver_mbps else None,
         "times_blog_v1_published": round(tunnel.receiver_mbps / BLOG_V1_MBPS, 1),
         "rtt_ms": rtt.rtt_ms,
-        "ping_loss": rtt.transmitted - rtt.received,
+        "ping_loss": rtt.lost,
         # percentiles of single echoes: idle, and behind one iperf3 stream
         "rtt_idle_ms": rtt.percentiles(),
-        "rtt_loaded_ms": under_load.percentiles() if isinstance(under_load, PingResult)
-        else {"p50": None, "p99": None, "samples": 0},
-        "ping_loss_loaded": under_load.transmitted - under_load.received
-        if isinstance(under_load, PingResult) else None,
+        "rtt_loaded_ms": (under_load or PingResult(0, 0, {})).percentiles(),
+        "ping_loss_loaded": under_load.lost if under_load else None,
         "packets_logged": after["packets"] - before["packets"],
         "bytes_logged": after["bytes"] - before["bytes"],
         "logged": PROFILES[lab.settings.profile].logged,

@@ -263,7 +263,7 @@ def stop_host(lab: Lab, host: Host, kill: bool) -> None:
 
 def cmd_restart(args: argparse.Namespace) -> int:
     lab = Lab.current()
-    lab.backend.start_timeout(1.0)  # a bad PGVPN_START_TIMEOUT: refused before the stop
+    lab.backend.check_start_timeout()  # before the stop
     host = lab.topology.hosts[args.host]  # host_name checked it while parsing
     stop_host(lab, host, args.kill)
     lab.backend.start(host, progress)
@@ -280,7 +280,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 def cmd_start(args: argparse.Namespace) -> int:
     """Start one host and wait for it alone: its peer may be stopped on purpose."""
     lab = Lab.current()
-    lab.backend.start_timeout(1.0)  # a bad PGVPN_START_TIMEOUT: refused before anything
+    lab.backend.check_start_timeout()
     lab.backend.start(lab.topology.hosts[args.host], progress)
     return 0
 

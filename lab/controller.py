@@ -111,7 +111,7 @@ class Lab:
         problem = self.backend.available()
         if problem:
             raise LabError(f"the {self.backend.name} backend cannot run: {problem}")
-        self.backend.start_timeout(1.0)  # a bad PGVPN_START_TIMEOUT: refused before anything
+        self.backend.check_start_timeout()
         previous = state.load_settings()
         first = previous is None and not self.backend.exists()
         if previous and previous.backend != self.settings.backend and not first:

@@ -83,6 +83,10 @@ class PingResult:
     rtt_ms: dict[str, float]
     samples_ms: tuple[float, ...] = ()  # each reply's RTT, in the order they came
 
+    @property
+    def lost(self) -> int:
+        return self.transmitted - self.received
+
     def percentiles(self) -> dict[str, float | int | None]:
         """p50 and p99 of the replies' RTTs (nearest rank), with the sample count."""
         return {"p50": percentile(self.samples_ms, 50), "p99": percentile(self.samples_ms, 99),

@@ -57,30 +57,27 @@ def _whole(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
-def _number(value: str, rule: str) -> float:
-    """A float, or ValueError saying the rule (not Python's "could not convert")."""
-    try:
-        return float(value)
-    except ValueError:
-        raise ValueError(rule) from None
+def _seconds_up_to(high: int, span: str) -> Callable[[str], float]:
+    """Seconds, finite, more than 0 and at most `high` (`span` names it): the rule is
+    the message whatever is wrong, Python's "could not convert" included."""
+    rule = f"must be a number of seconds, more than 0 and at most {high} ({span})"
+
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(rule) from None
+        if not math.isfinite(number) or not 0 < number <= high:
+            raise ValueError(rule)
+        return number
+
+    return parse
 
 
-def _seconds(value: str) -> float:
-    """Finite and bounded: the database gets it as an interval (make_interval)."""
-    rule = f"must be a number of seconds, more than 0 and at most {MAX_REPLAY_AGE} (a year)"
-    number = _number(value, rule)
-    if not math.isfinite(number) or not 0 < number <= MAX_REPLAY_AGE:
-        raise ValueError(rule)
-    return number
-
-
-def _timeout(value: str) -> float:
-    """Seconds up to a day: libpq and the server take these as int32 milliseconds."""
-    rule = "must be a number of seconds, more than 0 and at most 86400 (a day)"
-    number = _number(value, rule)
-    if not math.isfinite(number) or not 0 < number <= 86400:
-        raise ValueError(rule)
-    return number
+# The database gets these as an interval (make_interval)...
+_seconds = _seconds_up_to(MAX_REPLAY_AGE, "a year")
+# ...and libpq and the server take these as int32 milliseconds.
+_timeout = _seconds_up_to(86400, "a day")
 
 
 def _conninfo(value: str) -> str:

@@ -58,9 +58,10 @@ def migrate(conn: psycopg.Connection) -> int:
     """Apply every missing migration, each in its own transaction; return the version."""
     migrations = available()
     latest = migrations[-1].version
-    if applied_version(conn) > latest:
-        raise newer_than_this_pgvpn(applied_version(conn), latest)
-    if applied_version(conn) == latest:
+    applied = applied_version(conn)
+    if applied > latest:
+        raise newer_than_this_pgvpn(applied, latest)
+    if applied == latest:
         log.info("schema at version %d (up to date)", latest)
         return latest
     conn.execute("SELECT pg_advisory_lock(%s)", [LOCK_KEY])
