@@ -3,8 +3,9 @@ each made to act on the namespace lab:
 
 - one writer per sender: a second agent with peer-a's name and settings is refused by
   the database-side sender lock while the first one runs on;
-- the ambiguous commit: the uplink's connection loses the server's reply to a COPY
-  that committed, and the batch is logged once, not resent, after the reconnect.
+- the ambiguous commit: the uplink's connection loses the server's reply to a batch
+  that committed (a small one's INSERT, a bulk one's COPY), and the batch is logged
+  once, not resent, after the reconnect.
 
 Namespaces only: a second agent runs beside the first in peer-a's namespace, with the
 environment the lab started the first one with (its /proc environ), and the agent's
@@ -14,15 +15,19 @@ log is read from the lab's file at a known offset.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
 import psycopg
+import pytest
 
 from lab.measure import ping
 from pgvpn.transports.batched import MAX_SEQ
@@ -178,10 +183,11 @@ def test_a_second_agent_with_the_same_name_is_refused_and_the_first_runs_on(
 def replies_lost_after_data(lab: LabHandle, host: str, port: int, size: int = 1000
                             ) -> Iterator[None]:
     """Once the host's connection from `port` sends the database a segment larger than
-    `size` bytes (a batch's COPY data: queries and the COPY statement are smaller),
-    drop everything the server sends back on it, ACKs included; what the client sends
-    still passes. So that COPY reaches the server and commits, and its reply is lost:
-    an ambiguous commit, whenever the next large batch goes. New connections pass."""
+    `size` bytes (a batch's data, by COPY or by the small-batch INSERT; other
+    statements are smaller), drop everything the server sends back on it, ACKs
+    included; what the client sends still passes. So that batch reaches the server and
+    commits, and its reply is lost: an ambiguous commit, whenever the next large batch
+    goes. New connections pass."""
     lab.exec(host, "nft", f"add table inet {CUT_TABLE}; "
              f"add set inet {CUT_TABLE} cut {{ type inet_service; flags dynamic; }}; "
              f"add chain inet {CUT_TABLE} out {{ type filter hook output priority 0; }}; "
@@ -200,11 +206,27 @@ def cut_triggered(lab: LabHandle, host: str, port: int) -> bool:
     return re.search(rf"elements = {{ {port} }}", listed) is not None
 
 
+@contextlib.contextmanager
+def held_agent(lab: LabHandle, host: str) -> Iterator[None]:
+    """The host's agent frozen (SIGSTOP) meanwhile: packets queue in its TUN device, and
+    the agent reads them as one batch when it goes on (SIGCONT)."""
+    pid = agent_pid(lab, host)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+@pytest.mark.parametrize("batch", ["small", "bulk"])
 def test_a_batch_whose_commit_reply_was_lost_is_logged_once_and_the_stream_goes_on(
-        netns_lab: LabHandle) -> None:
+        netns_lab: LabHandle, batch: str) -> None:
     """The uplink waits for a reply that never comes until its TCP user timeout (10 s),
     reconnects, ends its own lost session, rereads its highest committed seq and finds
-    the batch there: it goes on with the next seq instead of logging it twice."""
+    the batch there: it goes on with the next seq instead of logging it twice.
+
+    Both of the uplink's writes: a small batch (one echo: the INSERT that notifies) and
+    a bulk one (20 echoes queued while the agent is frozen: COPY, then NOTIFY)."""
     lab = netns_lab
     tun_a0, tun_b0, logged0 = quiet_snapshot(lab)
     mark, (_, started) = logged0["peer-a"], server_now(lab)
@@ -213,6 +235,14 @@ def test_a_batch_whose_commit_reply_was_lost_is_logged_once_and_the_stream_goes_
             repeats_removed(lab, "peer-a", started):
         (old, _, port), = uplink_sessions(server, "peer-a")
         with replies_lost_after_data(lab, "peer-a", port):
+            if batch == "bulk":
+                with held_agent(lab, "peer-a"):
+                    # straight into the namespace: `lab exec` may take longer to start
+                    burst = subprocess.Popen(
+                        ["ip", "netns", "exec", lab.namespace("peer-a"), "ping", "-q", "-n",
+                         "-c", "20", "-i", "0.002", "-s", "1200", "-W", "15", PEER_B],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    time.sleep(0.5)  # all 20 queued in the TUN device: one batch of 20
             traffic = pings(lab, 100, size=1200)  # each one a batch larger than the trigger
             wait_for(lambda: cut_triggered(lab, "peer-a", port), "a batch to be sent",
                      timeout=20)
@@ -223,6 +253,8 @@ def test_a_batch_whose_commit_reply_was_lost_is_logged_once_and_the_stream_goes_
                      "the lost uplink session to end", timeout=30)
         traffic.join(timeout=120)
         assert not traffic.is_alive()
+        if batch == "bulk":
+            burst.wait(timeout=60)
         tun_a1, tun_b1, logged1 = quiet_snapshot(lab)
         rows, distinct, first, last = stream_since(lab, "peer-a", mark, started,
                                                    logged1["peer-a"])
@@ -244,4 +276,6 @@ def test_a_batch_whose_commit_reply_was_lost_is_logged_once_and_the_stream_goes_
     assert len(committed) == 1, log
     batch_first, batch_last = map(int, committed[0])
     assert mark < batch_first <= batch_last <= last
+    # the write whose reply was lost: one echo by the INSERT, or the 20 by COPY
+    assert batch_last - batch_first + 1 == (1 if batch == "small" else 20), committed
     assert ping(CliBackend(lab), "peer-a", PEER_B, count=3).received == 3

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 
 import psycopg
+from psycopg import sql
 
 from pgvpn.copyformat import PACKET_COLUMNS, encode_packet_rows
 from pgvpn.errors import DatabaseError, PgvpnError
@@ -44,7 +45,22 @@ from pgvpn.transports.base import (
 
 log = logging.getLogger(__name__)
 
-COPY_PACKETS = f"COPY pgvpn.packets ({PACKET_COLUMNS}) FROM STDIN (FORMAT BINARY)"
+PACKETS_TABLE = sql.Identifier("pgvpn", "packets")
+# A small batch (an echo, an ACK, a keystroke) goes in one prepared statement with its
+# NOTIFY: one round trip and one commit instead of three and two. Its commit then
+# holds the database's notify lock, which serialises it with other notifying
+# commits, so bulk batches keep COPY and a NOTIFY of their own. Measured from a peer
+# (TLS, synchronous commit): 1 packet 0.41 ms against 0.81 ms; 4 x 1500 B equal;
+# 256 x 1500 B 19 ms against 3.6 ms (unnest is slower than COPY per row).
+SMALL_BATCH = 4
+INSERT_AND_NOTIFY = """
+WITH logged AS (
+    INSERT INTO pgvpn.packets (seq, receiver, length, data)
+    SELECT %(first)s + batch.ordinality - 1, %(receiver)s, octet_length(batch.data), batch.data
+    FROM unnest(%(packets)b::bytea[]) WITH ORDINALITY AS batch(data, ordinality)
+)
+SELECT pg_notify(%(channel)s, '')
+"""
 # The highest `seq` the database accepts (CHECK packets_seq_in_range, sql/006_bounds.sql).
 MAX_SEQ = 2**62 - 1
 # At most this much packet data in one batch read, whatever the MTU and batch_packets.
@@ -82,6 +98,23 @@ WHERE receiver = %(me)s AND sender = %(peer)s
 RETURNING last_seq, (SELECT last_seq FROM old)
 """
 IDLE_POLL = 1.0  # seconds: a lost notification costs at most this much latency
+
+
+def copy_batch(conn: psycopg.Connection, table: sql.Composable, receiver: str,
+               first_seq: int, packets: list[bytes]) -> None:
+    """A bulk batch's write: one binary COPY, committed on its own (autocommit).
+
+    `pgvpn ceiling` measures the database with this same function."""
+    statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
+        table, sql.SQL(PACKET_COLUMNS))
+    with conn.cursor() as cur, cur.copy(statement) as copy:
+        copy.write(encode_packet_rows(receiver, first_seq, packets))
+
+
+def notify(conn: psycopg.Connection, channel: str) -> None:
+    """A bulk batch's wake-up, in a transaction of its own: the commit of a transaction
+    that notifies holds the database's notify lock, which the COPY need not wait for."""
+    conn.execute("SELECT pg_notify(%s, '')", [channel], prepare=True)
 
 
 class BatchedUplink(Uplink):
@@ -123,17 +156,21 @@ class BatchedUplink(Uplink):
         if self.committed_seq + len(packets) > MAX_SEQ:
             raise self._out_of_numbers()
         first_seq = self.committed_seq + 1
-        payload = encode_packet_rows(self.config.peer, first_seq, packets)
 
         def write() -> None:
             if self.committed_seq >= first_seq:  # _open reread it after a lost connection
                 log.info("uplink: the batch seq %d..%d was committed before the connection "
                          "was lost; not sent again", first_seq, first_seq + len(packets) - 1)
                 return
-            with self.conn.cursor() as cur, cur.copy(COPY_PACKETS) as copy:
-                copy.write(payload)
+            if len(packets) <= SMALL_BATCH:
+                self.conn.execute(INSERT_AND_NOTIFY, {
+                    "first": first_seq, "receiver": self.config.peer, "packets": packets,
+                    "channel": self.channel}, prepare=True)
+                self.committed_seq = first_seq + len(packets) - 1
+                return
+            copy_batch(self.conn, PACKETS_TABLE, self.config.peer, first_seq, packets)
             self.committed_seq = first_seq + len(packets) - 1
-            self.conn.execute("SELECT pg_notify(%s, '')", [self.channel])
+            notify(self.conn, self.channel)
 
         self.session.retrying(write, what="uplink", reconnect=self._reconnect,
                               counters=self.counters)
