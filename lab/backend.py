@@ -125,6 +125,12 @@ class Backend(ABC):
         """How to run the `pgvpn` command inside a host (the agent image's entry point)."""
         return ["pgvpn"]
 
+    def exec_pgvpn_as_agent(self, host: str, args: Sequence[str], *,
+                            timeout: float = 60) -> ExecResult:
+        """Run `pgvpn ARGS` in an agent's host with that agent's own settings (its
+        environment: database, role, TLS); a container's environment already is."""
+        return self.exec(host, [*self.pgvpn_command(), *args], timeout=timeout)
+
     def copy_in(self, host: str, name: str, data: bytes) -> str:
         """Put a file into `host` (replaced if there); returns its path inside the host.
 

@@ -102,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="iperf3 through the tunnel and over the underlay; writes a report",
         description="Measure the running lab (starting it first if needed): iperf3 "
         "peer-a -> peer-b over the tunnel, the same over the underlay (peer-a -> postgres "
-        "host) for the tunnel's cost as a ratio, and a ping RTT sample. Writes report.json, "
+        "host) for the tunnel's cost as a ratio, the database's ceiling (what it ingests "
+        "with no tunnel: `pgvpn ceiling` from peer-a into a scratch table of the log's "
+        "shape, made and dropped for the run), and ping RTT percentiles idle and under "
+        "load. Writes report.json, "
         "report.md and throughput.png to --out and prints a summary. With several profiles "
         "(--profile all, or a comma-separated list) each runs in turn with the same iperf3 "
         "settings, the agents restarted with it. The packet log (pgvpn.packets) is never "

@@ -56,8 +56,10 @@ class BenchDisplay:
         else:
             logged = (f"{result['packets_logged']} packets logged" if result["logged"]
                       else "not logged")
-            line = (f"[green]{name}[/]: [bold]{result['receiver_mbps']:.1f} Mbit/s[/], "
-                    f"RTT p50/p99 idle {rtt_pair(result, 'rtt_idle_ms')} ms, under load "
+            ceiling = result.get("tunnel_to_ceiling")
+            line = (f"[green]{name}[/]: [bold]{result['receiver_mbps']:.1f} Mbit/s[/]"
+                    + (f" ({ceiling:.0%} of the database's ceiling)" if ceiling else "")
+                    + f", RTT p50/p99 idle {rtt_pair(result, 'rtt_idle_ms')} ms, under load "
                     f"{rtt_pair(result, 'rtt_loaded_ms')} ms, {logged}")
         self.live.console.print(line)
         self.done += 1

@@ -310,6 +310,14 @@ class NetnsBackend(Backend):
     def exec(self, host: str, argv: Sequence[str], *, timeout: float = 60) -> ExecResult:
         return run(["ip", "netns", "exec", self.namespace(host), *argv], timeout=timeout)
 
+    def exec_pgvpn_as_agent(self, host: str, args: Sequence[str], *,
+                            timeout: float = 60) -> ExecResult:
+        agent = self.topology.hosts.get(host)
+        if agent is None:
+            raise LabError(f"no host {host!r} in the lab; hosts: {', '.join(self.topology.hosts)}")
+        return run(["ip", "netns", "exec", self.namespace(host), *self.pgvpn_command(), *args],
+                   timeout=timeout, env=self.agent_environment(agent))
+
     def logs(self, host: str, tail: int = 100) -> str:
         self.namespace(host)
         try:

@@ -112,13 +112,15 @@ def render_markdown(report: dict[str, Any], *, chart: str | None = None) -> str:
         f"Generated {report['generated_at']} on the **{report.get('backend', '?')}** backend; "
         f"iperf3 TCP through the tunnel, {report.get('duration_s', 0):g} s per profile, "
         "receiver-side rate. Underlay (peer to postgres host, no tunnel): "
-        f"{_cell(report.get('underlay_mbps'), '{:.0f}')} Mbit/s.",
+        f"{_cell(report.get('underlay_mbps'), '{:.0f}')} Mbit/s. Ceiling: what the "
+        "database ingests with no tunnel, rows of the packets' size written from a peer "
+        "with the uplink's own path and settings (`pgvpn ceiling`), in the same run.",
         "",
         "| profile | logged | MTU | published Mbit/s | measured Mbit/s | x blog-v1 measured "
         f"| x blog-v1 published ({BLOG_V1_MBPS}) | tunnel/underlay "
-        "| idle RTT p50 / p99 ms | RTT under load p50 / p99 ms "
+        "| ceiling Mbit/s | tunnel/ceiling | idle RTT p50 / p99 ms | RTT under load p50 / p99 ms "
         "| retransmits | packets logged | MB logged |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         logged = "yes" if r["logged"] else "no"
@@ -127,13 +129,15 @@ def render_markdown(report: dict[str, Any], *, chart: str | None = None) -> str:
         if "error" in r:
             reason = " ".join(str(r["error"]).split())[:160].replace("|", "/")
             lines.append(f"| {r['profile']} | {logged} | | {published} "
-                         f"| **failed**: {reason} | | | | | | | | |")
+                         f"| **failed**: {reason} | | | | | | | | | | |")
             continue
         lines.append(
             f"| {r['profile']} | {logged} | {r['mtu']} | {published} "
             f"| {r['receiver_mbps']:.1f} | {_cell(r.get('times_blog_v1_measured'), '{:.1f}x')} "
             f"| {r['times_blog_v1_published']:.1f}x "
             f"| {_cell(r['tunnel_to_underlay'], '{:.1%}')} "
+            f"| {_cell(r.get('ceiling_mbps'), '{:.1f}')} "
+            f"| {_cell(r.get('tunnel_to_ceiling'), '{:.1%}')} "
             f"| {rtt_pair(r, 'rtt_idle_ms')} | {rtt_pair(r, 'rtt_loaded_ms')} "
             f"| {r['retransmits']} "
             f"| {r['packets_logged'] if r['logged'] else '-'} "

@@ -117,6 +117,10 @@ KNOWN = [
     ("pgvpn", ["run", "--config", "{cwd}/dir"], "is a directory"),
     ("pgvpn", ["probe", "--timeout", "inf", "10.230.0.2"], "--timeout: 'inf'"),
     ("pgvpn", ["probe", "10.230.0.999"], "argument address"),
+    ("pgvpn", ["ceiling", "pgvpn.packets"], "the ceiling never writes schema pgvpn"),
+    ("pgvpn", ["ceiling", "bench"], "give the table as schema.table"),
+    ("pgvpn", ["ceiling", "b.i", "--batch", "65536", "--size", "65535"],
+     "more than 64 MiB a batch"),
     ("pgvpn", ["db", "add-peer", "reader", "--password-file", "{cwd}/file"], "is reserved"),
     ("pgvpn", ["db", "add-peer", "peer-a\n", "--password-file", "{cwd}/file"], "argument name"),
     ("pgvpn", ["log", "--peer", "peer-a\n"], "bad peer name"),
@@ -200,6 +204,7 @@ HOSTS = ["postgres", "peer-a", "peer-b"]
 PEER_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,56}")
 ROLE_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 DATABASE_RE = re.compile(r"[a-z_][a-z0-9_-]{0,62}")
+TABLE_RE = re.compile(r"(?!pgvpn\.|pgvpn_admin\.)[a-z_][a-z0-9_]{0,62}\.[a-z_][a-z0-9_]{0,62}")
 
 
 @dataclass
@@ -323,6 +328,14 @@ PGVPN = [
     Command("pgvpn", ["probe"], [
         Option("--timeout", st.just("1"), number_bad(0.1, 60)),
         Option("address", st.just("10.230.0.2"), LETTERS, "argument address")]),
+    Command("pgvpn", ["ceiling"], [
+        Option("--seconds", st.just("1"), number_bad(0.1, 60)),
+        Option("--size", st.just("1500"), whole_bad(1, 65535)),
+        Option("--batch", st.just("64"), whole_bad(1, 65536)),
+        Option("--config", st.just("{cwd}/agent.yaml"), PATH_IN_BAD)], [
+        Option("table", st.just("pgvpn_bench.ingest"), st.one_of(TEXT.filter(
+            lambda t: not t.startswith("-") and not TABLE_RE.fullmatch(t)),
+            st.sampled_from(["pgvpn.packets", "pgvpn_admin.x"])), "argument TABLE")]),
     Command("pgvpn", ["log"], [*LOG_COMMON, URL]),
     Command("pgvpn", ["stats"], [*LOG_COMMON, URL]),
     Command("pgvpn", ["export"], [*FILTERS, URL], [Option("--pcap", st.just("{cwd}/x.pcap"),

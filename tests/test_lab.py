@@ -17,7 +17,8 @@ from tests.conftest import ROOT, LabHandle, netns_ready
 
 REQUIRED_FIELDS = {"underlay_mbps", "backend", "profile", "mtu", "duration_s", "receiver_mbps",
                    "sender_mbps", "retransmits", "rtt_ms", "packets_logged", "bytes_logged",
-                   "intervals", "rtt_idle_ms", "rtt_loaded_ms"}
+                   "intervals", "rtt_idle_ms", "rtt_loaded_ms", "ceiling_mbps",
+                   "tunnel_to_ceiling", "ceiling"}
 
 
 def test_status_shows_hosts_addresses_health_and_the_log(netns_lab: LabHandle) -> None:
@@ -65,9 +66,19 @@ def test_up_on_a_healthy_lab_changes_nothing(any_lab: LabHandle) -> None:
 def test_bench_json_on_stdout_and_reports_on_disk(any_lab: LabHandle, tmp_path: os.PathLike
                                                   ) -> None:
     out = os.path.join(tmp_path, "bench")
+    logged_before = any_lab.sql("SELECT count(*) FROM pgvpn.packets")[0][0]
     done = any_lab.cli("bench", "--duration", "2", "--out", out, "--json", "-")
     report = json.loads(done.stdout)  # stdout holds the JSON and nothing else
     assert set(report) >= REQUIRED_FIELDS
+    # the database's ceiling, from peer-a with its uplink's path, rows of the packets' size
+    ceiling = report["ceiling"]
+    assert ceiling["row_bytes"] == report["mtu"] and ceiling["rows"] > 1000
+    assert report["ceiling_mbps"] == ceiling["mbps"] > 0
+    assert report["tunnel_to_ceiling"] == round(report["receiver_mbps"] / ceiling["mbps"], 4)
+    # ... into a scratch table dropped after the run, never into the log
+    assert any_lab.sql("SELECT to_regnamespace('pgvpn_bench')")[0][0] is None
+    added = any_lab.sql("SELECT count(*) FROM pgvpn.packets")[0][0] - logged_before
+    assert added - report["packets_logged"] < min(1000, ceiling["rows"]), (added, report)
     assert report["backend"] == any_lab.backend
     assert report["receiver_mbps"] > 0 and report["underlay_mbps"] > report["receiver_mbps"]
     assert report["packets_logged"] > 1000 and report["bytes_logged"] > 1_000_000
@@ -152,5 +163,7 @@ def test_a_multi_profile_bench_keeps_every_logged_packet(any_lab: LabHandle,
     for profile in ("batched", "batched-jumbo"):  # every byte delivered was counted as logged
         result = results[profile]
         assert result["bytes_logged"] >= result["bytes_received"] > 0, result
+        # the ceiling was measured for each MTU, with rows of that size
+        assert result["ceiling"]["row_bytes"] == result["mtu"], result
     assert sum(r["packets_logged"] for r in results.values()) <= added
     assert "emptied" not in done.stderr

@@ -144,6 +144,10 @@ def fake_result(profile: str, mbps: float, *, logged: bool = True) -> dict[str, 
         "duration_s": 10.0, "receiver_mbps": mbps, "sender_mbps": mbps * 1.01,
         "retransmits": 3, "bytes_sent": 10**7, "bytes_received": 10**7,
         "underlay_mbps": 13000.0, "tunnel_to_underlay": mbps / 13000,
+        "ceiling_mbps": 750.0, "tunnel_to_ceiling": round(mbps / 750, 4),
+        "ceiling": {"table": "pgvpn_bench.ingest", "rows": 300000, "bytes": 450_000_000,
+                    "batches": 1172, "row_bytes": 1500, "batch_rows": 256, "seconds": 5.0,
+                    "mbps": 750.0},
         "times_blog_v1_published": round(mbps / 3.93, 1),
         "rtt_ms": {"min": 1.0, "avg": 2.5, "max": 4.0}, "ping_loss": 0,
         "rtt_idle_ms": {"p50": 2.25, "p99": 3.5, "samples": 100},
@@ -169,8 +173,11 @@ def test_single_profile_report_keeps_its_fields_at_the_top() -> None:
     assert report["results"][0]["profile"] == "batched" and report["failed"] == []
     assert report["results"][0]["times_blog_v1_measured"] is None
     markdown = render_markdown(report)
-    assert ("| batched | yes | 1500 | - | 300.0 | n/a | 76.3x | 2.3% | 2.25 / 3.50 "
-            "| 21.00 / 44.12 | 3 | 12345 | 2.0 |") in markdown
+    assert ("| batched | yes | 1500 | - | 300.0 | n/a | 76.3x | 2.3% | 750.0 | 40.0% "
+            "| 2.25 / 3.50 | 21.00 / 44.12 | 3 | 12345 | 2.0 |") in markdown
+    # a result from before the ceiling was measured still renders
+    del result["ceiling_mbps"], result["tunnel_to_ceiling"]
+    assert "| 2.3% | n/a | n/a | 2.25 / 3.50 |" in render_markdown(build_report([result]))
 
 
 def test_rtt_percentiles_are_measured_values() -> None:

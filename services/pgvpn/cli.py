@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import logging
 import os
 import sys
@@ -12,13 +13,16 @@ from pathlib import Path
 import psycopg
 
 from pgvpn import __version__, admin, bootstrap, db, migrate
-from pgvpn.cliargs import OneLineParser, checked, conninfo, input_file, number
-from pgvpn.config import add_arguments, load_config, peer_name
+from pgvpn.ceiling import table_name
+from pgvpn.cliargs import OneLineParser, checked, conninfo, input_file, number, whole
+from pgvpn.config import MAX_BATCH_PACKETS, MAX_MTU, add_arguments, load_config, peer_name
 from pgvpn.errors import PgvpnError
 from pgvpn.logs import args as logargs
 from pgvpn.logs import cli as logcli
 
 MAX_PROBE_SECONDS = 60.0
+MAX_CEILING_SECONDS = 60.0
+MAX_CEILING_BATCH_BYTES = 64 * 2**20
 EPILOG = """\
 examples:
   # peer a, settings from the environment as in the original blog post
@@ -103,6 +107,28 @@ def build_parser() -> argparse.ArgumentParser:
                        help="remote tunnel address (default $TUN_PEER)")
     probe.add_argument("--timeout", type=number(0.1, MAX_PROBE_SECONDS), default=3.0,
                        help=f"seconds, 0.1-{MAX_PROBE_SECONDS} (default 3)")
+    ceiling = commands.add_parser(
+        "ceiling", help="measure what the database ingests with no tunnel (lab bench's ceiling)",
+        description="Write rows of --size bytes in batches of --batch for --seconds, the way\n"
+        "this peer's uplink writes under load (its settings: connection, TLS, commit\n"
+        "mode; a binary COPY per batch, then a NOTIFY), into TABLE: a table of the log's\n"
+        "shape that the database owner made and lets this peer write for the run.\n"
+        "Prints the rate. Never touches the packet log.",
+        epilog="example (lab bench does this itself, with a table it makes and drops):\n"
+        "  pgvpn ceiling pgvpn_bench.ingest --seconds 5 --size 1500 --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ceiling.add_argument("table", type=checked(table_name), metavar="TABLE",
+                         help="schema.table to write, of pgvpn.packets' shape")
+    ceiling.add_argument("--seconds", type=number(0.1, MAX_CEILING_SECONDS), default=5.0,
+                         help=f"how long to write, 0.1-{MAX_CEILING_SECONDS:g} (default 5)")
+    ceiling.add_argument("--size", type=whole(1, MAX_MTU), default=1500,
+                         help=f"bytes per row, 1-{MAX_MTU} (default 1500: one packet at MTU "
+                         "1500)")
+    ceiling.add_argument("--batch", type=whole(1, MAX_BATCH_PACKETS), default=256,
+                         help=f"rows per COPY, 1-{MAX_BATCH_PACKETS} (default 256)")
+    ceiling.add_argument("--config", type=config_file, metavar="FILE",
+                         help="YAML file of the agent's settings (default: the environment)")
+    ceiling.add_argument("--json", action="store_true", help="print the result as JSON")
     logargs.add_parsers(commands)  # log, stats, export, replay, prune, retention
     return parser
 
@@ -122,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_agent(args)
         if args.command == "probe":
             return run_probe(args)
+        if args.command == "ceiling":
+            return run_ceiling(args)
         if args.command in logcli.HANDLERS:
             return logcli.run(args)
         return run_db(args)
@@ -146,6 +174,24 @@ def run_probe(args: argparse.Namespace) -> int:
         raise PgvpnError(f"cannot probe {args.address}: {exc}") from None
     print(f"{args.address}: {'answers' if answered else 'no answer'}", file=sys.stderr)
     return 0 if answered else 1
+
+
+def run_ceiling(args: argparse.Namespace) -> int:
+    from pgvpn.ceiling import measure
+    from pgvpn.transports import Session
+
+    if args.batch * args.size > MAX_CEILING_BATCH_BYTES:
+        raise PgvpnError(f"--batch {args.batch} x --size {args.size} is more than "
+                         f"{MAX_CEILING_BATCH_BYTES // 2**20} MiB a batch; lower one of them")
+    config = load_config(args.config, overrides={})
+    result = measure(Session(config), args.table, seconds=args.seconds, size=args.size,
+                     batch=args.batch)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['mbps']:.1f} Mbit/s: {result['rows']} rows of {args.size} bytes in "
+              f"{result['batches']} batches, {result['seconds']:.1f} s, into {args.table}")
+    return 0
 
 
 def run_agent(args: argparse.Namespace) -> int:
