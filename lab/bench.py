@@ -17,7 +17,7 @@ from typing import Any
 
 from psycopg import sql
 
-from lab.backend import LabError, Progress
+from lab.backends.base import LabError, Progress
 from lab.controller import Lab
 from lab.measure import IperfResult, PingResult, iperf, ping
 from lab.report import BLOG_V1_MBPS

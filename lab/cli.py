@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lab import logtools, state
-from lab.backend import SCRATCH_HOST, LabError
+from lab.backends.base import SCRATCH_HOST, LabError
 from lab.bench import bench_profile, bench_profiles
 from lab.controller import BACKENDS, Lab, make_backend, static_topology
 from lab.live import BenchDisplay

@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 
 from lab import state, tls, topology
-from lab.backend import Backend, HostState, LabError, Progress
+from lab.backends.base import Backend, HostState, LabError, Progress
 from lab.measure import wait_for_ping
 from pgvpn import admin, bootstrap, migrate
 from pgvpn.errors import PgvpnError
@@ -74,13 +74,13 @@ def make_backend(name: str, settings: state.LabSettings) -> Backend:
         raise LabError("no lab backend can run here; see 'lab check'")
     if name == "docker":
         try:
-            from lab.docker_backend import DockerBackend
+            from lab.backends.docker import DockerBackend
         except ImportError as exc:
             raise LabError(f"the docker backend cannot load: {exc}") from None
 
         return DockerBackend(topo, env)
     if name == "netns":
-        from lab.netns import NetnsBackend
+        from lab.backends.netns import NetnsBackend
 
         return NetnsBackend(topo, env)
     raise LabError(f"unknown backend {name!r}; choose auto, {', '.join(BACKENDS)}")

@@ -24,7 +24,7 @@ import os
 import sys
 from collections import Counter
 
-from lab.backend import SCRATCH_HOST
+from lab.backends.base import SCRATCH_HOST
 from lab.controller import Lab, static_topology
 from pgvpn.cliargs import OneLineParser
 from pgvpn.logs import args as logargs

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from lab.backend import Backend, LabError
+from lab.backends.base import Backend, LabError
 
 IPERF_PORT = 5201
 CONNECT_RETRY_SECONDS = 15.0

@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from lab.backend import LabError
+from lab.backends.base import LabError
 
 CA_CERT = "ca-cert"
 SERVER_CERT = "server-cert"

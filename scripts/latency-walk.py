@@ -103,8 +103,8 @@ def lab(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 def in_peer(peer: str, *argv: str) -> str:
     code = ("import sys; from lab.controller import Lab; b = Lab.current().backend; "
-            "h = b.topology.hosts[sys.argv[1]]; "
-            "from lab.backend import run; r = run(['ip', 'netns', 'exec', b.namespace(h.name), "
+            "h = b.topology.hosts[sys.argv[1]]; from lab.backends.base import run; "
+            "r = run(['ip', 'netns', 'exec', b.namespace(h.name), "
             "*sys.argv[2:]], timeout=300, env=b.agent_environment(h)); "
             "sys.stdout.write(r.stdout); sys.stderr.write(r.stderr); sys.exit(r.returncode)")
     done = subprocess.run([sys.executable, "-c", code, peer, *argv], env=ENV, cwd=ROOT,

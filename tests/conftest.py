@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from lab.backend import SCRATCH_HOST
+from lab.backends.base import SCRATCH_HOST
 from lab.controller import static_topology
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -163,7 +163,7 @@ class CliBackend:
         self.lab = lab
 
     def exec(self, host: str, argv: Any, *, timeout: float = 60) -> Any:
-        from lab.backend import ExecResult
+        from lab.backends.base import ExecResult
 
         done = self.lab.exec(host, *argv, timeout=timeout, check=False)
         return ExecResult(done.returncode, done.stdout, done.stderr)

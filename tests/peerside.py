@@ -143,7 +143,7 @@ def agent_running(lab: LabHandle, host: str) -> bool:
 def docker_container(lab: LabHandle, host: str) -> str:
     """The id of a Docker lab's container for `host` (running or not), by the labels
     the lab gives it."""
-    from lab.docker_backend import LABEL
+    from lab.backends.docker import LABEL
 
     found = subprocess.run(
         ["docker", "ps", "-a", "-q", "--filter", f"label={LABEL}={lab.name}",

@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from lab.docker_backend import LOCAL_BASE, PUBLIC_BASE
+from lab.backends.docker import LOCAL_BASE, PUBLIC_BASE
 from tests.conftest import TEST_LAB, LabHandle
 from tests.peerside import lab_cli
 

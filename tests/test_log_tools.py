@@ -393,7 +393,7 @@ def test_replay_into_the_scratch_host_is_answered_there(any_lab: LabHandle) -> N
 def test_files_reach_a_host_through_exec_alone(netns_lab: LabHandle) -> None:
     """Backend.copy_in's default (what `lab replay` uses on Docker), on the namespace lab."""
     data = os.urandom(300_000)  # several argument-sized pieces
-    code = ("import sys; from lab.backend import Backend; from lab.controller import Lab; "
+    code = ("import sys; from lab.backends.base import Backend; from lab.controller import Lab; "
             "print(Backend.copy_in(Lab.current().backend, 'peer-a', 'copy-test.bin', "
             "sys.stdin.buffer.read()))")
     path = subprocess.run([sys.executable, "-c", code], input=data, capture_output=True,

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from lab.backend import ExecResult
+from lab.backends.base import ExecResult
 from lab.measure import iperf, percentile, ping
 from lab.plot import plot_throughput
 from lab.report import build_report, render_markdown, rtt_pair, write_report

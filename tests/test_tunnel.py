@@ -12,7 +12,7 @@ from typing import Any
 
 import dpkt
 
-from lab.backend import LabError
+from lab.backends.base import LabError
 from lab.measure import IperfResult, iperf, ping
 from tests.agentside import agent_memory, cursor
 from tests.conftest import CliBackend, LabHandle

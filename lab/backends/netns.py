@@ -22,7 +22,7 @@ from pathlib import Path
 import psycopg
 
 from lab import state
-from lab.backend import (
+from lab.backends.base import (
     SCRATCH_HOST,
     TUN_DEVICE,
     Backend,
@@ -204,7 +204,7 @@ class NetnsBackend(Backend):
         if ssl not in kinds:
             raise LabError(f"PGVPN_SSL={ssl!r} in compose.yaml: use off, on or require")
         subnets = [str(n.subnet) for n in self.topology.networks.values()]
-        hba = ["# written by the lab at every start (lab/netns.py)", "local all all trust"]
+        hba = ["# written by the lab at every start (lab/backends/netns.py)", "local all all trust"]
         hba += [f"{kind} pgvpn +pgvpn_agent {subnet} scram-sha-256"
                 for subnet in subnets for kind in kinds[ssl]]
         files = {data / "pg_hba.conf": ("\n".join(hba) + "\n").encode()}

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lab import state, tls
-from lab.backend import (
+from lab.backends.base import (
     SCRATCH_HOST,
     TUN_DEVICE,
     Backend,
