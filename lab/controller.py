@@ -135,7 +135,7 @@ class Lab:
         except BaseException:
             if first:
                 progress("lab up failed: rolling back")
-                self.down(progress)
+                self.down(progress, keep_build_log=True)
             raise
 
     def wait_for_tunnel(self, progress: Progress) -> None:
@@ -186,9 +186,10 @@ class Lab:
         with conn:
             yield conn
 
-    def down(self, progress: Progress) -> None:
+    def down(self, progress: Progress, *, keep_build_log: bool = False) -> None:
+        """Remove everything; a rollback keeps the build log its error points to."""
         self.backend.destroy(progress)
-        state.remove_state()
+        state.remove_state(keep_build_log=keep_build_log)
 
     def log_totals(self) -> dict[str, Any]:
         """Packets and bytes in the running profile's log (zero for one that logs nothing)."""

@@ -20,6 +20,7 @@ if not re.fullmatch(r"pgvpn[a-z0-9-]{0,10}", LAB_NAME):
     print(f"lab: error: PGVPN_LAB_NAME={LAB_NAME!r}: use 'pgvpn' plus up to 10 of [a-z0-9-]",
           file=sys.stderr)
     raise SystemExit(2)
+BUILD_LOG = "build.log"
 STATE_DIR = Path(os.environ.get("PGVPN_LAB_DIR", f"/var/tmp/{LAB_NAME}-lab"))
 
 
@@ -83,5 +84,19 @@ def ensure_secrets(names: list[str], pgpass_users: dict[str, str]) -> dict[str, 
     return passwords
 
 
-def remove_state() -> None:
+def build_log_path() -> Path:
+    """Where image builds write their whole output (apt, debootstrap, Docker)."""
+    return STATE_DIR / BUILD_LOG
+
+
+def remove_state(*, keep_build_log: bool = False) -> None:
+    """Remove the lab's state; a failed first `up` keeps the build log it points to."""
+    if keep_build_log and build_log_path().exists():
+        for entry in STATE_DIR.iterdir():
+            if entry.name != BUILD_LOG:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+        return
     shutil.rmtree(STATE_DIR, ignore_errors=True)

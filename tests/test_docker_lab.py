@@ -3,7 +3,8 @@
 A first `lab up` that fails is rolled back, whether a host died or did not come up in
 time, and the error names the host and shows its log; `lab down --images` removes
 every image pgvpn built, and the next `lab up` builds them again, making the base
-image with debootstrap where no registry answers. These run last in a session
+image with debootstrap where no registry answers, in a handful of progress lines (the
+builds' own output goes to the lab's build log). These run last in a session
 (marker docker_alone): they take the session's Docker lab down, because a second
 lab's networks would overlap it.
 """
@@ -95,6 +96,10 @@ def test_down_images_removes_them_and_up_builds_them_again(life_lab: LabHandle) 
                     in up), up
             assert LOCAL_BASE in pgvpn_images()
         assert "building images from" in up
+        # a handful of progress lines; apt's, debootstrap's and Docker's go to the build log
+        build_log = life_lab.state_dir / "build.log"
+        assert f"(output in {build_log})" in up and len(up.splitlines()) <= 40, up
+        assert len(build_log.read_text(errors="replace").splitlines()) > 100
         assert {i.split(":")[0] for i in pgvpn_images()} >= {"pgvpn-agent", "pgvpn-postgres"}
         pinged = life_lab.exec("peer-a", "ping", "-c", "2", "-W", "2", "10.230.0.2")
         assert "2 received" in pinged.stdout

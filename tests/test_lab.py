@@ -167,3 +167,40 @@ def test_a_multi_profile_bench_keeps_every_logged_packet(any_lab: LabHandle,
         assert result["ceiling"]["row_bytes"] == result["mtu"], result
     assert sum(r["packets_logged"] for r in results.values()) <= added
     assert "emptied" not in done.stderr
+
+
+def test_a_failed_build_step_says_where_its_whole_output_is(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    """A build's hundreds of lines go to the build log, not the terminal; a failed step
+    shows the log's last lines and its path, and a rolled-back first `up` keeps it."""
+    from types import SimpleNamespace
+
+    from lab import state
+    from lab.backends.base import LabError
+    from lab.backends.docker import BUILD_ERROR_LINES, DockerBackend
+
+    monkeypatch.setattr(state, "STATE_DIR", tmp_path / "lab")
+    backend = SimpleNamespace(env=dict(os.environ))
+    step = ["sh", "-c", "for i in $(seq 1 300); do echo apt line $i; done; echo E: broken >&2; "
+            "exit 3"]
+    DockerBackend.build_step(backend, "a step that works", ["echo", "fine"],  # type: ignore[arg-type]
+                             timeout=30)
+    with pytest.raises(LabError) as failed:
+        DockerBackend.build_step(backend, "building the images", step,  # type: ignore[arg-type]
+                                 timeout=30)
+    said = str(failed.value).splitlines()
+    log = state.build_log_path()
+    assert said[0] == "building the images failed (exit 3); its last lines:"
+    assert said[1:-1] == [f"apt line {i}" for i in range(302 - BUILD_ERROR_LINES, 301)] + [
+        "E: broken"]
+    assert said[-1] == f"the whole build log: {log}"
+    text = log.read_text()
+    assert "fine\n" in text and "apt line 1\n" in text and "===== building the images:" in text
+
+    (tmp_path / "lab" / "secrets").mkdir()
+    (tmp_path / "lab" / "lab.json").write_text("{}")
+    state.remove_state(keep_build_log=True)  # a rolled-back first up
+    assert [p.name for p in (tmp_path / "lab").iterdir()] == ["build.log"]
+    state.remove_state()  # lab down
+    assert not (tmp_path / "lab").exists()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import shutil
 import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from pgvpn import bootstrap
 
 PUBLIC_BASE = "debian:bookworm-slim"
 LOCAL_BASE = "pgvpn/debian:bookworm"
+BUILD_ERROR_LINES = 15  # of the build log, in the error of a failed build
 READY_TIMEOUT = 90.0
 STOP_TIMEOUT = 10
 
@@ -111,21 +111,36 @@ class DockerBackend(Backend):
             return "/dev/net/tun is missing on the Docker host: modprobe tun"
         return None
 
-    def compose(self, *args: str, timeout: float = 600, stream: bool = False) -> ExecResult:
+    def compose_argv(self, *args: str) -> list[str]:
         command = compose_command()
         if command is None:
             raise LabError("neither 'docker compose' nor 'docker-compose' is installed")
-        argv = [*command, "--project-directory", str(ROOT), "-f", str(ROOT / "compose.yaml"),
+        return [*command, "--project-directory", str(ROOT), "-f", str(ROOT / "compose.yaml"),
                 "-p", state.LAB_NAME, *args]
-        if not stream:
-            return run(argv, timeout=timeout, env=self.env)
-        # Long builds: their progress flows to our stderr (stdout stays clean for JSON).
-        try:
-            done = subprocess.run(argv, env=self.env, timeout=timeout, check=False,
-                                  stdout=sys.stderr)
-        except subprocess.TimeoutExpired:
-            raise LabError(f"{' '.join(args)} did not finish within {timeout:.0f}s") from None
-        return ExecResult(done.returncode, "", "")
+
+    def compose(self, *args: str, timeout: float = 600) -> ExecResult:
+        return run(self.compose_argv(*args), timeout=timeout, env=self.env)
+
+    def build_step(self, what: str, argv: list[str], timeout: float) -> None:
+        """Run one step of an image build with its whole output (hundreds of lines of
+        apt, debootstrap and Docker) appended to the build log; a failure says which
+        step, shows the log's last lines and where the rest is."""
+        path = state.build_log_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as build_log:
+            build_log.write(f"\n===== {what}: {' '.join(argv)}\n")
+            build_log.flush()
+            try:
+                done = subprocess.run(argv, env=self.env, timeout=timeout, check=False,
+                                      stdin=subprocess.DEVNULL, stdout=build_log,
+                                      stderr=subprocess.STDOUT)
+            except subprocess.TimeoutExpired:
+                raise LabError(f"{what} did not finish within {timeout:.0f}s; its output: "
+                               f"{path}") from None
+        if done.returncode != 0:
+            tail = path.read_text(errors="replace").splitlines()[-BUILD_ERROR_LINES:]
+            raise LabError(f"{what} failed (exit {done.returncode}); its last lines:\n"
+                           + "\n".join(tail) + f"\nthe whole build log: {path}")
 
     # ----------------------------------------------------------------- images
     def _base_image(self, progress: Progress) -> str:
@@ -144,12 +159,9 @@ class DockerBackend(Backend):
             return PUBLIC_BASE
         except docker.errors.APIError:
             progress(f"no registry answers: building {LOCAL_BASE} locally with debootstrap "
-                     "(a few minutes, once)")
-        done = subprocess.run([str(ROOT / "scripts" / "make-base-image.sh")], check=False,
-                              timeout=1800)
-        if done.returncode != 0:
-            raise LabError("building the local base image failed; see the output above "
-                           "(scripts/make-base-image.sh)")
+                     f"(a few minutes, once; output in {state.build_log_path()})")
+        self.build_step(f"building the local base image {LOCAL_BASE}",
+                        [str(ROOT / "scripts" / "make-base-image.sh")], timeout=1800)
         return LOCAL_BASE
 
     def _images_present(self) -> bool:
@@ -169,11 +181,11 @@ class DockerBackend(Backend):
             return
         self.env["PGVPN_BASE_IMAGE"] = self._base_image(progress)
         progress("building the wheelhouse (pgvpn and its dependencies)")
-        wheels = run([str(ROOT / "scripts" / "build-wheelhouse.sh")], timeout=900)
-        wheels.check("scripts/build-wheelhouse.sh")
-        progress(f"building images from {self.env['PGVPN_BASE_IMAGE']}")
-        if self.compose("build", stream=True, timeout=1800).returncode != 0:
-            raise LabError("building the images failed; see the output above")
+        self.build_step("building the wheelhouse",
+                        [str(ROOT / "scripts" / "build-wheelhouse.sh")], timeout=900)
+        progress(f"building images from {self.env['PGVPN_BASE_IMAGE']} "
+                 f"(output in {state.build_log_path()})")
+        self.build_step("building the images", self.compose_argv("build"), timeout=1800)
 
     def remove_images(self, progress: Progress) -> None:
         """Every image pgvpn built (agent, postgres, every tag, and the local base), but
