@@ -15,13 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from psycopg import sql
-
 from lab.backends.base import LabError, Progress
+from lab.ceiling import measure_ceiling
 from lab.controller import Lab
 from lab.measure import IperfResult, PingResult, iperf, ping
 from lab.report import BLOG_V1_MBPS
-from pgvpn.admin import role_name
 from pgvpn.transports import PROFILES
 
 LOG_SETTLE_TIMEOUT = 15.0  # seconds a slow profile gets to commit what it still holds
@@ -29,22 +27,6 @@ LOG_SETTLE_TIMEOUT = 15.0  # seconds a slow profile gets to commit what it still
 # iperf3 runs, from its second second to shortly before its end (the queue is full).
 IDLE_PINGS, IDLE_INTERVAL = 100, 0.02
 LOADED_INTERVAL, LOADED_START = 0.1, 1.0
-# The database's ceiling: at most this many seconds of writing (a 1.3 Gbit/s database
-# takes about 800 MB in 5 s, dropped right after), in batches like a loaded uplink's.
-CEILING_SECONDS, CEILING_BATCH = 5.0, 256
-CEILING_SCHEMA = "pgvpn_bench"
-# A table of the log's shape (columns, defaults, checks, indexes, storage, partitioned by
-# time) with ids of its own, which one peer may fill for the run.
-CEILING_TABLE_SQL = f"""
-DROP SCHEMA IF EXISTS {CEILING_SCHEMA} CASCADE;
-CREATE SCHEMA {CEILING_SCHEMA};
-CREATE SEQUENCE {CEILING_SCHEMA}.ids AS bigint;
-CREATE TABLE {CEILING_SCHEMA}.ingest (LIKE pgvpn.packets INCLUDING ALL)
-    PARTITION BY RANGE (logged_at);
-ALTER TABLE {CEILING_SCHEMA}.ingest ALTER COLUMN id SET DEFAULT nextval('{CEILING_SCHEMA}.ids');
-CREATE TABLE {CEILING_SCHEMA}.ingest_rows PARTITION OF {CEILING_SCHEMA}.ingest DEFAULT;
-"""
-
 
 def loaded_ping_count(duration: float) -> int:
     """Echoes that fit between LOADED_START and half a second before iperf3 ends."""
@@ -61,42 +43,12 @@ def measure_underlay(lab: Lab, duration: float, progress: Progress) -> IperfResu
                  duration=duration)
 
 
-def measure_ceiling(lab: Lab, duration: float, progress: Progress) -> dict[str, Any]:
-    """What the lab's database ingests with no tunnel: the first peer writes rows of the
-    bench's packet size with its uplink's own path and settings (`pgvpn ceiling`) into a
-    scratch table of the log's shape, made for the run and dropped after it."""
-    client = lab.topology.agents[0]
-    seconds, size = min(duration, CEILING_SECONDS), lab.effective_mtu
-    progress(f"ceiling: {client.name} writes {size}-byte rows into the database for "
-             f"{seconds:g}s, no tunnel")
-    role = sql.Identifier(role_name(client.name))
-    with lab.admin() as conn:
-        conn.execute(CEILING_TABLE_SQL)
-        conn.execute(sql.SQL(f"GRANT USAGE ON SCHEMA {CEILING_SCHEMA} TO {{role}}; "
-                             f"GRANT USAGE ON SEQUENCE {CEILING_SCHEMA}.ids TO {{role}}; "
-                             f"GRANT INSERT (seq, receiver, length, data) ON "
-                             f"{CEILING_SCHEMA}.ingest TO {{role}}").format(role=role))
-    try:
-        done = lab.backend.exec_pgvpn_as_agent(client.name, [
-            "ceiling", f"{CEILING_SCHEMA}.ingest", "--seconds", f"{seconds:g}",
-            "--size", str(size), "--batch", str(CEILING_BATCH), "--json"],
-            timeout=seconds + 60)
-    finally:
-        with lab.admin() as conn:
-            conn.execute(f"DROP SCHEMA {CEILING_SCHEMA} CASCADE")
-    done.check(f"measuring the database's ceiling from {client.name}")
-    try:
-        return dict(json.loads(done.stdout))
-    except ValueError:
-        raise LabError(f"pgvpn ceiling on {client.name} printed no JSON: "
-                       f"{done.stdout.strip()[:200]}") from None
-
-
 def bench_profile(lab: Lab, duration: float, progress: Progress,
                   raw_dir: Path | None = None, underlay: IperfResult | None = None,
                   ceiling: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Measure the running lab once: underlay and ceiling (unless given), tunnel, RTT,
-    packets logged."""
+    """Measure the running lab once: underlay (unless given), tunnel, RTT, packets logged,
+    and the database's ceiling (unless given), after the tunnel so that its writes
+    cannot slow the tunnel's run (a checkpoint, say)."""
     topology = lab.topology
     client, server = topology.agents[0], topology.agents[1]
     if server.tunnel_address is None:
@@ -104,8 +56,6 @@ def bench_profile(lab: Lab, duration: float, progress: Progress,
     own_underlay = underlay is None
     if underlay is None:
         underlay = measure_underlay(lab, duration, progress)
-    if ceiling is None:
-        ceiling = measure_ceiling(lab, duration, progress)
     before = lab.log_totals()
     progress(f"tunnel: idle RTT, {IDLE_PINGS} pings {client.name} -> {server.name}")
     rtt = ping(lab.backend, client.name, server.tunnel_address, count=IDLE_PINGS,
@@ -139,6 +89,8 @@ def bench_profile(lab: Lab, duration: float, progress: Progress,
         progress(f"tunnel: no RTT under load: {loaded.get('error', 'ping did not finish')}")
         under_load = None
     after = settled_log_totals(lab)
+    if ceiling is None:
+        ceiling = measure_ceiling(lab, duration, progress)
     if raw_dir is not None:
         raw_dir.mkdir(parents=True, exist_ok=True)
         name = lab.settings.profile
@@ -159,9 +111,9 @@ def bench_profile(lab: Lab, duration: float, progress: Progress,
         "underlay_mbps": round(underlay.receiver_mbps, 2),
         "tunnel_to_underlay": round(tunnel.receiver_mbps / underlay.receiver_mbps, 4)
         if underlay.receiver_mbps else None,
-        "ceiling_mbps": ceiling["mbps"],
+        "ceiling_mbps": ceiling.get("mbps"),
         "tunnel_to_ceiling": round(tunnel.receiver_mbps / ceiling["mbps"], 4)
-        if ceiling["mbps"] else None,
+        if ceiling.get("mbps") else None,
         "ceiling": ceiling,
         "times_blog_v1_published": round(tunnel.receiver_mbps / BLOG_V1_MBPS, 1),
         "rtt_ms": rtt.rtt_ms,
@@ -213,10 +165,10 @@ def bench_profiles(lab: Lab, profiles: list[str], duration: float, progress: Pro
         run = lab.with_profile(name)
         try:
             run.start_for_bench(progress)
-            if run.effective_mtu not in ceilings:
-                ceilings[run.effective_mtu] = measure_ceiling(run, duration, progress)
             result = bench_profile(run, duration, progress, raw_dir, underlay=underlay,
-                                   ceiling=ceilings[run.effective_mtu])
+                                   ceiling=ceilings.get(run.effective_mtu))
+            if "mbps" in result["ceiling"]:
+                ceilings[run.effective_mtu] = result["ceiling"]
         except LabError as exc:
             progress(f"{name} failed: {exc}")
             result = {"profile": name, "logged": PROFILES[name].logged, "error": str(exc)}

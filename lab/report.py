@@ -144,6 +144,10 @@ def render_markdown(report: dict[str, Any], *, chart: str | None = None) -> str:
             f"| {mb_logged} |")
     lines += ["", "RTT: single pings through the tunnel, idle (before iperf3) and under load "
               "(while the one iperf3 stream runs); nearest-rank percentiles.", ""]
+    for r in succeeded(results):
+        if "error" in (r.get("ceiling") or {}):
+            reason = " ".join(str(r["ceiling"]["error"]).split())[:300]
+            lines += [f"The ceiling was not measured with {r['profile']}: {reason}", ""]
     if any(p in PUBLISHED for p in (r["profile"] for r in results)):
         lines += ["Published figures are the blog posts' own, measured by their author on his "
                   "machine; only the measured columns come from this run.", ""]

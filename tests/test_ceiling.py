@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 
+from lab import ceiling
 from tests.conftest import ROOT, LabHandle
 
-SCRATCH = "tap_ceiling"
-TABLE = f"{SCRATCH}.ingest"
+TABLE = ceiling.TABLE
 
 
 def ceiling_as(lab: LabHandle, peer: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -28,14 +29,11 @@ def ceiling_as(lab: LabHandle, peer: str, *args: str) -> subprocess.CompletedPro
 
 
 @pytest.fixture
-def scratch(netns_lab: LabHandle):  # type: ignore[no-untyped-def]
-    """A table of the log's shape, as lab bench makes it; peer-a may not write it yet."""
-    netns_lab.sql(f"DROP SCHEMA IF EXISTS {SCRATCH} CASCADE; CREATE SCHEMA {SCRATCH}; "
-                  f"CREATE TABLE {TABLE} (LIKE pgvpn.packets INCLUDING ALL) "
-                  "PARTITION BY RANGE (logged_at); "
-                  f"CREATE TABLE {SCRATCH}.ingest_rows PARTITION OF {TABLE} DEFAULT")
+def scratch(netns_lab: LabHandle) -> Iterator[LabHandle]:
+    """The table lab bench makes, with its SQL; peer-a may not write it yet."""
+    netns_lab.sql(ceiling.SCRATCH_SQL)
     yield netns_lab
-    netns_lab.sql(f"DROP SCHEMA {SCRATCH} CASCADE")
+    netns_lab.sql(f"DROP SCHEMA {ceiling.SCHEMA} CASCADE")
 
 
 def test_the_ceiling_writes_its_table_as_the_peer_and_never_the_log(scratch: LabHandle
@@ -46,9 +44,8 @@ def test_the_ceiling_writes_its_table_as_the_peer_and_never_the_log(scratch: Lab
     assert f"this peer may not write {TABLE}: permission denied" in refused.stderr
     assert "the database owner grants INSERT" in refused.stderr
 
-    lab.sql(f"GRANT USAGE ON SCHEMA {SCRATCH} TO pgvpn_peer_a; "
-            f"GRANT INSERT (seq, receiver, length, data) ON {TABLE} TO pgvpn_peer_a")
-    log_before = lab.sql("SELECT count(*), max(id) FROM pgvpn.packets")[0]
+    lab.sql(ceiling.GRANTS_SQL.format(role="pgvpn_peer_a"))  # the bench's own grants
+    logged_before = lab.sql("SELECT count(*) FROM pgvpn.packets")[0][0]
     done = ceiling_as(lab, "peer-a", TABLE, "--seconds", "1", "--size", "1400",
                       "--batch", "64", "--json")
     assert done.returncode == 0, done
@@ -67,8 +64,9 @@ def test_the_ceiling_writes_its_table_as_the_peer_and_never_the_log(scratch: Lab
     written = lab.sql(f"SELECT md5(data) FROM {TABLE} LIMIT 1")[0][0]
     assert lab.sql("SELECT count(*) FROM pgvpn.packets WHERE md5(data) = %s",
                    [written])[0][0] == 0
-    log_after = lab.sql("SELECT count(*), max(id) FROM pgvpn.packets")[0]
-    assert log_after[0] - log_before[0] < result["rows"]
+    assert lab.sql("SELECT count(*) FROM pgvpn.packets")[0][0] - logged_before < result["rows"]
+    # ids of its own: the log's id sequence did not move for them
+    assert lab.sql(f"SELECT min(id), max(id) FROM {TABLE}")[0] == (1, result["rows"])
 
 
 def test_the_ceiling_says_what_is_wrong_before_writing_anything(netns_lab: LabHandle) -> None:
@@ -77,6 +75,7 @@ def test_the_ceiling_says_what_is_wrong_before_writing_anything(netns_lab: LabHa
             (["pgvpn_admin.x"], "the ceiling never writes schema pgvpn_admin"),
             (["ingest"], "give the table as schema.table"),
             (["Bench.ingest"], "give the table as schema.table"),
+            (["pgvpn_bench.ingest\n"], "give the table as schema.table"),
             ([TABLE, "--seconds", "0"], "must be a number 0.1-60"),
             ([TABLE, "--size", "65536"], "1-65535"),
             ([TABLE, "--batch", "65536", "--size", "65535"], "more than 64 MiB a batch"),

@@ -119,6 +119,7 @@ KNOWN = [
     ("pgvpn", ["probe", "10.230.0.999"], "argument address"),
     ("pgvpn", ["ceiling", "pgvpn.packets"], "the ceiling never writes schema pgvpn"),
     ("pgvpn", ["ceiling", "bench"], "give the table as schema.table"),
+    ("pgvpn", ["ceiling", "pgvpn_bench.ingest\n"], "give the table as schema.table"),
     ("pgvpn", ["ceiling", "b.i", "--batch", "65536", "--size", "65535"],
      "more than 64 MiB a batch"),
     ("pgvpn", ["db", "add-peer", "reader", "--password-file", "{cwd}/file"], "is reserved"),

@@ -197,6 +197,10 @@ def test_a_failed_build_step_says_where_its_whole_output_is(tmp_path: Path,
     assert said[-1] == f"the whole build log: {log}"
     text = log.read_text()
     assert "fine\n" in text and "apt line 1\n" in text and "===== building the images:" in text
+    with pytest.raises(LabError) as short:  # a short step's error shows its own lines only
+        DockerBackend.build_step(backend, "a short step", ["sh", "-c", "echo one; exit 1"],  # type: ignore[arg-type]
+                                 timeout=30)
+    assert str(short.value).splitlines()[1:-1] == ["one"]
 
     (tmp_path / "lab" / "secrets").mkdir()
     (tmp_path / "lab" / "lab.json").write_text("{}")
@@ -204,3 +208,4 @@ def test_a_failed_build_step_says_where_its_whole_output_is(tmp_path: Path,
     assert [p.name for p in (tmp_path / "lab").iterdir()] == ["build.log"]
     state.remove_state()  # lab down
     assert not (tmp_path / "lab").exists()
+

@@ -109,7 +109,8 @@ def test_sigterm_stops_cleanly_and_leaves_nothing_behind(any_lab: LabHandle) -> 
 def test_a_data_path_error_no_reconnect_fixes_stops_the_agent_loudly(
         netns_lab: LabHandle) -> None:
     """The owner makes the log refuse peer-a's rows (a CHECK, NOT VALID: old rows stay):
-    its uplink's COPY fails with 23514, which neither a retry nor a reconnect can fix.
+    its uplink's write (here the INSERT of a small batch) fails with 23514, which
+    neither a retry nor a reconnect can fix.
     Namespaces only: a container's restart policy would start it again at once."""
     mark = log_mark(netns_lab, "peer-a")
     owner_execute(netns_lab, "ALTER TABLE pgvpn.packets ADD CONSTRAINT lifecycle_refuses_a "

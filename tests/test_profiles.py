@@ -178,6 +178,13 @@ def test_single_profile_report_keeps_its_fields_at_the_top() -> None:
     # a result from before the ceiling was measured still renders
     del result["ceiling_mbps"], result["tunnel_to_ceiling"]
     assert "| 2.3% | n/a | n/a | 2.25 / 3.50 |" in render_markdown(build_report([result]))
+    # one whose ceiling failed keeps its tunnel figures and says why
+    result.update(ceiling_mbps=None, tunnel_to_ceiling=None, ceiling={"error": "pgvpn ceiling "
+                  "on peer-a failed (exit 2): | table pgvpn_bench.ingest does not exist"})
+    markdown = render_markdown(build_report([result]))
+    assert "| 300.0 | n/a | 76.3x | 2.3% | n/a | n/a | 2.25 / 3.50 |" in markdown
+    assert ("The ceiling was not measured with batched: pgvpn ceiling on peer-a failed "
+            "(exit 2): | table pgvpn_bench.ingest does not exist") in markdown
 
 
 def test_rtt_percentiles_are_measured_values() -> None:

@@ -279,3 +279,43 @@ def test_a_batch_whose_commit_reply_was_lost_is_logged_once_and_the_stream_goes_
     # the write whose reply was lost: one echo by the INSERT, or the 20 by COPY
     assert batch_last - batch_first + 1 == (1 if batch == "small" else 20), committed
     assert ping(CliBackend(lab), "peer-a", PEER_B, count=3).received == 3
+
+
+def icmp_checksum_ok(packet: bytes) -> bool:
+    """The ICMP message of an IPv4 packet sums to 0xffff (ones' complement): intact."""
+    message = packet[(packet[0] & 0x0F) * 4:]
+    if len(message) % 2:
+        message += b"\0"
+    total = sum(int.from_bytes(message[i:i + 2], "big") for i in range(0, len(message), 2))
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total == 0xFFFF
+
+
+@pytest.mark.parametrize("count", [2, 4, 5])
+def test_a_batch_of_a_few_packets_is_logged_in_the_order_read(netns_lab: LabHandle,
+                                                              count: int) -> None:
+    """A frozen agent finds `count` echoes queued and reads them as one batch, which goes
+    by the one-statement INSERT (at most 4 packets) or by COPY (5): either way its rows
+    are numbered one after another in the order read, each with its own packet, intact,
+    and every echo is answered."""
+    lab = netns_lab
+    mark, started = server_now(lab)
+    with held_agent(lab, "peer-a"):
+        burst = subprocess.Popen(
+            ["ip", "netns", "exec", lab.namespace("peer-a"), "ping", "-q", "-n", "-c",
+             str(count), "-i", "0.002", "-W", "10", PEER_B],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)  # all queued in the TUN device
+    assert burst.wait(timeout=60) == 0  # every echo answered: both ways delivered
+    rows = lab.sql("SELECT seq, data FROM pgvpn.packets WHERE sender = 'peer-a' AND seq > %s "
+                   "AND logged_at >= %s ORDER BY seq", [mark, started])
+    echoes = [(seq, bytes(data)) for seq, data in rows
+              if data[0] >> 4 == 4 and data[9] == 1 and data[(data[0] & 0x0F) * 4] == 8]
+    assert len(echoes) == count, rows
+    seqs = [seq for seq, _ in echoes]
+    assert seqs == list(range(seqs[0], seqs[0] + count))  # one batch, nothing between
+    # ping numbers its echoes 1..count: the rows hold them in the order they were read
+    assert [int.from_bytes(data[26:28], "big") for _, data in echoes] == list(
+        range(1, count + 1))
+    assert all(icmp_checksum_ok(data) for _, data in echoes)

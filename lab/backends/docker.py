@@ -130,6 +130,7 @@ class DockerBackend(Backend):
         with path.open("a") as build_log:
             build_log.write(f"\n===== {what}: {' '.join(argv)}\n")
             build_log.flush()
+            start = build_log.tell()  # the error shows this step's lines only
             try:
                 done = subprocess.run(argv, env=self.env, timeout=timeout, check=False,
                                       stdin=subprocess.DEVNULL, stdout=build_log,
@@ -138,7 +139,10 @@ class DockerBackend(Backend):
                 raise LabError(f"{what} did not finish within {timeout:.0f}s; its output: "
                                f"{path}") from None
         if done.returncode != 0:
-            tail = path.read_text(errors="replace").splitlines()[-BUILD_ERROR_LINES:]
+            with path.open("rb") as build_log:
+                build_log.seek(start)
+                step_output = build_log.read().decode(errors="replace")
+            tail = step_output.splitlines()[-BUILD_ERROR_LINES:]
             raise LabError(f"{what} failed (exit {done.returncode}); its last lines:\n"
                            + "\n".join(tail) + f"\nthe whole build log: {path}")
 
@@ -179,6 +183,7 @@ class DockerBackend(Backend):
     def build_images(self, progress: Progress) -> None:
         if self._images_present():
             return
+        state.build_log_path().unlink(missing_ok=True)  # this build's output only
         self.env["PGVPN_BASE_IMAGE"] = self._base_image(progress)
         progress("building the wheelhouse (pgvpn and its dependencies)")
         self.build_step("building the wheelhouse",

@@ -1,4 +1,5 @@
-"""pgvpn's own transport: batched binary COPY in, binary SELECT out, one NOTIFY a batch.
+"""pgvpn's own transport: batches in (binary COPY, or one INSERT for a small batch),
+binary SELECT out, one NOTIFY a batch.
 
 Why no row is skipped or delivered twice:
 - The uplink is the only writer for its sender (advisory lock on the sender's
@@ -8,7 +9,7 @@ Why no row is skipped or delivered twice:
 - After a lost connection the uplink reads back the highest committed `seq`
   before resending, so an ambiguous commit is never logged twice.
 - The database, not this code, decides who sends and who reads
-  (sql/004_peer_isolation.sql): the COPY leaves `sender` to the session's role,
+  (sql/004_peer_isolation.sql): the COPY or INSERT leaves `sender` to the session's role,
   the downlink reads through the view pgvpn.inbox of packets addressed to it.
 - The downlink advances its cursor in the same statement that selects a batch,
   and writes to the TUN only after that statement committed: a crash can drop
@@ -161,6 +162,7 @@ class BatchedUplink(Uplink):
             if self.committed_seq >= first_seq:  # _open reread it after a lost connection
                 log.info("uplink: the batch seq %d..%d was committed before the connection "
                          "was lost; not sent again", first_seq, first_seq + len(packets) - 1)
+                notify(self.conn, self.channel)  # its wake-up may have been lost with it
                 return
             if len(packets) <= SMALL_BATCH:
                 self.conn.execute(INSERT_AND_NOTIFY, {
