@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -222,7 +223,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     for host in report["hosts"]:
         table.add_row(host["name"], host["role"], "yes" if host["running"] else "NO",
                       ", ".join(f"{k} {v}" for k, v in host["underlay"].items()),
-                      ", ".join(host["tunnel"]), host["detail"])
+                      ", ".join(host["tunnel"]),
+                      ", ".join(filter(None, [host["detail"], metrics_summary(host)])))
     Console().print(table)
     log = report["log"]
     if "error" in log:
@@ -234,6 +236,21 @@ def cmd_status(args: argparse.Namespace) -> int:
         if "span" in log:
             print(f"log span:   {log['span']}; retention {log['retention']}")
     return 0
+
+
+def metrics_summary(host: dict[str, Any]) -> str:
+    """An agent's packets each way and reconnects, from its metrics (lab status)."""
+    metrics = host.get("metrics")
+    if not metrics:
+        return ""
+    if "error" in metrics:
+        return f"metrics: {metrics['error']}"
+    count = {d: int(metrics.get(f'pgvpn_packets_total{{direction="{d}"}}', 0))
+             for d in ("up", "down")}
+    reconnects = sum(int(metrics.get(f'pgvpn_reconnects_total{{direction="{d}"}}', 0))
+                     for d in ("up", "down"))
+    return (f"sent {count['up']} / received {count['down']} packets, "
+            f"{reconnects} reconnects")
 
 
 def cmd_exec(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ import psycopg
 
 from lab import state, tls, topology
 from lab.backends.base import Backend, HostState, LabError, Progress
-from lab.measure import wait_for_ping
+from lab.measure import scrape_metrics, wait_for_ping
 from pgvpn import admin, bootstrap, migrate
 from pgvpn.errors import PgvpnError
 from pgvpn.timespec import format_duration
@@ -226,6 +226,14 @@ class Lab:
             "backend": self.backend.name, "mtu": self.effective_mtu,
             "profile": self.settings.profile, "tls": self.settings.tls,
             "hosts": [vars(h) for h in hosts]}
+        for host in report["hosts"]:
+            known = self.topology.hosts.get(host["name"])
+            listen = known.environment.get("PGVPN_METRICS_LISTEN") if known else None
+            if host["running"] and listen:
+                try:
+                    host["metrics"] = scrape_metrics(self.backend, host["name"], listen)
+                except LabError as exc:
+                    host["metrics"] = {"error": str(exc)}
         try:
             report["log"] = self.log_totals()
             if PROFILES[self.settings.profile].log_table == "pgvpn.packets":

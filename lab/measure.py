@@ -129,3 +129,28 @@ def wait_for_ping(backend: Backend, host: str, address: str, timeout: float) -> 
         if time.monotonic() > deadline:
             raise LabError(f"{host} cannot ping {address} over the tunnel after {timeout:.0f}s;"
                            f" see 'lab logs {host}'")
+
+
+# Fetches an agent's metrics from inside its host (they listen on its loopback), with
+# the host's own Python and the standard library only.
+SCRAPE = ("import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("
+          "'http://' + sys.argv[1] + '/metrics', timeout=5).read().decode())")
+
+
+def scrape_metrics(backend: Backend, host: str, listen: str) -> dict[str, float]:
+    """The agent's Prometheus samples, by name and labels:
+    `pgvpn_packets_total{direction="up"}` -> value (the peer labels left out)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    done = backend.exec(host, ["python3", "-c", SCRAPE, listen], timeout=15)
+    if done.returncode != 0:
+        detail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise LabError(f"cannot scrape {host}'s metrics on {listen}: {detail}")
+    samples = {}
+    for family in text_string_to_metric_families(done.stdout):
+        for sample in family.samples:
+            labels = {k: v for k, v in sample.labels.items() if k not in ("peer", "remote")}
+            key = sample.name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(
+                labels.items())) + "}" if labels else "")
+            samples[key] = sample.value
+    return samples

@@ -114,6 +114,7 @@ KNOWN = [
     ("pgvpn", ["run", "--max-replay-age", "1e308"], "max_replay_age = '1e308'"),
     ("pgvpn", ["run", "--batch-packets", "0"], "batch_packets = '0'"),
     ("pgvpn", ["run", "--tun-name", "a:b"], "tun_name = 'a:b'"),
+    ("pgvpn", ["run", "--metrics-listen", "localhost:9108"], "metrics_listen = 'localhost:9108'"),
     ("pgvpn", ["run", "--config", "{cwd}/dir"], "is a directory"),
     ("pgvpn", ["probe", "--timeout", "inf", "10.230.0.2"], "--timeout: 'inf'"),
     ("pgvpn", ["probe", "10.230.0.999"], "argument address"),

@@ -13,7 +13,7 @@ import pytest
 
 from pgvpn import config as config_module
 from pgvpn.config import REQUIRED, SETTINGS, add_arguments, interface_name, load_config
-from pgvpn.errors import ConfigError
+from pgvpn.errors import ConfigError, PgvpnError
 
 BASE_ENV = {"PGVPN_NAME": "peer-a", "PGVPN_PEER": "peer-b", "TUN_IP": "10.230.0.1/24",
             "TUN_PEER": "10.230.0.2"}
@@ -46,6 +46,12 @@ def test_command_line_beats_environment_beats_file(tmp_path: Path) -> None:
     ({"PGVPN_PEER": "peer-a"}, "cannot tunnel to itself"),
     ({"TUN_PEER": "fd00::2"}, "same family"),
     ({"PGVPN_SYNCHRONOUS_COMMIT": "maybe"}, "true or false"),
+    ({"PGVPN_METRICS_LISTEN": "localhost:9108"}, "metrics_listen.*an IP address"),
+    ({"PGVPN_METRICS_LISTEN": "127.0.0.1"}, "give ADDR:PORT"),
+    ({"PGVPN_METRICS_LISTEN": "127.0.0.1:0"}, "port 1-65535"),
+    ({"PGVPN_METRICS_LISTEN": "127.0.0.1:65536"}, "port 1-65535"),
+    ({"PGVPN_METRICS_LISTEN": "::1:9108"}, r"\[::1\]:9108"),
+    ({"PGVPN_METRICS_LISTEN": "127.0.0.1:9\uff1108"}, "give ADDR:PORT"),  # a wide digit
 ])
 def test_bad_values_name_the_setting_and_the_problem(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -280,3 +286,24 @@ def test_interface_names_the_kernel_takes() -> None:
     assert [interface_name(n) for n in ("tunX0", "a", "x" * 15)] == ["tunX0", "a", "x" * 15]
     with pytest.raises(ValueError, match="1-15 printable ASCII"):
         interface_name("")
+
+
+def test_metrics_listen_takes_an_address_and_port_or_nothing() -> None:
+    for value in ("", "127.0.0.1:9108", "0.0.0.0:1", "[::1]:65535", "[::]:9108"):
+        assert load_config(environ={**BASE_ENV, "PGVPN_METRICS_LISTEN": value}
+                           ).metrics_listen == value
+
+
+def test_metrics_on_a_port_in_use_say_so() -> None:
+    """A real socket holds the port: the agent's metrics server refuses in one line."""
+    import socket
+
+    from pgvpn.metrics import MetricsServer
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(PgvpnError, match=rf"cannot serve metrics on 127.0.0.1:{port}: "
+                           "Address already in use"):
+            MetricsServer(f"127.0.0.1:{port}", lambda: None)  # type: ignore[arg-type,return-value]

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -209,3 +210,68 @@ def test_a_failed_build_step_says_where_its_whole_output_is(tmp_path: Path,
     state.remove_state()  # lab down
     assert not (tmp_path / "lab").exists()
 
+
+def agent_metrics(lab: LabHandle) -> dict[str, dict[str, float]]:
+    """Each agent's metrics as `lab status` scraped them (inside its host)."""
+    hosts = {h["name"]: h for h in lab.status()["hosts"]}
+    return {name: hosts[name]["metrics"] for name in ("peer-a", "peer-b")}
+
+
+def test_agents_serve_metrics_that_count_what_their_tun_devices_carried(any_lab: LabHandle
+                                                                         ) -> None:
+    """Prometheus metrics of both agents, scraped by `lab status`: between two quiet
+    moments, packets up equal what the agent read from its TUN device and packets down
+    what it wrote there; batches took their time in the database."""
+    def quiet() -> tuple[dict[str, Any], ...]:
+        previous = None
+        for _ in range(40):
+            any_lab.wait_settled()
+            now = (any_lab.tun_counters("peer-a"), any_lab.tun_counters("peer-b"),
+                   agent_metrics(any_lab))
+            if now == previous:
+                return now
+            previous = now
+            time.sleep(0.5)
+        raise AssertionError("the tunnel never went quiet")
+
+    tun_a0, tun_b0, metrics0 = quiet()
+    assert any_lab.exec("peer-a", "ping", "-c", "20", "-i", "0.05", "-q",
+                        "10.230.0.2").returncode == 0
+    tun_a1, tun_b1, metrics1 = quiet()
+    up, down = 'pgvpn_packets_total{direction="up"}', 'pgvpn_packets_total{direction="down"}'
+    for name, before, after in (("peer-a", tun_a0, tun_a1), ("peer-b", tun_b0, tun_b1)):
+        m0, m1 = metrics0[name], metrics1[name]
+        assert m1[up] - m0[up] == after["tx"] - before["tx"] >= 20, (name, m0, m1)
+        assert m1[down] - m0[down] == after["rx"] - before["rx"] >= 20, (name, m0, m1)
+        written = 'pgvpn_batch_seconds_count{direction="up"}'
+        assert m1[written] - m0[written] == (m1['pgvpn_batches_total{direction="up"}']
+                                             - m0['pgvpn_batches_total{direction="up"}']) > 0
+        assert m1['pgvpn_batch_seconds_sum{direction="up"}'] > m0[
+            'pgvpn_batch_seconds_sum{direction="up"}']
+        assert m1['pgvpn_dropped_frames_total'] == m0['pgvpn_dropped_frames_total']
+    assert "sent " in any_lab.cli("status").stdout  # the table shows them too
+
+
+def test_an_agent_whose_metrics_port_is_taken_says_so_and_starts_once_it_is_free(
+        netns_lab: LabHandle) -> None:
+    """Another process holds 127.0.0.1:9108 in peer-a's host: the agent stops at start
+    with one line saying so (nothing left open), and starts once the port is free."""
+    netns_lab.cli("stop", "peer-a")  # its agent holds the port while it runs
+    holder = subprocess.Popen(
+        ["ip", "netns", "exec", netns_lab.namespace("peer-a"), sys.executable, "-c",
+         "import socket, time; s = socket.socket();"
+         " s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1);"  # past TIME_WAIT
+         " s.bind(('127.0.0.1', 9108)); s.listen();"
+         " print('held', flush=True); time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        failed = netns_lab.cli("start", "peer-a", check=False)
+        assert failed.returncode == 2, failed.stderr
+        assert "peer-a exited during start" in failed.stderr
+        assert ("pgvpn: error: cannot serve metrics on 127.0.0.1:9108: Address already in use"
+                in failed.stderr), failed.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    netns_lab.cli("start", "peer-a")
+    assert netns_lab.exec("peer-a", "ping", "-c", "2", "-W", "2", "10.230.0.2").returncode == 0

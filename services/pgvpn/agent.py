@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import psycopg
 
@@ -24,7 +25,11 @@ from pgvpn.config import AgentConfig
 from pgvpn.errors import PgvpnError
 from pgvpn.packets import packet_problem
 from pgvpn.transports import PROFILES, Downlink, Session, Uplink
+from pgvpn.transports.base import Counters
 from pgvpn.tun import TunDevice
+
+if TYPE_CHECKING:
+    from pgvpn.metrics import MetricsServer
 
 log = logging.getLogger("pgvpn.agent")
 
@@ -76,13 +81,26 @@ class Agent:
         self.bad_rows = BadInputLog(f"skipped logged rows from {config.peer} that are not "
                                     "packets for this TUN")
         self.failure: BaseException | None = None
+        self.uplink: Uplink | None = None
+        self.downlink: Downlink | None = None
 
     @property
     def stop(self) -> threading.Event:
         return self.session.stop
 
     def run(self) -> None:
-        """Run until SIGTERM/SIGINT or a fatal error; raises PgvpnError on the latter."""
+        """Run until SIGTERM/SIGINT or a fatal error; raises PgvpnError on the latter.
+
+        The metrics server comes first: a port that is taken stops the agent before it
+        touches the database or the TUN device."""
+        metrics = self._serve_metrics()
+        try:
+            self._run()
+        finally:
+            if metrics is not None:
+                metrics.close()
+
+    def _run(self) -> None:
         # The agent only checks the schema (the owner migrates): every wait is bounded.
         control = self.control = self.session.connect("control", statements=True)
         with control:
@@ -102,6 +120,7 @@ class Agent:
                 tun.configure(addresses)
                 uplink = self.profile.open_uplink(self.session)
                 downlink = self.profile.open_downlink(self.session)
+                self.uplink, self.downlink = uplink, downlink  # for the metrics
                 log.info("peer %s: %s on %s (%s, mtu %d) -> peer %s (%s) via %s (%s), "
                          "profile %s, %s commit", self.config.name, tun.name,
                          ", ".join(map(str, addresses)), "v4+v6" if len(addresses) > 1 else
@@ -132,6 +151,21 @@ class Agent:
             raise PgvpnError(f"agent stopped: {self.failure!r}") from self.failure
         log.info("peer %s: stopped; sent %d packets, received %d", self.config.name,
                  uplink.counters.packets, downlink.counters.packets)
+
+    def _serve_metrics(self) -> MetricsServer | None:
+        """Prometheus metrics on --metrics-listen, read from the pumps' own counters
+        (zero until the links are open)."""
+        if not self.config.metrics_listen:
+            return None
+        from pgvpn.metrics import MetricsServer, Readings  # late: only when asked for
+
+        def read() -> Readings:
+            up = self.uplink.counters if self.uplink is not None else Counters()
+            down = self.downlink.counters if self.downlink is not None else Counters()
+            return Readings(self.config.name, self.config.peer, up, down,
+                            self.dropped_from_tun, self.skipped_rows)
+
+        return MetricsServer(self.config.metrics_listen, read)
 
     def _guard(self, pump: object, tun: TunDevice, link: Uplink | Downlink) -> None:
         """Run a pump; its error stops the whole agent: one that says what to do

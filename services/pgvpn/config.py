@@ -80,6 +80,25 @@ _seconds = _seconds_up_to(MAX_REPLAY_AGE, "a year")
 _timeout = _seconds_up_to(86400, "a day")
 
 
+def listen_address(value: str) -> str:
+    """ADDR:PORT to serve on ([ADDR]:PORT for IPv6), or "" for off; returned as given."""
+    if value == "":
+        return value
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    rule = "give ADDR:PORT, e.g. 127.0.0.1:9108 or [::1]:9108 (an IP address, port 1-65535)"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(rule) from None
+    if not sep or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(rule)
+    if ":" in host and not value.startswith("["):
+        raise ValueError(rule)
+    return value
+
+
 def _conninfo(value: str) -> str:
     try:
         conninfo_to_dict(value)
@@ -184,6 +203,10 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds between runs of the log's maintenance (partitions ahead; retention is the "
             "owner's `pgvpn prune`); "
             "a failed run is retried within a minute and never stops the tunnel"),
+    Setting("metrics_listen", "PGVPN_METRICS_LISTEN", listen_address, "",
+            "serve Prometheus metrics on ADDR:PORT (packets, bytes, batches and their "
+            "latency, reconnects, dropped frames, skipped rows), e.g. 127.0.0.1:9108; "
+            "empty: off"),
     Setting("log_level", "PGVPN_LOG_LEVEL", str.upper, "INFO",
             "DEBUG shows per-second counters; INFO, WARNING, ERROR"),
 )
@@ -215,6 +238,7 @@ class AgentConfig:
     statement_timeout: float = 30.0
     lock_timeout: float = 5.0
     maintenance_interval: float = 3600.0
+    metrics_listen: str = ""
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:

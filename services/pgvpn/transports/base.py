@@ -7,6 +7,7 @@ pumps only move packets and never see a database error they could act on.
 
 from __future__ import annotations
 
+import bisect
 import builtins
 import logging
 import secrets
@@ -30,14 +31,35 @@ def channel_for(peer: str) -> str:
     return f"pgvpn.{peer}"
 
 
+# Upper bounds (seconds) of the latency histograms: a commit on a fast disk to a stall.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                   5.0, 10.0)
+
+
+@dataclass
+class Latency:
+    """A histogram of seconds in LATENCY_BUCKETS (and above), for the metrics."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    total: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+
 @dataclass
 class Counters:
-    """Per-direction counters, read by the agent's debug log line."""
+    """Per-direction counters, read by the agent's debug log line and its metrics.
+
+    `seconds`: how long each batch took in the database (the uplink's write and
+    commit, the downlink's reading statement), waits for a wake-up excluded."""
 
     packets: int = 0
     bytes: int = 0
     batches: int = 0
     reconnects: int = 0
+    seconds: Latency = field(default_factory=Latency)
 
     def add_batch(self, packets: list[builtins.bytes]) -> None:
         """Count one batch that went through (an empty one counts as nothing)."""

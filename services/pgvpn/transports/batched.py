@@ -27,6 +27,7 @@ TUN could carry; what it accepts, and rows logged before it, are bounded here):
 from __future__ import annotations
 
 import logging
+import time
 
 import psycopg
 from psycopg import sql
@@ -174,8 +175,10 @@ class BatchedUplink(Uplink):
             self.committed_seq = first_seq + len(packets) - 1
             notify(self.conn, self.channel)
 
+        started = time.perf_counter()
         self.session.retrying(write, what="uplink", reconnect=self._reconnect,
                               counters=self.counters)
+        self.counters.seconds.observe(time.perf_counter() - started)
         self.counters.add_batch(packets)
 
     def close(self) -> None:
@@ -222,8 +225,11 @@ class BatchedDownlink(ListeningDownlink):
     def fetch(self, timeout: float) -> list[bytes]:
         if not self.more_waiting:
             self._wait_for_notification(min(timeout, IDLE_POLL))
+        started = time.perf_counter()
         with self.reader.cursor(binary=True) as cur:
             rows = cur.execute(NEXT_BATCH, self.params).fetchall()
+        if rows:
+            self.counters.seconds.observe(time.perf_counter() - started)
         if rows:
             self.params["after"] = rows[-1][0]
         packets = [bytes(data) for _, _, data in rows if data is not None]
