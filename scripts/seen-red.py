@@ -100,6 +100,18 @@ BREAKS = [
           '    return (f"SCRAM-SHA-256$4096:{b64(salt)}$"\n'
           '            f"{b64(hashlib.sha256(client).digest())}:{b64(server)}")\n',
           "tests/test_trust.py::test_the_owner_adds_a_peer_whose_unicode_password_logs_in"),
+    Break("small-batch-numbered-backwards", "services/pgvpn/transports/batched.py",
+          "    SELECT %(first)s + batch.ordinality - 1,",
+          "    SELECT %(first)s + 4 - batch.ordinality,",
+          "tests/test_writers.py::test_a_batch_of_a_few_packets_is_logged_in_the_order_read"),
+    Break("metrics-count-nothing", "services/pgvpn/metrics.py",
+          "family.add_metric([now.name, now.peer, direction], getattr(counters, field))",
+          "family.add_metric([now.name, now.peer, direction], 0)",
+          "tests/test_lab.py::"
+          "test_agents_serve_metrics_that_count_what_their_tun_devices_carried"),
+    Break("ceiling-may-write-the-log", "services/pgvpn/ceiling.py",
+          "    if match[1] in FORBIDDEN_SCHEMAS:", "    if False:",
+          "tests/test_ceiling.py::test_the_ceiling_says_what_is_wrong_before_writing_anything"),
     Break("no-rollback", "lab/controller.py",
           "            if first:\n", "            if first and False:\n",
           "tests/test_docker_lab.py::test_a_first_up_whose_agent_dies_is_rolled_back",

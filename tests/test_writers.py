@@ -145,7 +145,9 @@ def test_a_second_agent_with_the_same_name_is_refused_and_the_first_runs_on(
     first_agent = agent_pid(lab, "peer-a")
     env = agent_environment(lab, "peer-a")
     env.pop("TUN_IP6", None)
-    env.update(PGVPN_TUN_NAME=SECOND_TUN, TUN_IP=env["TUN_IP"].split("/")[0] + "/32")
+    # its own metrics port (none): the first agent's is taken, and must not refuse it first
+    env.update(PGVPN_TUN_NAME=SECOND_TUN, TUN_IP=env["TUN_IP"].split("/")[0] + "/32",
+               PGVPN_METRICS_LISTEN="")
     mark, started = server_now(lab)
     with psycopg.connect(lab.conninfo(superuser=True), autocommit=True) as server, \
             repeats_removed(lab, "peer-a", started):
