@@ -29,7 +29,7 @@ LAB_CMD = [sys.executable, "-m", "lab.cli"]
 STEPS = r'''
 import json, statistics, sys, time
 import psycopg
-from pgvpn.transports.batched import INSERT_AND_NOTIFY, NEXT_BATCH, PACKETS_TABLE
+from pgvpn.transports.batched import COPY_PACKETS, INSERT_AND_NOTIFY, NEXT_BATCH
 from pgvpn.transports.batched import copy_batch, notify
 from pgvpn.transports.base import channel_for
 N, IDLE_GAP = 200, 0.005
@@ -59,7 +59,7 @@ def insert_and_notify():
 def copy_then_notify():
     global seq
     seq += 1
-    copy_batch(conn, PACKETS_TABLE, peer, seq, [packet])
+    copy_batch(conn, COPY_PACKETS, peer, seq, [packet])
     notify(conn, channel)
 def notified():
     insert_and_notify()

@@ -312,10 +312,11 @@ class NetnsBackend(Backend):
 
     def exec_pgvpn_as_agent(self, host: str, args: Sequence[str], *,
                             timeout: float = 60) -> ExecResult:
+        namespace = self.namespace(host)  # an unknown host: the lab's hosts, named
         agent = self.topology.hosts.get(host)
-        if agent is None:
-            raise LabError(f"no host {host!r} in the lab; hosts: {', '.join(self.topology.hosts)}")
-        return run(["ip", "netns", "exec", self.namespace(host), *self.pgvpn_command(), *args],
+        if agent is None or agent.role != "agent":
+            raise LabError(f"{host} runs no agent, so it has no agent's settings")
+        return run(["ip", "netns", "exec", namespace, *self.pgvpn_command(), *args],
                    timeout=timeout, env=self.agent_environment(agent))
 
     def logs(self, host: str, tail: int = 100) -> str:

@@ -21,7 +21,7 @@ from psycopg import sql
 
 from pgvpn.errors import PgvpnError
 from pgvpn.transports.base import Session
-from pgvpn.transports.batched import copy_batch, notify
+from pgvpn.transports.batched import copy_batch, copy_statement, notify
 
 TABLE_NAME = re.compile(r"([a-z_][a-z0-9_]{0,62})\.([a-z_][a-z0-9_]{0,62})")
 # A peer may insert into the log itself: rows numbered from 1 there would stand beside
@@ -49,7 +49,7 @@ def measure(session: Session, table: str, *, seconds: float, size: int,
 
     Returns rows, bytes, batches, the seconds taken and the rate in Mbit/s.
     """
-    target = sql.Identifier(*table_name(table).split("."))
+    statement = copy_statement(sql.Identifier(*table_name(table).split(".")))
     packet = bytes([0x45]) + os.urandom(size - 1)  # incompressible, like real traffic
     packets = [packet] * batch
     config = session.config
@@ -57,14 +57,12 @@ def measure(session: Session, table: str, *, seconds: float, size: int,
     channel = f"pgvpn.ceiling.{config.name}"
     conn = session.connect("ceiling")
     try:
-        seq = rows = batches = 0
+        batches = 0
         started = time.monotonic()
         deadline = started + seconds
         while time.monotonic() < deadline:
-            copy_batch(conn, target, config.peer, seq + 1, packets)
+            copy_batch(conn, statement, config.peer, batches * batch + 1, packets)
             notify(conn, channel)
-            seq += batch
-            rows += batch
             batches += 1
         elapsed = time.monotonic() - started
     except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName):
@@ -75,6 +73,7 @@ def measure(session: Session, table: str, *, seconds: float, size: int,
                          "the database owner grants INSERT for the run") from None
     finally:
         conn.close()
+    rows = batches * batch
     return {"table": table, "rows": rows, "bytes": rows * size, "batches": batches,
             "row_bytes": size, "batch_rows": batch, "seconds": round(elapsed, 3),
             "mbps": round(rows * size * 8 / elapsed / 1e6, 2)}

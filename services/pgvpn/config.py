@@ -80,10 +80,8 @@ _seconds = _seconds_up_to(MAX_REPLAY_AGE, "a year")
 _timeout = _seconds_up_to(86400, "a day")
 
 
-def listen_address(value: str) -> str:
-    """ADDR:PORT to serve on ([ADDR]:PORT for IPv6), or "" for off; returned as given."""
-    if value == "":
-        return value
+def listen_parts(value: str) -> tuple[str, int]:
+    """ADDR:PORT ([ADDR]:PORT for IPv6) as (address, port), or ValueError saying how."""
     host, sep, port = value.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -96,6 +94,13 @@ def listen_address(value: str) -> str:
         raise ValueError(rule)
     if ":" in host and not value.startswith("["):
         raise ValueError(rule)
+    return host, int(port)
+
+
+def listen_address(value: str) -> str:
+    """ADDR:PORT to serve on, or "" for off; checked, returned as given."""
+    if value:
+        listen_parts(value)
     return value
 
 

@@ -11,12 +11,14 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import accumulate
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from pgvpn.config import listen_parts
 from pgvpn.errors import PgvpnError
 from pgvpn.transports.base import LATENCY_BUCKETS, Counters
 
@@ -56,12 +58,9 @@ class AgentCollector(Collector):
             "pgvpn_batch_seconds", "each batch's time in the database: the uplink's write "
             "and commit, the downlink's reading statement (waits for a wake-up excluded)",
             labels=labels)
+        bounds = [*map(repr, LATENCY_BUCKETS), "+Inf"]
         for direction, counters in sides:
-            cumulative, buckets = 0, []
-            for bound, count in zip([*LATENCY_BUCKETS, float("inf")], counters.seconds.counts,
-                                    strict=True):
-                cumulative += count
-                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+            buckets = list(zip(bounds, accumulate(counters.seconds.counts), strict=True))
             latency.add_metric([now.name, now.peer, direction], buckets,
                                counters.seconds.total)
         yield latency
@@ -79,13 +78,11 @@ class MetricsServer:
     """An HTTP server for /metrics on its own thread, stopped with the agent."""
 
     def __init__(self, listen: str, read: Callable[[], Readings]) -> None:
-        host, _, port = listen.rpartition(":")
-        host = host.strip("[]")
+        host, port = listen_parts(listen)
         registry = CollectorRegistry()
         registry.register(AgentCollector(read))
         try:
-            self.server, self.thread = start_http_server(int(port), addr=host,
-                                                         registry=registry)
+            self.server, self.thread = start_http_server(port, addr=host, registry=registry)
         except OSError as exc:
             raise PgvpnError(f"cannot serve metrics on {listen}: {exc.strerror}") from None
         log.info("metrics on http://%s/metrics", listen)

@@ -47,7 +47,14 @@ from pgvpn.transports.base import (
 
 log = logging.getLogger(__name__)
 
-PACKETS_TABLE = sql.Identifier("pgvpn", "packets")
+def copy_statement(table: sql.Identifier) -> sql.Composed:
+    """The binary COPY of packet rows into `table` (the log, or the ceiling's scratch
+    table): composed once, not per batch."""
+    return sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
+        table, sql.SQL(PACKET_COLUMNS))
+
+
+COPY_PACKETS = copy_statement(sql.Identifier("pgvpn", "packets"))
 # A small batch (an echo, an ACK, a keystroke) goes in one prepared statement with its
 # NOTIFY: one round trip and one commit instead of three and two. Its commit then
 # holds the database's notify lock, which serialises it with other notifying
@@ -102,13 +109,10 @@ RETURNING last_seq, (SELECT last_seq FROM old)
 IDLE_POLL = 1.0  # seconds: a lost notification costs at most this much latency
 
 
-def copy_batch(conn: psycopg.Connection, table: sql.Composable, receiver: str,
+def copy_batch(conn: psycopg.Connection, statement: sql.Composed, receiver: str,
                first_seq: int, packets: list[bytes]) -> None:
-    """A bulk batch's write: one binary COPY, committed on its own (autocommit).
-
-    `pgvpn ceiling` measures the database with this same function."""
-    statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
-        table, sql.SQL(PACKET_COLUMNS))
+    """A bulk batch's write: one binary COPY (`copy_statement`), committed on its own
+    (autocommit). `pgvpn ceiling` measures the database with this same function."""
     with conn.cursor() as cur, cur.copy(statement) as copy:
         copy.write(encode_packet_rows(receiver, first_seq, packets))
 
@@ -171,7 +175,7 @@ class BatchedUplink(Uplink):
                     "channel": self.channel}, prepare=True)
                 self.committed_seq = first_seq + len(packets) - 1
                 return
-            copy_batch(self.conn, PACKETS_TABLE, self.config.peer, first_seq, packets)
+            copy_batch(self.conn, COPY_PACKETS, self.config.peer, first_seq, packets)
             self.committed_seq = first_seq + len(packets) - 1
             notify(self.conn, self.channel)
 
@@ -230,7 +234,6 @@ class BatchedDownlink(ListeningDownlink):
             rows = cur.execute(NEXT_BATCH, self.params).fetchall()
         if rows:
             self.counters.seconds.observe(time.perf_counter() - started)
-        if rows:
             self.params["after"] = rows[-1][0]
         packets = [bytes(data) for _, _, data in rows if data is not None]
         self.unfetched += [f"{length}-byte row exceeds the MTU of {self.max_packet} "
