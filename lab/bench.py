@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from lab.backends.base import LabError, Progress
-from lab.ceiling import measure_ceiling
+from lab.ceiling import measure_ceiling, sent_row_size
 from lab.controller import Lab
 from lab.measure import IperfResult, PingResult, iperf, ping
-from lab.report import BLOG_V1_MBPS
+from lab.report import BLOG_V1_MBPS, run_label
 from pgvpn.transports import PROFILES
 
 LOG_SETTLE_TIMEOUT = 15.0  # seconds a slow profile gets to commit what it still holds
@@ -57,6 +57,9 @@ def bench_profile(lab: Lab, duration: float, progress: Progress,
     if underlay is None:
         underlay = measure_underlay(lab, duration, progress)
     before = lab.log_totals()
+    with lab.admin() as conn:
+        started = conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
+    offload = lab.settings.offload and PROFILES[lab.settings.profile].carries_offload
     progress(f"tunnel: idle RTT, {IDLE_PINGS} pings {client.name} -> {server.name}")
     rtt = ping(lab.backend, client.name, server.tunnel_address, count=IDLE_PINGS,
                interval=IDLE_INTERVAL)
@@ -89,7 +92,9 @@ def bench_profile(lab: Lab, duration: float, progress: Progress,
         progress(f"tunnel: no RTT under load: {loaded.get('error', 'ping did not finish')}")
         under_load = None
     after = settled_log_totals(lab)
-    if ceiling is None:
+    if offload:  # rows hold super-packets: the ceiling is measured with rows their size
+        ceiling = measure_ceiling(lab, duration, progress, sent_row_size(lab, started))
+    elif ceiling is None:
         ceiling = measure_ceiling(lab, duration, progress)
     if raw_dir is not None:
         raw_dir.mkdir(parents=True, exist_ok=True)
@@ -100,6 +105,7 @@ def bench_profile(lab: Lab, duration: float, progress: Progress,
         (raw_dir / f"iperf3-tunnel-{name}.json").write_text(json.dumps(tunnel.raw, indent=1))
     return {
         "profile": lab.settings.profile,
+        "run": run_label(lab.settings.profile, lab.settings.offload),
         "backend": lab.backend.name,
         "mtu": lab.effective_mtu,
         "duration_s": duration,
@@ -122,7 +128,10 @@ def bench_profile(lab: Lab, duration: float, progress: Progress,
         "rtt_idle_ms": rtt.percentiles(),
         "rtt_loaded_ms": (under_load or PingResult(0, 0, {})).percentiles(),
         "ping_loss_loaded": under_load.lost if under_load else None,
+        "offload": offload,
+        # rows, and the packets on the wire they stand for (a super-packet is several)
         "packets_logged": after["packets"] - before["packets"],
+        "wire_packets_logged": after["wire_packets"] - before["wire_packets"],
         "bytes_logged": after["bytes"] - before["bytes"],
         "logged": PROFILES[lab.settings.profile].logged,
         "intervals": [{"t": i["t"], "mbps": round(i["mbps"], 2)} for i in tunnel.intervals],
@@ -143,7 +152,19 @@ def settled_log_totals(lab: Lab, timeout: float = LOG_SETTLE_TIMEOUT) -> dict[st
     return totals
 
 
-def bench_profiles(lab: Lab, profiles: list[str], duration: float, progress: Progress,
+def bench_runs(profiles: list[str], offload: str) -> list[tuple[str, bool]]:
+    """(profile, offload) in the order run: with offload 'both', each profile that
+    carries offload runs twice, off first, so that one report compares them."""
+    runs = []
+    for name in profiles:
+        if offload == "both" and PROFILES[name].carries_offload:
+            runs += [(name, False), (name, True)]
+        else:
+            runs.append((name, offload != "off"))
+    return runs
+
+
+def bench_profiles(lab: Lab, runs: list[tuple[str, bool]], duration: float, progress: Progress,
                    raw_dir: Path | None = None,
                    on_result: Callable[[dict[str, Any]], None] | None = None
                    ) -> list[dict[str, Any]]:
@@ -152,7 +173,8 @@ def bench_profiles(lab: Lab, profiles: list[str], duration: float, progress: Pro
     Before each profile the agents restart with it (if it differs) and only that
     profile's scratch tables are emptied (Lab.start_for_bench); the packet log is
     kept. The underlay is measured once, since no profile touches it, and the database's
-    ceiling once per MTU (its rows are the size of the packets). A profile whose
+    ceiling once per MTU (its rows are the size of the packets), or, with offload, after
+    each run with rows the size of its super-packets. A profile whose
     run fails is reported as `{"profile", "logged", "error"}` and the run goes on.
     """
     underlay = measure_underlay(lab, duration, progress)
@@ -161,17 +183,18 @@ def bench_profiles(lab: Lab, profiles: list[str], duration: float, progress: Pro
         (raw_dir / "iperf3-underlay.json").write_text(json.dumps(underlay.raw, indent=1))
     ceilings: dict[int, dict[str, Any]] = {}  # by MTU: the rows' size is the packets'
     results = []
-    for name in profiles:
-        run = lab.with_profile(name)
+    for name, offload in runs:
+        run = lab.with_profile(name, offload)
         try:
             run.start_for_bench(progress)
             result = bench_profile(run, duration, progress, raw_dir, underlay=underlay,
                                    ceiling=ceilings.get(run.effective_mtu))
-            if "mbps" in result["ceiling"]:
+            if "mbps" in result["ceiling"] and not result["offload"]:
                 ceilings[run.effective_mtu] = result["ceiling"]
         except LabError as exc:
             progress(f"{name} failed: {exc}")
-            result = {"profile": name, "logged": PROFILES[name].logged, "error": str(exc)}
+            result = {"profile": name, "run": run_label(name, offload),
+                      "logged": PROFILES[name].logged, "error": str(exc)}
         results.append(result)
         if on_result is not None:
             on_result(result)

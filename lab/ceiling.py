@@ -10,6 +10,7 @@ the tunnel's figures.
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -18,6 +19,7 @@ from psycopg import sql
 from lab.backends.base import LabError, Progress
 from lab.controller import Lab
 from pgvpn.admin import role_name
+from pgvpn.tun import READ_BYTES  # an uplink batch holds about this much at most
 
 # At most this many seconds of writing (a 1.3 Gbit/s database takes about 800 MB in
 # 5 s, dropped right after), in batches like a loaded uplink's.
@@ -37,7 +39,7 @@ CREATE TABLE {SCHEMA}.ingest_rows PARTITION OF {TABLE} DEFAULT;
 # What the writing peer may do there: exactly what its uplink does to the log.
 GRANTS_SQL = (f"GRANT USAGE ON SCHEMA {SCHEMA} TO {{role}}; "
               f"GRANT USAGE ON SEQUENCE {SCHEMA}.ids TO {{role}}; "
-              f"GRANT INSERT (seq, receiver, length, data) ON {TABLE} TO {{role}}")
+              f"GRANT INSERT (seq, receiver, length, data, offload) ON {TABLE} TO {{role}}")
 # A peer may hold a lock on the scratch table (an open transaction): never wait for it
 # for ever; say who holds it instead.
 LOCK_TIMEOUT = "10s"
@@ -68,10 +70,22 @@ def _owner(lab: Lab, what: str, statement: str | sql.SQL | sql.Composed) -> None
         raise LabError(f"{what}: {exc}") from None
 
 
-def measure_ceiling(lab: Lab, duration: float, progress: Progress) -> dict[str, Any]:
-    """`pgvpn ceiling`'s result (rows, bytes, seconds, mbps, ...), or {"error": why}."""
+def sent_row_size(lab: Lab, since: datetime) -> int | None:
+    """The mean size of the rows the bench's client logged since `since`: with offload,
+    its super-packets' (the ceiling is measured with rows of that size)."""
+    with lab.admin() as conn:
+        row = conn.execute("SELECT round(avg(length)) FROM pgvpn.packets "
+                           "WHERE sender = %s AND logged_at >= %s",
+                           [lab.topology.agents[0].name, since]).fetchone()
+    return int(row[0]) if row and row[0] is not None else None
+
+
+def measure_ceiling(lab: Lab, duration: float, progress: Progress,
+                    size: int | None = None) -> dict[str, Any]:
+    """`pgvpn ceiling`'s result (rows, bytes, seconds, mbps, ...), or {"error": why}, for
+    rows of `size` bytes (default: the MTU)."""
     client = lab.topology.agents[0]
-    seconds, size = min(duration, CEILING_SECONDS), lab.effective_mtu
+    seconds, size = min(duration, CEILING_SECONDS), size or lab.effective_mtu
     progress(f"ceiling: {client.name} writes {size}-byte rows into the database for "
              f"{seconds:g}s, no tunnel")
     errors = []
@@ -82,7 +96,8 @@ def measure_ceiling(lab: Lab, duration: float, progress: Progress) -> dict[str, 
                sql.SQL(GRANTS_SQL).format(role=sql.Identifier(role_name(client.name))))
         done = lab.backend.exec_pgvpn_as_agent(client.name, [
             "ceiling", TABLE, "--seconds", f"{seconds:g}", "--size", str(size),
-            "--batch", str(CEILING_BATCH), "--json"], timeout=seconds + 60)
+            "--batch", str(max(1, min(CEILING_BATCH, READ_BYTES // size))), "--json"],
+            timeout=seconds + 60)
         done.check(f"pgvpn ceiling on {client.name}")
         try:
             result = dict(json.loads(done.stdout))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -16,10 +17,10 @@ from rich.table import Table
 
 from lab import logtools, state
 from lab.backends.base import SCRATCH_HOST, LabError
-from lab.bench import bench_profile, bench_profiles
+from lab.bench import bench_profile, bench_profiles, bench_runs
 from lab.controller import BACKENDS, Lab, make_backend, static_topology
 from lab.live import BenchDisplay
-from lab.report import build_report, render_markdown, write_report
+from lab.report import build_report, render_markdown, run_label, write_report
 from lab.topology import Host, TopologyError
 from pgvpn.cliargs import OneLineParser, one_line, output_dir, output_file, whole
 from pgvpn.config import MAX_MTU, MIN_MTU
@@ -135,6 +136,13 @@ def add_lab_settings(parser: argparse.ArgumentParser, *, several: bool = False) 
                         help="agents reach postgres over TLS, verifying its certificate "
                         "(default); --no-tls lets them use plaintext, to measure what TLS "
                         "costs")
+    parser.add_argument("--offload", choices=("on", "off", "both") if several else ("on", "off"),
+                        default=None,
+                        help="TCP segmentation offload on the agents' TUN devices (profiles "
+                        "batched and batched-jumbo; default on): one row carries up to 64 KB "
+                        "of a TCP stream; off logs one row per packet on the wire"
+                        + ("; both runs each such profile with offload off, then on, to "
+                           "compare them in one report" if several else ""))
     if several:
         parser.add_argument("--profile", type=profile_list, default=None,
                             metavar="NAME[,NAME...]|all",
@@ -178,7 +186,11 @@ def requested_settings(args: argparse.Namespace) -> state.LabSettings:
         backend = make_backend("auto", state.LabSettings("auto", mtu, "batched")).name
     profile = args.profile or (current.profile if current else "batched")
     tls = args.tls if args.tls is not None else (current.tls if current else True)
-    return state.LabSettings(backend=backend, mtu=mtu, profile=profile, tls=tls)
+    offload = current.offload if current else True
+    if getattr(args, "offload", None) in ("on", "off"):
+        offload = args.offload == "on"
+    return state.LabSettings(backend=backend, mtu=mtu, profile=profile, tls=tls,
+                             offload=offload)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -186,7 +198,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     lab = Lab(make_backend(settings.backend, settings), settings)
     lab.up(progress)
     progress(f"lab is up on the {settings.backend} backend (mtu {lab.effective_mtu}, "
-             f"profile {settings.profile}, "
+             f"profile {settings.profile}, offload {'on' if settings.offload else 'off'}, "
              + ("TLS verify-full)" if settings.tls else "agents WITHOUT TLS)"))
     return 0
 
@@ -217,6 +229,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     table = Table(title=f"pgvpn lab ({report['backend']}, mtu {report['mtu']}, "
                   f"profile {report['profile']}, "
+                  f"offload {'on' if report.get('offload', True) else 'off'}, "
                   f"{'TLS' if report.get('tls', True) else 'NO TLS'})")
     for column in ("host", "role", "running", "underlay", "tunnel", "detail"):
         table.add_column(column)
@@ -310,13 +323,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     args.profile = profiles[0] if profiles else None  # the lab comes up with the first
     out = args.out or default_report_dir()
     settings = requested_settings(args)
+    runs = bench_runs(profiles or [settings.profile],
+                      args.offload or ("on" if settings.offload else "off"))
+    settings = dataclasses.replace(settings, offload=runs[0][1])
     lab = Lab(make_backend(settings.backend, settings), settings)
     lab.up(progress)  # a no-op on a healthy lab with these settings
-    if len(profiles) > 1:
-        with BenchDisplay(err, profiles) as display:
-            results = bench_profiles(lab, profiles, args.duration, display.progress,
+    if len(runs) > 1:
+        with BenchDisplay(err, [run_label(*run) for run in runs]) as display:
+            results = bench_profiles(lab, runs, args.duration, display.progress,
                                      raw_dir=out, on_result=display.finished)
-        progress(f"the lab stays up with profile {profiles[-1]}")
+        progress(f"the lab stays up with profile {run_label(*runs[-1])}")
     else:
         results = [bench_profile(lab, args.duration, progress, raw_dir=out)]
     report = build_report(results)

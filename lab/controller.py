@@ -42,6 +42,7 @@ def lab_environment(settings: state.LabSettings) -> dict[str, str]:
     env = dict(os.environ)
     env.update({"PGVPN_LAB_NAME": state.LAB_NAME,
                 "PGVPN_MTU": str(settings.mtu), "PGVPN_PROFILE": settings.profile,
+                "PGVPN_OFFLOAD": "true" if settings.offload else "false",
                 "PGVPN_LAB_SECRETS": str(state.secrets_dir())})
     # The server always offers TLS; without it (--no-tls) it also accepts plaintext
     # and the agents, explicitly allowed to, use it.
@@ -128,6 +129,7 @@ class Lab:
                 if changed:
                     progress(f"restarting {agent.name} with mtu {self.effective_mtu}, "
                              f"profile {self.settings.profile}"
+                             + ("" if self.settings.offload else ", offload off")
                              + ("" if self.settings.tls else ", WITHOUT TLS"))
                     self.backend.stop(agent)
                 self.backend.start(agent, progress)
@@ -195,15 +197,18 @@ class Lab:
         """Packets and bytes in the running profile's log (zero for one that logs nothing)."""
         query = PROFILES[self.settings.profile].log_totals_query()
         if query is None:
-            return {"packets": 0, "bytes": 0}
+            return {"packets": 0, "bytes": 0, "wire_packets": 0}
         with self.admin() as conn:
             row = conn.execute(query).fetchone()
         assert row is not None
-        return {"packets": int(row[0]), "bytes": int(row[1])}
+        return {"packets": int(row[0]), "bytes": int(row[1]), "wire_packets": int(row[2])}
 
-    def with_profile(self, profile: str) -> Lab:
-        """The same lab with another transport profile (applied by the next `up`)."""
-        settings = dataclasses.replace(self.settings, profile=profile)
+    def with_profile(self, profile: str, offload: bool | None = None) -> Lab:
+        """The same lab with another transport profile, and offload setting if given
+        (applied by the next `up`)."""
+        settings = dataclasses.replace(
+            self.settings, profile=profile,
+            offload=self.settings.offload if offload is None else offload)
         return Lab(make_backend(settings.backend, settings), settings)
 
     def start_for_bench(self, progress: Progress) -> None:
@@ -225,6 +230,7 @@ class Lab:
         report: dict[str, Any] = {
             "backend": self.backend.name, "mtu": self.effective_mtu,
             "profile": self.settings.profile, "tls": self.settings.tls,
+            "offload": self.settings.offload,
             "hosts": [vars(h) for h in hosts]}
         for host in report["hosts"]:
             known = self.topology.hosts.get(host["name"])

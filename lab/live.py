@@ -21,7 +21,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from lab.report import rtt_pair
+from lab.report import label, logged_packets, rtt_pair
 
 
 class BenchDisplay:
@@ -50,11 +50,11 @@ class BenchDisplay:
         self.live.update(self.task, description=message)
 
     def finished(self, result: dict[str, Any]) -> None:
-        name = result["profile"]
+        name = label(result)
         if "error" in result:
             line = f"[red]{name}: failed[/] ({result['error']})"
         else:
-            logged = (f"{result['packets_logged']} packets logged" if result["logged"]
+            logged = (f"{logged_packets(result)} packets logged" if result["logged"]
                       else "not logged")
             ceiling = result.get("tunnel_to_ceiling")
             line = (f"[green]{name}[/]: [bold]{result['receiver_mbps']:.1f} Mbit/s[/]"

@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from lab.report import BLOG_V1_MBPS, rtt_pair, succeeded
+from lab.report import BLOG_V1_MBPS, label, rtt_pair, succeeded
 
 FLOOR_MBPS = 0.01  # a second with nothing received is drawn here: log(0) has no place
 MIN_INTERVAL_S = 0.5  # iperf3's last interval is often a few ms long: noise, not a rate
@@ -46,7 +46,7 @@ def plot_throughput(report: dict[str, Any], path: Path) -> bool:
         edges, rates = steps(run["intervals"])
         logged = "logged" if run["logged"] else "NOT logged"
         axes.stairs(rates, edges, linewidth=2, baseline=None,
-                    label=f"{run['profile']}: {run['receiver_mbps']:.1f} Mbit/s avg, "
+                    label=f"{label(run)}: {run['receiver_mbps']:.1f} Mbit/s avg, "
                           f"MTU {run['mtu']}, {logged}; RTT p50/p99 ms idle "
                           f"{rtt_pair(run, 'rtt_idle_ms')}, loaded "
                           f"{rtt_pair(run, 'rtt_loaded_ms')}")

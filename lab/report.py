@@ -29,6 +29,19 @@ CLOSE = 0.1  # rates nearer than this fraction are called out as a tie, held or 
 COMMON_FIELDS = ("backend", "duration_s", "underlay_mbps")
 
 
+def run_label(profile: str, offload: bool) -> str:
+    """A run's name in the report: its profile, and "offload off" where that was chosen
+    for a profile that carries offload (so that `--offload both` shows two rows)."""
+    from pgvpn.transports import PROFILES  # late: only labels need it
+
+    return f"{profile}, offload off" if not offload and PROFILES[profile].carries_offload \
+        else profile
+
+
+def label(result: dict[str, Any]) -> str:
+    return str(result.get("run", result["profile"]))
+
+
 def succeeded(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in results if "error" not in r]
 
@@ -49,10 +62,10 @@ def build_report(results: list[dict[str, Any]]) -> dict[str, Any]:
     else:
         first = next(iter(succeeded(results)), {})
         report = {key: first[key] for key in COMMON_FIELDS if key in first}
-        report["profiles"] = [r["profile"] for r in results]
+        report["profiles"] = [label(r) for r in results]
     report["generated_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     report["results"] = results
-    report["failed"] = [r["profile"] for r in results if "error" in r]
+    report["failed"] = [label(r) for r in results if "error" in r]
     return report
 
 
@@ -85,6 +98,27 @@ def expectations(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def offload_gain(results: list[dict[str, Any]]) -> list[str]:
+    """A sentence per profile measured with offload off and on in this run."""
+    lines = []
+    for r in succeeded(results):
+        off = next((o for o in succeeded(results) if o["profile"] == r["profile"]
+                    and o.get("offload") is False), None)
+        if r.get("offload") and off and off["receiver_mbps"]:
+            lines.append(f"{r['profile']} with offload: {r['receiver_mbps']:.1f} Mbit/s, "
+                         f"**{r['receiver_mbps'] / off['receiver_mbps']:.2f}x** the same "
+                         f"run without ({off['receiver_mbps']:.1f} Mbit/s).")
+    return lines
+
+
+def logged_packets(result: dict[str, Any]) -> str:
+    """Rows logged, and the packets on the wire they stand for where that differs."""
+    if not result["logged"]:
+        return "-"
+    rows, wire = result["packets_logged"], result.get("wire_packets_logged")
+    return f"{rows} rows ({wire} on the wire)" if wire not in (None, rows) else f"{rows}"
+
+
 def _cell(value: float | None, template: str) -> str:
     return "n/a" if value is None else template.format(value)
 
@@ -113,7 +147,8 @@ def render_markdown(report: dict[str, Any], *, chart: str | None = None) -> str:
         f"iperf3 TCP through the tunnel, {report.get('duration_s', 0):g} s per profile, "
         "receiver-side rate. Underlay (peer to postgres host, no tunnel): "
         f"{_cell(report.get('underlay_mbps'), '{:.0f}')} Mbit/s. Ceiling: what the "
-        "database ingests with no tunnel, rows of the packets' size written from a peer "
+        "database ingests with no tunnel, rows of the packets' size (with offload: of the "
+        "run's super-packets, their mean) written from a peer "
         "with the uplink's own path and settings (`pgvpn ceiling`), in the same run.",
         "",
         "| profile | logged | MTU | published Mbit/s | measured Mbit/s | x blog-v1 measured "
@@ -128,11 +163,11 @@ def render_markdown(report: dict[str, Any], *, chart: str | None = None) -> str:
         published = PUBLISHED.get(r["profile"], (None, "-"))[1]
         if "error" in r:
             reason = " ".join(str(r["error"]).split())[:160].replace("|", "/")
-            lines.append(f"| {r['profile']} | {logged} | | {published} "
+            lines.append(f"| {label(r)} | {logged} | | {published} "
                          f"| **failed**: {reason} | | | | | | | | | | |")
             continue
         lines.append(
-            f"| {r['profile']} | {logged} | {r['mtu']} | {published} "
+            f"| {label(r)} | {logged} | {r['mtu']} | {published} "
             f"| {r['receiver_mbps']:.1f} | {_cell(r.get('times_blog_v1_measured'), '{:.1f}x')} "
             f"| {r['times_blog_v1_published']:.1f}x "
             f"| {_cell(r['tunnel_to_underlay'], '{:.1%}')} "
@@ -140,18 +175,18 @@ def render_markdown(report: dict[str, Any], *, chart: str | None = None) -> str:
             f"| {_cell(r.get('tunnel_to_ceiling'), '{:.1%}')} "
             f"| {rtt_pair(r, 'rtt_idle_ms')} | {rtt_pair(r, 'rtt_loaded_ms')} "
             f"| {r['retransmits']} "
-            f"| {r['packets_logged'] if r['logged'] else '-'} "
+            f"| {logged_packets(r)} "
             f"| {mb_logged} |")
     lines += ["", "RTT: single pings through the tunnel, idle (before iperf3) and under load "
               "(while the one iperf3 stream runs); nearest-rank percentiles.", ""]
     for r in succeeded(results):
         if "error" in (r.get("ceiling") or {}):
             reason = " ".join(str(r["ceiling"]["error"]).split())[:300]
-            lines += [f"The ceiling was not measured with {r['profile']}: {reason}", ""]
+            lines += [f"The ceiling was not measured with {label(r)}: {reason}", ""]
     if any(p in PUBLISHED for p in (r["profile"] for r in results)):
         lines += ["Published figures are the blog posts' own, measured by their author on his "
                   "machine; only the measured columns come from this run.", ""]
-    notes = expectations(report)
+    notes = expectations(report) + offload_gain(results)
     if notes:
         lines += [*notes, ""]
     if chart:

@@ -32,6 +32,9 @@ class LabSettings:
     # Agents reach postgres over TLS, verifying its certificate; False (`lab up --no-tls`)
     # lets them connect in plaintext, which is only for measuring what TLS costs.
     tls: bool = True
+    # TCP segmentation offload on the agents' TUN devices (PGVPN_OFFLOAD); False
+    # (`--offload off`) logs one row per packet on the wire, to measure what it gains.
+    offload: bool = True
 
 
 def settings_path() -> Path:

@@ -19,7 +19,7 @@ from tests.conftest import ROOT, LabHandle, netns_ready
 REQUIRED_FIELDS = {"underlay_mbps", "backend", "profile", "mtu", "duration_s", "receiver_mbps",
                    "sender_mbps", "retransmits", "rtt_ms", "packets_logged", "bytes_logged",
                    "intervals", "rtt_idle_ms", "rtt_loaded_ms", "ceiling_mbps",
-                   "tunnel_to_ceiling", "ceiling"}
+                   "tunnel_to_ceiling", "ceiling", "offload", "wire_packets_logged", "run"}
 
 
 def test_status_shows_hosts_addresses_health_and_the_log(netns_lab: LabHandle) -> None:
@@ -67,13 +67,18 @@ def test_up_on_a_healthy_lab_changes_nothing(any_lab: LabHandle) -> None:
 def test_bench_json_on_stdout_and_reports_on_disk(any_lab: LabHandle, tmp_path: os.PathLike
                                                   ) -> None:
     out = os.path.join(tmp_path, "bench")
-    logged_before = any_lab.sql("SELECT count(*) FROM pgvpn.packets")[0][0]
+    logged_before, last_id = any_lab.sql("SELECT count(*), max(id) FROM pgvpn.packets")[0]
     done = any_lab.cli("bench", "--duration", "2", "--out", out, "--json", "-")
     report = json.loads(done.stdout)  # stdout holds the JSON and nothing else
     assert set(report) >= REQUIRED_FIELDS
-    # the database's ceiling, from peer-a with its uplink's path, rows of the packets' size
+    # the database's ceiling, from peer-a with its uplink's path, rows of the size peer-a's
+    # rows had in the run: with offload (the default) its super-packets', above the MTU
     ceiling = report["ceiling"]
-    assert ceiling["row_bytes"] == report["mtu"] and ceiling["rows"] > 1000
+    sent = any_lab.sql("SELECT avg(length) FROM pgvpn.packets WHERE sender = 'peer-a' "
+                       "AND id > %s", [last_id])[0][0]
+    assert report["offload"] is True and report["mtu"] < ceiling["row_bytes"] <= 65535
+    assert abs(ceiling["row_bytes"] - float(sent)) <= 0.02 * float(sent), (ceiling, sent)
+    assert ceiling["rows"] * ceiling["row_bytes"] > 50_000_000
     assert report["ceiling_mbps"] == ceiling["mbps"] > 0
     assert report["tunnel_to_ceiling"] == round(report["receiver_mbps"] / ceiling["mbps"], 4)
     # ... into a scratch table dropped after the run, never into the log
@@ -82,7 +87,9 @@ def test_bench_json_on_stdout_and_reports_on_disk(any_lab: LabHandle, tmp_path: 
     assert added - report["packets_logged"] < min(1000, ceiling["rows"]), (added, report)
     assert report["backend"] == any_lab.backend
     assert report["receiver_mbps"] > 0 and report["underlay_mbps"] > report["receiver_mbps"]
-    assert report["packets_logged"] > 1000 and report["bytes_logged"] > 1_000_000
+    assert report["packets_logged"] > 100 and report["bytes_logged"] > 1_000_000
+    # rows, and the packets on the wire they stand for: a super-packet is many
+    assert report["wire_packets_logged"] > max(1000, report["packets_logged"])
     assert set(report["rtt_ms"]) == {"min", "avg", "max"}
     idle, loaded = report["rtt_idle_ms"], report["rtt_loaded_ms"]
     assert idle["samples"] >= 90 and loaded["samples"] >= 3  # 100 idle pings; 2 s of load
@@ -152,20 +159,29 @@ def test_a_multi_profile_bench_keeps_every_logged_packet(any_lab: LabHandle,
     cursor_query = "SELECT receiver, sender, last_seq FROM pgvpn.cursors"
     cursors = {(r, s): seq for r, s, seq in any_lab.sql(cursor_query)}
     try:
-        done = any_lab.cli("bench", "--profile", "batched,batched-jumbo", "--duration", "2",
-                           "--out", str(tmp_path / "bench"), "--json", "-")
+        done = any_lab.cli("bench", "--profile", "batched,batched-jumbo", "--offload", "both",
+                           "--duration", "2", "--out", str(tmp_path / "bench"), "--json", "-")
     finally:
         any_lab.use_profile("batched")
     assert before and any_lab.sql(rows, [last_id]) == before  # every row, byte for byte
     after = {(r, s): seq for r, s, seq in any_lab.sql(cursor_query)}
     assert all(after[key] >= seq for key, seq in cursors.items())  # no cursor reset
-    results = {r["profile"]: r for r in json.loads(done.stdout)["results"]}
+    report = json.loads(done.stdout)
+    results = {r["run"]: r for r in report["results"]}
+    # each profile with offload off, then on; off comes back on for the next profile
+    assert report["profiles"] == ["batched, offload off", "batched",
+                                  "batched-jumbo, offload off", "batched-jumbo"]
     added = any_lab.sql("SELECT count(*) FROM pgvpn.packets WHERE id > %s", [last_id])[0][0]
-    for profile in ("batched", "batched-jumbo"):  # every byte delivered was counted as logged
-        result = results[profile]
+    for run, result in results.items():  # every byte delivered was counted as logged
         assert result["bytes_logged"] >= result["bytes_received"] > 0, result
-        # the ceiling was measured for each MTU, with rows of that size
-        assert result["ceiling"]["row_bytes"] == result["mtu"], result
+        assert result["offload"] == ("offload off" not in run), result
+        if result["offload"]:  # measured after the run, rows of its super-packets' size
+            assert 1 <= result["ceiling"]["row_bytes"] <= 65535, result
+            assert result["ceiling"]["mbps"] > 0, result
+        else:  # measured once per MTU, rows of that size; one row, one packet
+            assert result["ceiling"]["row_bytes"] == result["mtu"], result
+            assert result["wire_packets_logged"] == result["packets_logged"], result
+    assert results["batched"]["wire_packets_logged"] > results["batched"]["packets_logged"]
     assert sum(r["packets_logged"] for r in results.values()) <= added
     assert "emptied" not in done.stderr
 

@@ -69,13 +69,18 @@ def table_marks(lab: LabHandle) -> dict[str, int]:
 def test_the_agents_run_the_chosen_profile(lab_on: tuple[LabHandle, Profile]) -> None:
     """`lab up --profile X` on a running lab restarts the agents with X, not just the
     lab's record of it: each agent's own start line says X, its TUN has X's MTU, and
-    traffic grows X's table and no other (notify-only: none at all)."""
+    traffic grows X's table and no other (notify-only: none at all). Offload is on for
+    the profiles that carry it, off for the blog's."""
     lab, profile = lab_on
     mtu = profile.default_mtu(LAB_MTU)
     for host in ("peer-a", "peer-b"):
         start = last_start(lab, host)
         assert (start["profile"], int(start["mtu"]), start["commit"]) == (
             profile.name, mtu, "synchronous"), start[0]
+        # offload where the profile carries it; the blog's profiles keep a packet per row
+        assert start["offload"] == ("on" if profile.carries_offload else
+                                    f"off: profile {profile.name} logs one packet per row"
+                                    ), start[0]
         assert lab.tun_link(host)["mtu"] == mtu, host
     before = table_marks(lab)
     # a reply arrives only after both packets crossed: each was logged, if the profile logs

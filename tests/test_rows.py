@@ -18,6 +18,7 @@ from pgvpn.copyformat import PACKET_COLUMNS, encode_packet_rows
 from pgvpn.packets import packet_problem
 from pgvpn.transports.base import Counters, Downlink
 from pgvpn.transports.batched import MAX_SEQ
+from pgvpn.tun import TunDevice
 from tests.conftest import LabHandle
 from tests.peerside import connect_as
 from tests.test_packets import ipv4_udp, ipv6_udp
@@ -29,6 +30,10 @@ CONFIG_ENV = {"PGVPN_NAME": "peer-b", "PGVPN_PEER": "peer-a", "TUN_IP": "10.230.
 class FakeTun:
     """Takes what the pump writes, except that, like a kernel with its own ideas, it
     refuses some packets with EINVAL (those whose length is a multiple of 7)."""
+
+    offload = False  # the agent's own checks of what it may write, as on a plain TUN
+    packet_of = TunDevice.packet_of
+    frame_problem = TunDevice.frame_problem
 
     def __init__(self, mtu: int) -> None:
         self.mtu = mtu

@@ -19,7 +19,6 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgvpn import bootstrap, migrate
-from pgvpn.copyformat import PACKET_COLUMNS
 from pgvpn.errors import DatabaseError, PgvpnError
 from tests.conftest import ROOT, LabHandle
 from tests.peerside import peer_conninfo
@@ -47,7 +46,7 @@ def old_database(any_lab: LabHandle) -> Iterator[LabHandle]:
                     conn.execute("INSERT INTO pgvpn.schema_migrations (version, name) "
                                  "VALUES (%s, %s)", [step.version, step.name])
             with conn.cursor() as cur, cur.copy(
-                    f"COPY pgvpn.packets (sender, {PACKET_COLUMNS}) FROM STDIN") as copy:
+                    "COPY pgvpn.packets (sender, seq, receiver, length, data) FROM STDIN") as copy:
                 for seq in range(1, 51):
                     copy.write_row(["peer-a", seq, "peer-b", 20, b"\x45" + bytes(19)])
         yield any_lab

@@ -219,7 +219,7 @@ WEAKENINGS = [
               for column, privilege in (("id", "nothing"), ("logged_at", "nothing"),
                                         ("sender", "nothing"), ("seq", "INSERT"),
                                         ("receiver", "INSERT"), ("length", "INSERT"),
-                                        ("data", "INSERT")))),
+                                        ("data", "INSERT"), ("offload", "INSERT")))),
          "04_attacks.sql": red(
             "the peer still cannot read pgvpn.packets",
             "after the attack the peer has no privilege on pgvpn.packets")}),

@@ -113,18 +113,21 @@ class Agent:
             risk = tlspolicy.risks(control)
             if risk:
                 log.warning("peer %s: %s", self.config.name, risk)
-            with TunDevice(self.config.tun_name, self.mtu) as tun:
+            offload = self.config.offload and self.profile.carries_offload
+            with TunDevice(self.config.tun_name, self.mtu, offload=offload) as tun:
                 addresses = [self.config.tun_ip]
                 if self.config.tun_ip6 is not None:
                     addresses.append(self.config.tun_ip6)
                 tun.configure(addresses)
+                self.session.offload = tun.offload
                 uplink = self.profile.open_uplink(self.session)
                 downlink = self.profile.open_downlink(self.session)
                 self.uplink, self.downlink = uplink, downlink  # for the metrics
-                log.info("peer %s: %s on %s (%s, mtu %d) -> peer %s (%s) via %s (%s), "
+                log.info("peer %s: %s on %s (%s, mtu %d, %s) -> peer %s (%s) via %s (%s), "
                          "profile %s, %s commit", self.config.name, tun.name,
                          ", ".join(map(str, addresses)), "v4+v6" if len(addresses) > 1 else
                          "v4" if self.config.tun_ip.version == 4 else "v6", self.mtu,
+                         self._describe_offload(tun),
                          self.config.peer, self.config.tun_peer,
                          db.describe_target(self.config.database_url), security,
                          self.profile.name,
@@ -151,6 +154,15 @@ class Agent:
             raise PgvpnError(f"agent stopped: {self.failure!r}") from self.failure
         log.info("peer %s: stopped; sent %d packets, received %d", self.config.name,
                  uplink.counters.packets, downlink.counters.packets)
+
+    def _describe_offload(self, tun: TunDevice) -> str:
+        if tun.offload:
+            return "offload on"
+        if tun.offload_refused:
+            return f"offload off: {tun.offload_refused}"
+        if not self.profile.carries_offload:
+            return f"offload off: profile {self.profile.name} logs one packet per row"
+        return "offload off: PGVPN_OFFLOAD=false"
 
     def _serve_metrics(self) -> MetricsServer | None:
         """Prometheus metrics on --metrics-listen, read from the pumps' own counters
@@ -188,7 +200,7 @@ class Agent:
                 continue
             packets = []
             for frame in tun.read_available(limit):
-                problem = packet_problem(frame)
+                problem = packet_problem(tun.packet_of(frame))
                 if problem is None:
                     packets.append(frame)
                 else:
@@ -200,11 +212,11 @@ class Agent:
     def pump_down(self, tun: TunDevice, downlink: Downlink) -> None:
         """Database -> TUN: write each committed packet addressed to us."""
         while not self.stop.is_set():
-            for packet in downlink.receive(timeout=0.5):
-                problem = packet_problem(packet, max_size=tun.mtu)
+            for frame in downlink.receive(timeout=0.5):
+                problem = tun.frame_problem(frame)
                 if problem is None:
                     try:
-                        tun.write(packet)
+                        tun.write(frame)
                     except OSError as exc:  # what the checks missed; the kernel decides
                         problem = f"the TUN device refused it: {exc.strerror}"
                 if problem is not None:

@@ -173,6 +173,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("synchronous_commit", "PGVPN_SYNCHRONOUS_COMMIT", _bool, True,
             "wait for the WAL flush of every batch; false is faster but a database crash "
             "can lose rows whose packets were already delivered"),
+    Setting("offload", "PGVPN_OFFLOAD", _bool, True,
+            "TCP segmentation and checksum offload on the TUN device (profiles batched and "
+            "batched-jumbo): one read, row and write carry up to 64 KB of a TCP stream; "
+            "false logs one row per packet on the wire"),
     Setting("batch_packets", "PGVPN_BATCH_PACKETS", _whole(1, MAX_BATCH_PACKETS), 1024,
             f"most packets written in one COPY (1-{MAX_BATCH_PACKETS})"),
     Setting("max_replay_age", "PGVPN_MAX_REPLAY_AGE", _seconds, 30.0,
@@ -232,6 +236,7 @@ class AgentConfig:
     mtu: int = 1500
     profile: str = "batched"
     synchronous_commit: bool = True
+    offload: bool = True
     batch_packets: int = 1024
     max_replay_age: float = 30.0
     allow_plaintext: bool = False

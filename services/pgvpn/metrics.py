@@ -46,7 +46,8 @@ class AgentCollector(Collector):
         labels = ["peer", "remote", "direction"]
         sides = (("up", now.up), ("down", now.down))
         for field, text in (
-                ("packets", "packets carried (up: TUN to database, down: database to TUN)"),
+                ("packets", "packets carried (up: TUN to database, down: database to TUN); "
+                 "a TCP super-packet of an offloading TUN counts once, as the TUN does"),
                 ("bytes", "bytes of packets carried"),
                 ("batches", "batches written (up) or read (down)"),
                 ("reconnects", "database connections lost and made again")):

@@ -6,7 +6,7 @@ IPV4_MIN_HEADER = 20
 IPV6_HEADER = 40
 
 
-def packet_problem(frame: bytes, max_size: int | None = None) -> str | None:
+def packet_problem(frame: bytes | memoryview, max_size: int | None = None) -> str | None:
     """Return why `frame` is not one whole IPv4/IPv6 packet, or None if it is.
 
     Checks only what the kernel would also reject: version, header length and the

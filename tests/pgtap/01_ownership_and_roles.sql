@@ -27,7 +27,8 @@ SELECT set_eq(
           'pgvpn.decode_headers(bytea)', 'pgvpn.ensure_partitions(integer)',
           'pgvpn.expired_partitions(timestamp with time zone)', 'pgvpn.last_sent_seq()',
           'pgvpn.lock_own(text)', 'pgvpn.partition_name(timestamp with time zone,timestamp with time zone)',
-          'pgvpn.partition_ranges()', 'pgvpn_admin.ensure_peer_role(text,text)'],
+          'pgvpn.partition_ranges()', 'pgvpn.wire_packets(integer,bytea,bytea)',
+          'pgvpn_admin.ensure_peer_role(text,text)'],
     'schemas pgvpn and pgvpn_admin hold exactly the known functions');
 
 SELECT table_owner_is('pgvpn', t, 'pgvpn_owner', format('table pgvpn.%s is owned by pgvpn_owner', t))

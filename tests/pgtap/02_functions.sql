@@ -2,7 +2,7 @@
 -- search_path (or a SQL-standard body), and EXECUTE for exactly the roles that
 -- call it (sql/005_trust.sql, sql/init_peer_roles.sql).
 \ir begin.inc
-SELECT plan(59);
+SELECT plan(64);
 
 -- The intended state, one row per function.  `callers`: the roles granted EXECUTE
 -- besides the function's owner (who always has it).
@@ -17,12 +17,13 @@ INSERT INTO intended VALUES
     ('pgvpn', 'current_peer', '{}', false, '{pgvpn_agent,pgvpn_reader}'),
     ('pgvpn', 'partition_ranges', '{}', false, '{pgvpn_reader}'),
     ('pgvpn', 'decode_headers', '{bytea}', false, '{pgvpn_reader}'),
+    ('pgvpn', 'wire_packets', '{integer,bytea,bytea}', false, '{pgvpn_reader}'),
     ('pgvpn', 'expired_partitions', '{timestamp with time zone}', false, '{}'),
     ('pgvpn', 'partition_name', '{timestamp with time zone,timestamp with time zone}', false,
      '{}'),
     ('pgvpn', 'blog_v1_notify', '{}', false, '{}');
 
-SELECT is(count(*)::integer, 10, 'the intended list names the 10 functions of the two schemas')
+SELECT is(count(*)::integer, 11, 'the intended list names the 11 functions of the two schemas')
 FROM intended;
 
 -- --------------------------------------------------------- SECURITY DEFINER

@@ -2,7 +2,7 @@
 -- view, sequence, schema and the database; row-level security and its policies
 -- (sql/001-005, SECURITY.md "What a peer can and cannot do").
 \ir begin.inc
-SELECT plan(119);
+SELECT plan(121);
 
 -- ---------------------------------------------------------------- tables, views
 -- Effective privileges (has_table_privilege: membership and PUBLIC included).
@@ -61,15 +61,15 @@ SELECT set_eq(
     'relations in pgvpn grant exactly the intended privileges, none to PUBLIC or anyone else');
 
 -- ----------------------------------------------------------------- columns
--- Agents INSERT (and COPY) pgvpn.packets' seq, receiver, length, data; sender is
+-- Agents INSERT (and COPY) pgvpn.packets' seq, receiver, length, data, offload; sender is
 -- the column default (the session's peer), never theirs to set; nothing else.
 SELECT column_privs_are('pgvpn', 'packets', c.col, r.role,
-                        CASE WHEN c.col IN ('seq', 'receiver', 'length', 'data')
+                        CASE WHEN c.col IN ('seq', 'receiver', 'length', 'data', 'offload')
                              THEN '{INSERT}'::name[] ELSE '{}'::name[] END,
                         format('%s on pgvpn.packets(%s): %s', r.role, c.col,
-                               CASE WHEN c.col IN ('seq', 'receiver', 'length', 'data')
+                               CASE WHEN c.col IN ('seq', 'receiver', 'length', 'data', 'offload')
                                     THEN 'INSERT' ELSE 'nothing' END))
-FROM unnest('{id,logged_at,sender,seq,receiver,length,data}'::name[]) AS c(col)
+FROM unnest('{id,logged_at,sender,seq,receiver,length,data,offload}'::name[]) AS c(col)
 CROSS JOIN unnest('{pgvpn_agent,pgvpn_peer_a}'::name[]) AS r(role);
 SELECT column_privs_are('pgvpn', 'blog_v1_packets', 'received', 'pgvpn_agent',
                         '{SELECT,INSERT,UPDATE}',
@@ -101,12 +101,13 @@ SELECT set_eq(
              ('packets', 'receiver', 'pgvpn_agent', 'INSERT'),
              ('packets', 'length', 'pgvpn_agent', 'INSERT'),
              ('packets', 'data', 'pgvpn_agent', 'INSERT'),
+             ('packets', 'offload', 'pgvpn_agent', 'INSERT'),
              ('blog_v1_packets', 'received', 'pgvpn_agent', 'UPDATE'),
              ('cursors', 'last_seq', 'pgvpn_agent', 'UPDATE'),
              ('cursors', 'updated_at', 'pgvpn_agent', 'UPDATE'),
              ('peers', 'tunnel_addr', 'pgvpn_agent', 'UPDATE'),
              ('peers', 'last_seen', 'pgvpn_agent', 'UPDATE')$$,
-    'column grants in pgvpn are exactly INSERT on packets(seq, receiver, length, data) and UPDATE on blog_v1_packets(received), cursors(last_seq, updated_at), peers(tunnel_addr, last_seen), to pgvpn_agent');
+    'column grants in pgvpn are exactly INSERT on packets(seq, receiver, length, data, offload) and UPDATE on blog_v1_packets(received), cursors(last_seq, updated_at), peers(tunnel_addr, last_seen), to pgvpn_agent');
 SELECT col_default_is('pgvpn', 'packets', 'sender', 'pgvpn.current_peer()',
                       'pgvpn.packets.sender defaults to pgvpn.current_peer()');
 

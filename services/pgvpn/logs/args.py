@@ -129,6 +129,12 @@ def add_stats_arguments(parser: argparse.ArgumentParser) -> None:
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pcap", required=True, metavar="FILE|-", type=output_file,
                         help="write a pcap file (raw IP, logged timestamps); '-' = stdout")
+    parser.add_argument("--super-packets", action="store_true",
+                        help="write each row as logged: a TCP super-packet from an "
+                        "offloading TUN stays one frame larger than the MTU, with a partial "
+                        "checksum, as tcpdump shows it on an offloading NIC (default: the "
+                        "packets as they crossed the wire, segmented at the MSS with their "
+                        "lengths, IPv4 ids and checksums)")
     add_filter_arguments(parser)
 
 

@@ -120,12 +120,25 @@ def cmd_export(conn: psycopg.Connection, args: argparse.Namespace) -> int:
     from pgvpn.logs.pcap import write_pcap
 
     flt = filter_from_args(args)
+    rows = 0
+
+    def packets() -> Iterator[tuple[datetime, bytes]]:
+        nonlocal rows
+        for row in logquery.select(conn, flt, with_data=True):
+            rows += 1
+            if args.super_packets:
+                yield row.logged_at, row.data or b""
+            else:
+                for packet in row.on_the_wire():
+                    yield row.logged_at, packet
+
     with open_output(args.pcap) as out:
-        packets = logquery.select(conn, flt, with_data=True)
-        count, size = write_pcap(((p.logged_at, p.data or b"") for p in packets), out)
+        count, size = write_pcap(packets(), out)
     where = "stdout" if args.pcap == "-" else args.pcap
-    print(f"exported {count} packets ({logrender.human_bytes(size)}) to {where}: "
-          f"{flt.describe()}", file=sys.stderr)
+    shape = ("as logged, super-packets whole" if args.super_packets
+             else "as they crossed the wire")
+    print(f"exported {count} packets from {rows} rows ({logrender.human_bytes(size)}, {shape}) "
+          f"to {where}: {flt.describe()}", file=sys.stderr)
     return 0
 
 
@@ -152,8 +165,9 @@ def selection_for_replay(conn: psycopg.Connection | None, args: argparse.Namespa
         if selected > args.max:
             raise PgvpnError(f"the selection has {selected} packets, more than --max "
                              f"{args.max}: narrow it or raise --max")
-        packets = [(p.logged_at, p.data or b"")
-                   for p in logquery.select(conn, flt, with_data=True)]
+        packets = [(p.logged_at, packet)
+                   for p in logquery.select(conn, flt, with_data=True)
+                   for packet in p.on_the_wire()]
     if len(packets) > args.max:
         raise PgvpnError(f"the input has more than --max {args.max} packets: "
                          "raise --max to replay it")

@@ -20,9 +20,12 @@ import psycopg
 from psycopg import sql
 
 from pgvpn.logs.filter import LogFilter
+from pgvpn.offload import wire_packets
 
 COLUMNS = ("id", "logged_at", "sender", "receiver", "seq", "length", "ip_version", "src",
-           "dst", "protocol", "src_port", "dst_port", "tcp_flags", "icmp_type", "icmp_code")
+           "dst", "protocol", "src_port", "dst_port", "tcp_flags", "icmp_type", "icmp_code",
+           "wire_packets")
+DATA_COLUMNS = ("data", "offload")  # only when asked for
 FETCH_BATCH = 2000
 NEW_SENDER_MARGIN = timedelta(minutes=1)  # how far back a sender first seen is read
 
@@ -46,18 +49,36 @@ class LoggedPacket:
     tcp_flags: tuple[str, ...] = ()
     icmp_type: int | None = None
     icmp_code: int | None = None
+    #: The packets on the wire this row stands for: more than 1 for a TCP super-packet
+    #: read from an offloading TUN (sql/009_offload.sql).
+    wire_packets: int = 1
     data: bytes | None = field(default=None, repr=False)
+    #: The row's virtio_net_hdr (pgvpn.offload), fetched with `data`.
+    offload: bytes | None = field(default=None, repr=False)
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> LoggedPacket:
-        values = dict(zip((*COLUMNS, "data"), row, strict=False))
+        values = dict(zip((*COLUMNS, *DATA_COLUMNS), row, strict=False))
         for key in ("src", "dst"):
             if values.get(key) is not None:
                 values[key] = str(values[key]).removesuffix("/32").removesuffix("/128")
         values["tcp_flags"] = tuple(values.get("tcp_flags") or ())
-        if values.get("data") is not None:
-            values["data"] = bytes(values["data"])
+        for key in DATA_COLUMNS:
+            if values.get(key) is not None:
+                values[key] = bytes(values[key])
         return cls(**values)
+
+    def on_the_wire(self) -> list[bytes]:
+        """The packets this row stands for as they would cross a wire: a super-packet
+        segmented, a partial checksum completed (pgvpn.offload); one packet otherwise.
+        A row whose header is not usable is kept as it was logged."""
+        data = self.data or b""
+        if self.offload is None:
+            return [data]
+        try:
+            return wire_packets(self.offload, data)
+        except ValueError:
+            return [data]
 
     def as_json(self) -> dict[str, Any]:
         """Plain JSON values: ISO time, hex data when present."""
@@ -66,11 +87,12 @@ class LoggedPacket:
         doc["tcp_flags"] = list(self.tcp_flags) if self.tcp_flags else None
         if self.data is not None:
             doc["data"] = self.data.hex()
+            doc["offload"] = self.offload.hex() if self.offload is not None else None
         return doc
 
 
 def _select_list(with_data: bool, alias: str = "h") -> sql.Composable:
-    names = (*COLUMNS, "data") if with_data else COLUMNS
+    names = (*COLUMNS, *DATA_COLUMNS) if with_data else COLUMNS
     return sql.SQL(", ").join(sql.Identifier(alias, name) for name in names)
 
 
@@ -141,7 +163,8 @@ def follow(conn: psycopg.Connection, flt: LogFilter, after: dict[str, int], *,
             sql.Literal(sender), sql.Literal(seq)) for sender, seq in cursors.items()]
         known.append(sql.SQL("(h.sender <> ALL({}) AND h.logged_at >= {})").format(
             sql.Literal(list(cursors)), sql.Literal(started)))
-        data = sql.SQL(", CASE WHEN m THEN h.data END") if with_data else sql.SQL("")
+        data = (sql.SQL(", CASE WHEN m THEN h.data END, CASE WHEN m THEN h.offload END")
+                if with_data else sql.SQL(""))
         query = sql.SQL(
             "SELECT {cols}{data}, m FROM (SELECT h.*, ({matches}) AS m "
             "FROM pgvpn.packet_headers h WHERE {fresh}) h ORDER BY h.logged_at, h.id").format(

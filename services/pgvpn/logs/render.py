@@ -58,7 +58,10 @@ UNREACHABLE = {(4, 0): "net", (4, 1): "host", (4, 3): "port", (4, 4): "frag need
 def info(packet: LoggedPacket) -> str:
     """What a person wants to know at a glance: TCP flags, the ICMP message."""
     if packet.tcp_flags:
-        return ",".join(packet.tcp_flags)
+        flags = ",".join(packet.tcp_flags)
+        if packet.wire_packets > 1:  # a super-packet from an offloading TUN
+            return f"{flags} ({packet.wire_packets} on the wire)"
+        return flags
     if packet.icmp_type is not None:
         version = packet.ip_version or 4
         name = ICMP_TYPES.get((version, packet.icmp_type))
@@ -137,8 +140,16 @@ def packet_table(packets: Sequence[LoggedPacket], title: str) -> Table:
                   f"{p.sender}>{p.receiver}", p.protocol or "?",
                   endpoint(p.src, p.src_port), endpoint(p.dst, p.dst_port), info(p), p.length)
     zone = datetime.now().astimezone().strftime("%Z")
-    table.caption = f"{len(packets)} packet(s); times in {zone}"
+    table.caption = f"{rows_and_packets(len(packets), sum(p.wire_packets for p in packets))}; " \
+        f"times in {zone}"
     return table
+
+
+def rows_and_packets(rows: int, packets: int) -> str:
+    """'N packet(s)', or 'N rows (M packets on the wire)' where rows hold super-packets."""
+    if rows == packets:
+        return f"{rows} packet(s)"
+    return f"{rows} rows ({packets} packets on the wire)"
 
 
 def packet_line(p: LoggedPacket) -> str:
@@ -149,7 +160,7 @@ def packet_line(p: LoggedPacket) -> str:
 
 
 def stats_table(rows: Sequence[Aggregate], by: str, title: str,
-                total: tuple[int, int]) -> Table:
+                total: tuple[int, int, int]) -> Table:
     if by == "flow":
         table = Table(title, ["source", "destination", "proto", "packets", "bytes", "share",
                               "avg rate", "first", "span"],
@@ -179,7 +190,8 @@ def stats_table(rows: Sequence[Aggregate], by: str, title: str,
         else:
             table.add(key["sender"], key["receiver"], row.packets, human_bytes(row.bytes),
                       share, human_rate(row.bits_per_second), first, span)
-    table.caption = f"selection: {total[0]} packets, {human_bytes(total[1])}"
+    table.caption = (f"selection: {rows_and_packets(total[2], total[0])}, "
+                     f"{human_bytes(total[1])}; packets: on the wire")
     return table
 
 

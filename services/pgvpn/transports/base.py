@@ -13,7 +13,7 @@ import logging
 import secrets
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -21,6 +21,7 @@ import psycopg
 
 from pgvpn import db, tlspolicy
 from pgvpn.config import AgentConfig
+from pgvpn.offload import VNET_HDR_LEN
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -61,11 +62,13 @@ class Counters:
     reconnects: int = 0
     seconds: Latency = field(default_factory=Latency)
 
-    def add_batch(self, packets: list[builtins.bytes]) -> None:
-        """Count one batch that went through (an empty one counts as nothing)."""
+    def add_batch(self, packets: Sequence[builtins.bytes | memoryview],
+                  header_bytes: int = 0) -> None:
+        """Count one batch that went through (an empty one counts as nothing);
+        `header_bytes`: what each item carries before its packet (a virtio_net_hdr)."""
         if packets:
             self.packets += len(packets)
-            self.bytes += sum(map(len, packets))
+            self.bytes += sum(map(len, packets)) - header_bytes * len(packets)
             self.batches += 1
 
 
@@ -89,6 +92,10 @@ class Session:
     #: connections: a session with our mark and role that holds our lock is one this
     #: process lost, never another agent's (pgvpn.locks).
     instance: str = field(default_factory=lambda: secrets.token_hex(4))
+    #: Frames to and from the TUN start with a virtio_net_hdr (pgvpn.offload); set by
+    #: the agent from its device before the links open, for a profile that
+    #: `carries_offload`.
+    offload: bool = False
 
     def connect(self, role: str, *, autocommit: bool = True, attempts: int | None = None,
                 bounded: bool = True, statements: bool = False) -> psycopg.Connection:
@@ -152,7 +159,8 @@ class Uplink(ABC):
 
     @abstractmethod
     def send(self, packets: list[bytes]) -> None:
-        """Return once `packets` are committed (or the agent is stopping)."""
+        """Return once `packets` (frames as read from the TUN, with a virtio_net_hdr if
+        the session's `offload`) are committed, or the agent is stopping."""
 
     @abstractmethod
     def close(self) -> None: ...
@@ -165,7 +173,8 @@ class Downlink(ABC):
 
     @abstractmethod
     def receive(self, timeout: float) -> list[bytes]:
-        """Packets ready for the TUN device, waiting at most `timeout` s for some."""
+        """Frames ready for the TUN device (with a virtio_net_hdr if the session's
+        `offload`), waiting at most `timeout` s for some."""
 
     def take_unfetched(self) -> list[str]:
         """Why each row read since the last call was skipped without fetching its data
@@ -219,7 +228,7 @@ class ListeningDownlink(Downlink):
     def receive(self, timeout: float) -> list[bytes]:
         packets = self.session.retrying(lambda: self.fetch(timeout), what="downlink",
                                         reconnect=self._reconnect, counters=self.counters)
-        self.counters.add_batch(packets or [])
+        self.counters.add_batch(packets or [], VNET_HDR_LEN if self.session.offload else 0)
         return packets or []
 
     def close(self) -> None:
@@ -238,18 +247,25 @@ class Profile(ABC):
     log_table: str | None = None
     #: SQL for one `log_table` row's packet size in bytes.
     log_bytes: str = "length"
+    #: SQL for the packets on the wire one `log_table` row stands for (a super-packet
+    #: is several: sql/009_offload.sql).
+    log_wire_packets: str = "1"
     #: Every table the profile writes, so that a benchmark can start each run empty.
     tables: tuple[str, ...] = ()
+    #: Whether its links carry TUN offload's super-packets and headers (pgvpn.offload);
+    #: the blog's profiles keep one packet per row, as in the posts.
+    carries_offload: bool = False
 
     def default_mtu(self, requested: int) -> int:
         return requested
 
     def log_totals_query(self) -> str | None:
-        """SELECT (packets, bytes) logged so far; None for a profile that logs nothing."""
+        """SELECT (rows, bytes, packets on the wire) logged so far; None for a profile
+        that logs nothing."""
         if self.log_table is None:
             return None
-        return (f"SELECT count(*), coalesce(sum({self.log_bytes}), 0) "
-                f"FROM {self.log_table}")
+        return (f"SELECT count(*), coalesce(sum({self.log_bytes}), 0), "
+                f"coalesce(sum({self.log_wire_packets}), 0) FROM {self.log_table}")
 
     @abstractmethod
     def open_uplink(self, session: Session) -> Uplink: ...

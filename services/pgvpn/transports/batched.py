@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 
 import psycopg
 from psycopg import sql
@@ -35,6 +36,7 @@ from psycopg import sql
 from pgvpn.copyformat import PACKET_COLUMNS, encode_packet_rows
 from pgvpn.errors import DatabaseError, PgvpnError
 from pgvpn.locks import take_own_lock
+from pgvpn.offload import NO_OFFLOAD, VNET_HDR_LEN, wire_packets
 from pgvpn.transports.base import (
     Counters,
     Downlink,
@@ -64,9 +66,11 @@ COPY_PACKETS = copy_statement(sql.Identifier("pgvpn", "packets"))
 SMALL_BATCH = 4
 INSERT_AND_NOTIFY = """
 WITH logged AS (
-    INSERT INTO pgvpn.packets (seq, receiver, length, data)
-    SELECT %(first)s + batch.ordinality - 1, %(receiver)s, octet_length(batch.data), batch.data
-    FROM unnest(%(packets)b::bytea[]) WITH ORDINALITY AS batch(data, ordinality)
+    INSERT INTO pgvpn.packets (seq, receiver, length, data, offload)
+    SELECT %(first)s + batch.ordinality - 1, %(receiver)s, octet_length(batch.data), batch.data,
+           batch.offload
+    FROM unnest(%(packets)b::bytea[], %(offloads)b::bytea[])
+         WITH ORDINALITY AS batch(data, offload, ordinality)
 )
 SELECT pg_notify(%(channel)s, '')
 """
@@ -74,18 +78,22 @@ SELECT pg_notify(%(channel)s, '')
 MAX_SEQ = 2**62 - 1
 # At most this much packet data in one batch read, whatever the MTU and batch_packets.
 BATCH_BYTES = 4 * 2**20
+MAX_ROW = 65535  # the largest row (sql/006): a super-packet may exceed the MTU
 # A batch: the next rows in seq order, at most %(limit)s of them and %(max_bytes)s bytes
 # of data; a row larger than %(max_packet)s (the TUN's MTU) comes without its data
-# (CASE: its TOAST chunks are never read), so that its size costs nothing here.
+# (CASE: its TOAST chunks are never read), so that its size costs nothing here,
+# unless it has an offload header: a super-packet is larger than the MTU by design,
+# and whether its segments fit is checked when it arrives (pgvpn.offload).
 NEXT_BATCH = """
 WITH candidate AS (
-    SELECT seq, length, CASE WHEN length <= %(max_packet)s THEN data END AS data
+    SELECT seq, length, offload,
+           CASE WHEN length <= %(max_packet)s OR offload IS NOT NULL THEN data END AS data
     FROM pgvpn.inbox
     WHERE receiver = %(me)s AND sender = %(peer)s AND seq > %(after)s
     ORDER BY seq LIMIT %(limit)s
 ), batch AS (
-    SELECT seq, length, data FROM (
-        SELECT seq, length, data, sum(CASE WHEN data IS NULL THEN 0 ELSE length END)
+    SELECT seq, length, data, offload FROM (
+        SELECT seq, length, data, offload, sum(CASE WHEN data IS NULL THEN 0 ELSE length END)
                                   OVER (ORDER BY seq) AS fetched
         FROM candidate) c
     WHERE fetched <= %(max_bytes)s
@@ -94,7 +102,7 @@ WITH candidate AS (
     SET last_seq = (SELECT max(seq) FROM batch), updated_at = now()
     WHERE receiver = %(me)s AND sender = %(peer)s AND EXISTS (SELECT FROM batch)
 )
-SELECT seq, length, data FROM batch ORDER BY seq
+SELECT seq, length, data, offload FROM batch ORDER BY seq
 """
 # The cursor moves past packets older than max_replay_age; returns (new, old) last_seq.
 SKIP_STALE = """
@@ -110,11 +118,20 @@ IDLE_POLL = 1.0  # seconds: a lost notification costs at most this much latency
 
 
 def copy_batch(conn: psycopg.Connection, statement: sql.Composed, receiver: str,
-               first_seq: int, packets: list[bytes]) -> None:
+               first_seq: int, packets: Sequence[bytes | memoryview],
+               headers: Sequence[bytes | None] | None = None) -> None:
     """A bulk batch's write: one binary COPY (`copy_statement`), committed on its own
     (autocommit). `pgvpn ceiling` measures the database with this same function."""
     with conn.cursor() as cur, cur.copy(statement) as copy:
-        copy.write(encode_packet_rows(receiver, first_seq, packets))
+        copy.write(encode_packet_rows(receiver, first_seq, packets, headers))
+
+
+def split_frames(frames: list[bytes]) -> tuple[list[memoryview], list[bytes | None]]:
+    """Frames read from an offloading TUN as (packets, headers): the header of a packet
+    the kernel marked nothing on is None, a NULL in the log."""
+    headers: list[bytes | None] = [
+        None if frame.startswith(NO_OFFLOAD) else frame[:VNET_HDR_LEN] for frame in frames]
+    return [memoryview(frame)[VNET_HDR_LEN:] for frame in frames], headers
 
 
 def notify(conn: psycopg.Connection, channel: str) -> None:
@@ -158,10 +175,14 @@ class BatchedUplink(Uplink):
         self.conn.close()
         self.conn = self._open()
 
-    def send(self, packets: list[bytes]) -> None:
-        if self.committed_seq + len(packets) > MAX_SEQ:
+    def send(self, frames: list[bytes]) -> None:
+        if self.committed_seq + len(frames) > MAX_SEQ:
             raise self._out_of_numbers()
         first_seq = self.committed_seq + 1
+        headers: list[bytes | None] | None = None
+        packets: Sequence[bytes | memoryview] = frames
+        if self.session.offload:
+            packets, headers = split_frames(frames)
 
         def write() -> None:
             if self.committed_seq >= first_seq:  # _open reread it after a lost connection
@@ -171,11 +192,13 @@ class BatchedUplink(Uplink):
                 return
             if len(packets) <= SMALL_BATCH:
                 self.conn.execute(INSERT_AND_NOTIFY, {
-                    "first": first_seq, "receiver": self.config.peer, "packets": packets,
+                    "first": first_seq, "receiver": self.config.peer,
+                    "packets": list(map(bytes, packets)),
+                    "offloads": headers if headers and any(headers) else None,
                     "channel": self.channel}, prepare=True)
                 self.committed_seq = first_seq + len(packets) - 1
                 return
-            copy_batch(self.conn, COPY_PACKETS, self.config.peer, first_seq, packets)
+            copy_batch(self.conn, COPY_PACKETS, self.config.peer, first_seq, packets, headers)
             self.committed_seq = first_seq + len(packets) - 1
             notify(self.conn, self.channel)
 
@@ -235,14 +258,34 @@ class BatchedDownlink(ListeningDownlink):
         if rows:
             self.counters.seconds.observe(time.perf_counter() - started)
             self.params["after"] = rows[-1][0]
-        packets = [bytes(data) for _, _, data in rows if data is not None]
+        packets = self._frames(rows)
         self.unfetched += [f"{length}-byte row exceeds the MTU of {self.max_packet} "
-                           "(not fetched)" for _, length, data in rows if data is None]
+                           "(not fetched)" for _, length, data, _ in rows if data is None]
         # A batch full of rows or bytes means more may be waiting: read on without a wake-up.
-        fetched = sum(map(len, packets))
+        fetched = sum(length for _, length, data, _ in rows if data is not None)
         self.more_waiting = (len(rows) >= self.config.batch_packets
-                             or fetched > self.max_bytes - self.max_packet)
+                             or fetched > self.max_bytes - MAX_ROW)
         return packets
+
+    def _frames(self, rows: list[tuple[int, int, bytes | None, bytes | None]]) -> list[bytes]:
+        """The fetched rows as frames for this agent's TUN: each header before its packet
+        on an offloading device; otherwise the packets a wire would carry (a super-packet
+        segmented, a partial checksum completed: pgvpn.offload)."""
+        if self.session.offload:
+            return [(header or NO_OFFLOAD) + data for _, _, data, header in rows
+                    if data is not None]
+        frames: list[bytes] = []
+        for _, _, data, header in rows:
+            if data is None:
+                continue
+            if header is None:
+                frames.append(bytes(data))
+                continue
+            try:
+                frames += wire_packets(header, bytes(data))
+            except ValueError as exc:
+                self.unfetched.append(f"offload header not usable: {exc}")
+        return frames
 
     def take_unfetched(self) -> list[str]:
         taken, self.unfetched = self.unfetched, []
@@ -252,8 +295,11 @@ class BatchedDownlink(ListeningDownlink):
 class BatchedProfile(Profile):
     name = "batched"
     logged = True
+    carries_offload = True
     summary = "batched binary COPY, binary SELECT, one payload-free NOTIFY per batch"
     log_table = "pgvpn.packets"
+    log_wire_packets = ("CASE WHEN offload IS NULL THEN 1 ELSE pgvpn.wire_packets(length, "
+                        "substring(data FROM 1 FOR 256), offload) END")
     tables = ("pgvpn.packets", "pgvpn.cursors")
 
     def open_uplink(self, session: Session) -> Uplink:
