@@ -96,16 +96,18 @@ def bench_profile(lab: Lab, duration: float, progress: Progress,
         ceiling = measure_ceiling(lab, duration, progress, sent_row_size(lab, started))
     elif ceiling is None:
         ceiling = measure_ceiling(lab, duration, progress)
+    run = run_label(lab.settings.profile, lab.settings.offload)
     if raw_dir is not None:
         raw_dir.mkdir(parents=True, exist_ok=True)
-        name = lab.settings.profile
+        # one file per run: `--offload both` runs a profile twice
+        name = run.replace(", offload off", "-offload-off")
         if own_underlay:
             (raw_dir / f"iperf3-underlay-{name}.json").write_text(
                 json.dumps(underlay.raw, indent=1))
         (raw_dir / f"iperf3-tunnel-{name}.json").write_text(json.dumps(tunnel.raw, indent=1))
     return {
         "profile": lab.settings.profile,
-        "run": run_label(lab.settings.profile, lab.settings.offload),
+        "run": run,
         "backend": lab.backend.name,
         "mtu": lab.effective_mtu,
         "duration_s": duration,

@@ -182,6 +182,10 @@ def test_a_multi_profile_bench_keeps_every_logged_packet(any_lab: LabHandle,
             assert result["ceiling"]["row_bytes"] == result["mtu"], result
             assert result["wire_packets_logged"] == result["packets_logged"], result
     assert results["batched"]["wire_packets_logged"] > results["batched"]["packets_logged"]
+    # each run's raw iperf3 JSON is kept: the off run's is not overwritten by the on run's
+    assert {f"iperf3-tunnel-{run}.json" for run in (
+        "batched", "batched-offload-off", "batched-jumbo", "batched-jumbo-offload-off")
+            } <= set(os.listdir(tmp_path / "bench"))
     assert sum(r["packets_logged"] for r in results.values()) <= added
     assert "emptied" not in done.stderr
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
+from pgvpn.offload import VNET_HDR_LEN
+
 SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)  # no OIDs, no extension
 TRAILER = struct.pack("!h", -1)
 # The column list that `encode_packet_rows` fills, in order.  No `sender`: the
@@ -19,7 +21,7 @@ PACKET_COLUMNS = "seq, receiver, length, data, offload"
 _INT8 = struct.Struct("!q")
 _LENGTH_AND_DATA = struct.Struct("!iii")  # length column: 4-byte value; then data's size
 _NULL = struct.pack("!i", -1)
-_HEADER_FIELD = struct.pack("!i", 10)  # a virtio_net_hdr's size
+_HEADER_FIELD = struct.pack("!i", VNET_HDR_LEN)
 
 
 def encode_packet_rows(receiver: str, first_seq: int, packets: Sequence[bytes | memoryview],

@@ -73,8 +73,6 @@ class LoggedPacket:
         segmented, a partial checksum completed (pgvpn.offload); one packet otherwise.
         A row whose header is not usable is kept as it was logged."""
         data = self.data or b""
-        if self.offload is None:
-            return [data]
         try:
             return wire_packets(self.offload, data)
         except ValueError:
