@@ -55,6 +55,7 @@ def insert_and_notify():
     global seq
     seq += 1
     conn.execute(INSERT_AND_NOTIFY, {"first": seq, "receiver": peer, "packets": [packet],
+                                     "offloads": None,
                                      "channel": channel}, prepare=True)
 def copy_then_notify():
     global seq
@@ -78,9 +79,10 @@ print(json.dumps(result))
 READ = r'''
 import json, statistics, sys, time
 import psycopg
-from pgvpn.transports.batched import NEXT_BATCH
+from pgvpn.transports.batched import NEXT_BATCH, READER_SETUP
 me, sender = sys.argv[1], sys.argv[2]
 conn = psycopg.connect(autocommit=True)
+conn.execute(READER_SETUP)  # the downlink's session, as BatchedDownlink.prepare sets it
 last = conn.execute("SELECT max(seq) FROM pgvpn.inbox WHERE sender = %s", [sender]).fetchone()[0]
 params = {"me": me, "peer": sender, "after": last - 1, "limit": 1024, "max_packet": 1500,
           "max_bytes": 4 << 20}
@@ -91,7 +93,7 @@ def median(gap):
             time.sleep(gap)
         started = time.perf_counter()
         with conn.cursor(binary=True) as cur:
-            assert len(cur.execute(NEXT_BATCH, params).fetchall()) == 1
+            assert len(cur.execute(NEXT_BATCH, params, prepare=True).fetchall()) == 1
         times.append((time.perf_counter() - started) * 1000)
     return round(statistics.median(times), 3)
 print(json.dumps({"hot": median(0), "idle": median(0.005)}))

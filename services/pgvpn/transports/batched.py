@@ -114,6 +114,12 @@ UPDATE pgvpn.cursors SET last_seq = greatest(last_seq, coalesce((
 WHERE receiver = %(me)s AND sender = %(peer)s
 RETURNING last_seq, (SELECT last_seq FROM old)
 """
+# The reader's session plans NEXT_BATCH (prepared) once, not once per batch: the custom
+# plans PostgreSQL otherwise chooses for the partitioned log cost 0.5 ms each, most of a
+# one-packet batch (measured over a Unix socket, 4 partitions: 0.75 ms a statement,
+# 0.22 ms with the generic plan). Both plans probe every partition's (receiver, sender,
+# seq) index: NEXT_BATCH has no condition on logged_at.
+READER_SETUP = "SET plan_cache_mode = force_generic_plan"
 IDLE_POLL = 1.0  # seconds: a lost notification costs at most this much latency
 
 
@@ -228,6 +234,7 @@ class BatchedDownlink(ListeningDownlink):
 
     def prepare(self, reader: psycopg.Connection) -> None:
         take_own_lock(reader, "receiver", self.config.name)
+        reader.execute(READER_SETUP)
         try:
             reader.execute("INSERT INTO pgvpn.cursors (receiver, sender) "
                            "VALUES (%(me)s, %(peer)s) ON CONFLICT DO NOTHING", self.params)
@@ -254,7 +261,7 @@ class BatchedDownlink(ListeningDownlink):
             self._wait_for_notification(min(timeout, IDLE_POLL))
         started = time.perf_counter()
         with self.reader.cursor(binary=True) as cur:
-            rows = cur.execute(NEXT_BATCH, self.params).fetchall()
+            rows = cur.execute(NEXT_BATCH, self.params, prepare=True).fetchall()
         if rows:
             self.counters.seconds.observe(time.perf_counter() - started)
             self.params["after"] = rows[-1][0]
