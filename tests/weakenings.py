@@ -264,6 +264,22 @@ WEAKENINGS = [
             "lock_own() takes no other purpose (and no name in one)",
             "the locks held are exactly pgvpn.sender.tap-lock and pgvpn.receiver.tap-lock")}),
     Weakening(
+        "show-report-unchecked",  # sql/010 without its CHECKs: a peer reports -1 bytes
+        "ALTER TABLE pgvpn.peers DROP CONSTRAINT peers_received_bytes_not_negative;",
+        {"08_show.sql": red("a negative count is refused (CHECK)",
+                            "its report is what it wrote")}),
+    Weakening(
+        "show-reports-of-others",  # a peers policy that lets a peer write every row
+        "ALTER POLICY own_row ON pgvpn.peers USING (true) WITH CHECK (true);",
+        {"03_privileges.sql": red(
+            "every policy in pgvpn is permissive with exactly its intended USING and WITH "
+            "CHECK"),
+         "04_attacks.sql": red("the peer sees only its own peers row"),
+         "08_show.sql": red(
+            "a peer writes its own report",
+            "a peer cannot touch another peer's report (RLS: no row)",
+            "a peer sees only its own report")}),
+    Weakening(
         "plpgsql-bugs",
         BROKEN_TRIGGER,
         {"06_plpgsql_check.sql": red(

@@ -9,6 +9,7 @@ Where things happen:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -21,7 +22,7 @@ import psycopg
 
 from pgvpn import db, locks, migrate, tlspolicy
 from pgvpn.admin import role_name
-from pgvpn.config import AgentConfig
+from pgvpn.config import HEARTBEAT_SECONDS, AgentConfig
 from pgvpn.errors import PgvpnError
 from pgvpn.packets import packet_problem
 from pgvpn.transports import PROFILES, Downlink, Session, Uplink
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgvpn.agent")
 
-HEARTBEAT_SECONDS = 5.0
 MAINTENANCE_RETRY = 60.0  # seconds until a failed log maintenance is tried again
 STATS_EVERY = 1.0
 BAD_INPUT_EVERY = 1.0  # seconds between warnings about bad frames or rows
@@ -172,12 +172,16 @@ class Agent:
         from pgvpn.metrics import MetricsServer, Readings  # late: only when asked for
 
         def read() -> Readings:
-            up = self.uplink.counters if self.uplink is not None else Counters()
-            down = self.downlink.counters if self.downlink is not None else Counters()
+            up, down = self._counters()
             return Readings(self.config.name, self.config.peer, up, down,
                             self.dropped_from_tun, self.skipped_rows)
 
         return MetricsServer(self.config.metrics_listen, read)
+
+    def _counters(self) -> tuple[Counters, Counters]:
+        """The links' counters (up, down) as they are now: zero until they are open."""
+        return (self.uplink.counters if self.uplink is not None else Counters(),
+                self.downlink.counters if self.downlink is not None else Counters())
 
     def _guard(self, pump: object, tun: TunDevice, link: Uplink | Downlink) -> None:
         """Run a pump; its error stops the whole agent: one that says what to do
@@ -247,11 +251,18 @@ class Agent:
                              f"set name to {peer}")
 
     def _register(self, control: psycopg.Connection) -> None:
-        """This peer's row (the owner made the other peer's)."""
+        """This peer's row (the owner made the other peer's), as `pgvpn show` reads it:
+        addresses, and an agent started now that has carried nothing yet."""
+        address6 = self.config.tun_ip6
         control.execute(
-            "INSERT INTO pgvpn.peers (name, tunnel_addr, last_seen) VALUES (%s, %s, now()) "
+            "INSERT INTO pgvpn.peers (name, tunnel_addr, tunnel_addr6, last_seen, "
+            "agent_started) VALUES (%s, %s, %s, now(), now()) "
             "ON CONFLICT (name) DO UPDATE SET tunnel_addr = EXCLUDED.tunnel_addr, "
-            "last_seen = EXCLUDED.last_seen", [self.config.name, str(self.config.tun_ip.ip)])
+            "tunnel_addr6 = EXCLUDED.tunnel_addr6, last_seen = EXCLUDED.last_seen, "
+            "agent_started = EXCLUDED.agent_started, sent_packets = 0, sent_bytes = 0, "
+            "received_packets = 0, received_bytes = 0",
+            [self.config.name, str(self.config.tun_ip.ip),
+             str(address6.ip) if address6 is not None else None])
 
     def _ensure_partitions(self, control: psycopg.Connection) -> None:
         """Partitions ahead. The wait for another session's maintenance lock is bounded
@@ -287,9 +298,15 @@ class Agent:
                     log.warning("control connection: %s", again)
             return False
 
-    def _heartbeat(self, control: psycopg.Connection) -> None:
-        control.execute("UPDATE pgvpn.peers SET last_seen = now() WHERE name = %s",
-                        [self.config.name])
+    def _heartbeat(self, control: psycopg.Connection, *, stopping: bool = False) -> None:
+        """last_seen, and what the links carried since the start (`pgvpn show`); the
+        last one, `stopping`, also says the agent is gone (agent_started NULL)."""
+        up, down = self._counters()
+        control.execute(
+            "UPDATE pgvpn.peers SET last_seen = now(), sent_packets = %s, sent_bytes = %s, "
+            "received_packets = %s, received_bytes = %s, agent_started = CASE WHEN %s "
+            "THEN NULL ELSE agent_started END WHERE name = %s",
+            [up.packets, up.bytes, down.packets, down.bytes, stopping, self.config.name])
 
     def _control_loop(self, uplink: Uplink, downlink: Downlink, maintained: bool) -> None:
         """Heartbeat, log maintenance, debug counters; cheap and rare by design."""
@@ -318,6 +335,10 @@ class Agent:
                           self.dropped_from_tun, self.skipped_rows,
                           up.reconnects + down.reconnects)
                 next_stats = now + STATS_EVERY
+        # The last heartbeat says the agent stopped; a database that is gone by now
+        # leaves the row to age (show: last seen N s ago), which says the same.
+        with contextlib.suppress(psycopg.Error):
+            self._heartbeat(self.control, stopping=True)
         self.control.close()  # a reconnected one; closing the original again is harmless
 
 

@@ -15,7 +15,14 @@ import psycopg
 from pgvpn import __version__, admin, bootstrap, db, migrate
 from pgvpn.ceiling import table_name
 from pgvpn.cliargs import OneLineParser, checked, conninfo, input_file, number, whole
-from pgvpn.config import MAX_BATCH_PACKETS, MAX_MTU, add_arguments, load_config, peer_name
+from pgvpn.config import (
+    HEARTBEAT_SECONDS,
+    MAX_BATCH_PACKETS,
+    MAX_MTU,
+    add_arguments,
+    load_config,
+    peer_name,
+)
 from pgvpn.errors import PgvpnError
 from pgvpn.logs import args as logargs
 from pgvpn.logs import cli as logcli
@@ -107,6 +114,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="remote tunnel address (default $TUN_PEER)")
     probe.add_argument("--timeout", type=number(0.1, MAX_PROBE_SECONDS), default=3.0,
                        help=f"seconds, 0.1-{MAX_PROBE_SECONDS} (default 3)")
+    show = commands.add_parser(
+        "show", help="the peers: addresses, agent up or not, what each sent and received",
+        description="The `wg show` of pgvpn: each peer's tunnel addresses, whether its "
+        "agent is connected (a heartbeat within the last "
+        f"{3 * HEARTBEAT_SECONDS:g} s), stopped, or not responding, and the packets and "
+        "bytes it sent and received since it started, as each agent reports them. A "
+        "peer's connection sees only that peer; the owner's or a reader's sees all.",
+        epilog="examples:\n  pgvpn show                      # as $DATABASE_URL's role\n"
+        "  pgvpn show --json | jq .state   # one JSON object per peer",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    show.add_argument("--database-url", default=os.environ.get("DATABASE_URL", ""),
+                      type=conninfo,
+                      help="connection string: a peer's, a reader's or the owner's "
+                      "(default $DATABASE_URL or PG* vars)")
+    show.add_argument("--json", action="store_true",
+                      help="JSON lines, one object per peer, instead of a table")
     ceiling = commands.add_parser(
         "ceiling", help="measure what the database ingests with no tunnel (lab bench's ceiling)",
         description="Write rows of --size bytes in batches of --batch for --seconds, the way\n"
@@ -150,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_probe(args)
         if args.command == "ceiling":
             return run_ceiling(args)
+        if args.command == "show":
+            return logcli.guarded(lambda: run_show(args))
         if args.command in logcli.HANDLERS:
             return logcli.run(args)
         return run_db(args)
@@ -174,6 +199,24 @@ def run_probe(args: argparse.Namespace) -> int:
         raise PgvpnError(f"cannot probe {args.address}: {exc}") from None
     print(f"{args.address}: {'answers' if answered else 'no answer'}", file=sys.stderr)
     return 0 if answered else 1
+
+
+def run_show(args: argparse.Namespace) -> int:
+    from pgvpn.logs.render import print_json_lines
+    from pgvpn.show import read_status, status_table
+
+    with db.connect(args.database_url, attempts=3, application_name="pgvpn show") as conn:
+        migrate.require_current(conn)
+        role = conn.info.parameter_status("session_authorization") or "?"
+        peers = read_status(conn)
+    if not peers:
+        raise PgvpnError(f"role {role} sees no peer: a peer's role sees only its own, which "
+                         "the owner adds with 'pgvpn db add-peer NAME'")
+    if args.json:
+        print_json_lines(peer.as_json() for peer in peers)
+    else:
+        status_table(peers, f"pgvpn peers (as {role})").print()
+    return 0
 
 
 def run_ceiling(args: argparse.Namespace) -> int:

@@ -29,6 +29,8 @@ MAX_MTU = 65535
 MAX_REPLAY_AGE = 365 * 86400
 MAX_BATCH_PACKETS = 65536
 MAX_CONNECT_ATTEMPTS = 1000
+# How often an agent writes last_seen and its counters (`pgvpn show` reads them).
+HEARTBEAT_SECONDS = 5.0
 
 
 def peer_name(value: str) -> str:

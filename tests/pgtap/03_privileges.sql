@@ -2,7 +2,7 @@
 -- view, sequence, schema and the database; row-level security and its policies
 -- (sql/001-005, SECURITY.md "What a peer can and cannot do").
 \ir begin.inc
-SELECT plan(121);
+SELECT plan(127);
 
 -- ---------------------------------------------------------------- tables, views
 -- Effective privileges (has_table_privilege: membership and PUBLIC included).
@@ -88,7 +88,13 @@ FROM (VALUES ('cursors', 'receiver', '{SELECT,INSERT}'::name[]),
              ('cursors', 'updated_at', '{SELECT,INSERT,UPDATE}'),
              ('peers', 'name', '{SELECT,INSERT}'),
              ('peers', 'tunnel_addr', '{SELECT,INSERT,UPDATE}'),
-             ('peers', 'last_seen', '{SELECT,INSERT,UPDATE}')) AS c(rel, col, privs);
+             ('peers', 'last_seen', '{SELECT,INSERT,UPDATE}'),
+             ('peers', 'tunnel_addr6', '{SELECT,INSERT,UPDATE}'),
+             ('peers', 'agent_started', '{SELECT,INSERT,UPDATE}'),
+             ('peers', 'sent_packets', '{SELECT,INSERT,UPDATE}'),
+             ('peers', 'sent_bytes', '{SELECT,INSERT,UPDATE}'),
+             ('peers', 'received_packets', '{SELECT,INSERT,UPDATE}'),
+             ('peers', 'received_bytes', '{SELECT,INSERT,UPDATE}')) AS c(rel, col, privs);
 SELECT set_eq(
     $$SELECT c.relname::text, t.attname::text,
              CASE a.grantee WHEN 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END,
@@ -106,8 +112,14 @@ SELECT set_eq(
              ('cursors', 'last_seq', 'pgvpn_agent', 'UPDATE'),
              ('cursors', 'updated_at', 'pgvpn_agent', 'UPDATE'),
              ('peers', 'tunnel_addr', 'pgvpn_agent', 'UPDATE'),
-             ('peers', 'last_seen', 'pgvpn_agent', 'UPDATE')$$,
-    'column grants in pgvpn are exactly INSERT on packets(seq, receiver, length, data, offload) and UPDATE on blog_v1_packets(received), cursors(last_seq, updated_at), peers(tunnel_addr, last_seen), to pgvpn_agent');
+             ('peers', 'last_seen', 'pgvpn_agent', 'UPDATE'),
+             ('peers', 'tunnel_addr6', 'pgvpn_agent', 'UPDATE'),
+             ('peers', 'agent_started', 'pgvpn_agent', 'UPDATE'),
+             ('peers', 'sent_packets', 'pgvpn_agent', 'UPDATE'),
+             ('peers', 'sent_bytes', 'pgvpn_agent', 'UPDATE'),
+             ('peers', 'received_packets', 'pgvpn_agent', 'UPDATE'),
+             ('peers', 'received_bytes', 'pgvpn_agent', 'UPDATE')$$,
+    'column grants in pgvpn are exactly INSERT on packets(seq, receiver, length, data, offload) and UPDATE on blog_v1_packets(received), cursors(last_seq, updated_at), peers(tunnel_addr, last_seen, and what pgvpn show reads: tunnel_addr6, agent_started, sent/received packets/bytes), to pgvpn_agent');
 SELECT col_default_is('pgvpn', 'packets', 'sender', 'pgvpn.current_peer()',
                       'pgvpn.packets.sender defaults to pgvpn.current_peer()');
 
