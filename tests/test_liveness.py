@@ -104,18 +104,20 @@ def test_a_path_that_drops_everything_for_60s_recovers_within_10s_of_its_return(
 
 
 def test_a_listener_flow_the_nat_forgot_is_noticed_and_replaced(any_lab: LabHandle) -> None:
-    """Only the idle LISTEN connection's flow is dropped: without keepalives nothing
-    would ever notice, and every wake-up would come from the idle poll, forever."""
+    """Only the flow of the connection that LISTENs (the downlink's, which also reads)
+    is dropped while the tunnel is idle: without keepalives and the user timeout, its
+    idle poll would wait for the kernel's retransmissions and no wake-up would come."""
     with psycopg.connect(any_lab.conninfo(superuser=True), autocommit=True) as server:
         (old, port), = server.execute(
             "SELECT pid, client_port FROM pg_stat_activity WHERE application_name "
-            "LIKE 'pgvpn peer-b listener %'").fetchall()
+            "LIKE 'pgvpn peer-b downlink %'").fetchall()
         cut_at = time.monotonic()
         with database_path_cut(any_lab, "peer-b", [port]):
             wait_for(lambda: [p for p, (job, _) in sessions(server, "peer-b").items()
-                              if job == "listener" and p != old], "a new listener", timeout=40)
+                              if job == "downlink" and p != old], "a new downlink",
+                     timeout=40)
             replaced = time.monotonic() - cut_at
-    print(f"listener replaced {replaced:.1f}s after its flow was cut")
+    print(f"the LISTENing downlink replaced {replaced:.1f}s after its flow was cut")
     assert replaced < 25
     assert re.search(r"downlink: database connection lost \([^)]*timed out",
                      agent_log(any_lab, "peer-b"))

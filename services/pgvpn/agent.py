@@ -215,12 +215,14 @@ class Agent:
 
     def pump_down(self, tun: TunDevice, downlink: Downlink) -> None:
         """Database -> TUN: write each committed packet addressed to us."""
+        counters = downlink.counters
         while not self.stop.is_set():
             for frame in downlink.receive(timeout=0.5):
                 problem = tun.frame_problem(frame)
                 if problem is None:
                     try:
-                        tun.write(frame)
+                        if tun.write(frame):
+                            counters.add_delivered(len(tun.packet_of(frame)))
                     except OSError as exc:  # what the checks missed; the kernel decides
                         problem = f"the TUN device refused it: {exc.strerror}"
                 if problem is not None:

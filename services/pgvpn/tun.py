@@ -153,11 +153,15 @@ class TunDevice:
             return packet_problem(packet, max_size=self.mtu)
         return packet_problem(packet) or header_problem(header, packet, self.mtu)
 
-    def write(self, packet: bytes) -> None:
-        """Hand one frame to the kernel, as if it had arrived on this interface."""
-        # If the kernel's queue toward the stack is full, drop, as a router would.
-        with contextlib.suppress(BlockingIOError):
+    def write(self, packet: bytes) -> bool:
+        """Hand one frame to the kernel, as if it had arrived on this interface; False
+        if the kernel's queue toward the stack was full and it was dropped, as a router
+        would drop it."""
+        try:
             os.write(self.fd, packet)
+        except BlockingIOError:
+            return False
+        return True
 
     def close(self) -> None:
         if self.fd >= 0:
