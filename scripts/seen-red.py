@@ -58,9 +58,9 @@ BREAKS = [
           "            migrate.require_current(control)\n", "",
           "tests/test_upgrade.py::test_an_agent_on_an_old_schema_says_who_must_migrate"),
     Break("no-heartbeat", "services/pgvpn/agent.py",
-          '        control.execute("UPDATE pgvpn.peers SET last_seen = now() WHERE name = %s",\n'
-          "                        [self.config.name])\n",
-          "        return None\n",
+          '            "UPDATE pgvpn.peers SET last_seen = now(), tunnel_addr = %s, '
+          'tunnel_addr6 = %s, "\n',
+          '            "UPDATE pgvpn.peers SET tunnel_addr = %s, tunnel_addr6 = %s, "\n',
           "tests/test_lifecycle.py::test_the_heartbeat_moves_last_seen"),
     Break("asynchronous-commit", "services/pgvpn/transports/base.py",
           "            if not config.synchronous_commit:\n",

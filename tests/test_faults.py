@@ -134,9 +134,10 @@ def test_receiver_killed_resumes_from_its_cursor_and_writes_nothing_twice(
         quiet_snapshot(any_lab)
         # the new TUN device received exactly the rows past the cursor: every packet
         # delivered before the crash (cursor included) was not delivered again
+        # (settled_delivery returns only once peer-b's cursor stands at `last`: a
+        # second read here could meet a health-check packet logged since, as CI did)
         last, received = settled_delivery(any_lab)
         assert received == last - cursor
-        assert scalar(any_lab, CURSOR, "peer-b", "peer-a") == last
         assert_whole_streams(any_lab)
     finally:
         lab_cli(any_lab, "restart", "peer-b")  # back to the lab's own settings

@@ -59,7 +59,7 @@ def agent_sessions(lab: LabHandle) -> list[tuple[str, object, int]]:
 
 def test_up_on_a_healthy_lab_changes_nothing(any_lab: LabHandle) -> None:
     before = agent_sessions(any_lab)
-    assert len(before) >= 6  # control, uplink, downlink and listener of two agents
+    assert len(before) >= 6  # control, uplink and downlink (which LISTENs) of two agents
     any_lab.cli("up")
     assert agent_sessions(any_lab) == before
 

@@ -56,7 +56,7 @@ def test_agents_talk_to_postgres_over_verified_tls(any_lab: LabHandle) -> None:
     sessions = any_lab.sql(
         "SELECT a.usename, s.ssl, s.version FROM pg_stat_activity a JOIN pg_stat_ssl s "
         "USING (pid) WHERE a.usename IN ('pgvpn_peer_a', 'pgvpn_peer_b')", superuser=True)
-    assert len(sessions) >= 6  # control, uplink, listener, downlink of each agent
+    assert len(sessions) >= 6  # control, uplink, downlink (which LISTENs) of each agent
     assert all(ssl for _, ssl, _ in sessions), sessions
     assert all(version.startswith("TLSv1.") for _, _, version in sessions)
     for host in ("peer-a", "peer-b"):

@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -83,6 +84,8 @@ class Agent:
         self.failure: BaseException | None = None
         self.uplink: Uplink | None = None
         self.downlink: Downlink | None = None
+        self.started_at: datetime | None = None  # the database's clock, at _register
+        self.heartbeat_ok = False  # the last heartbeat reached the database
 
     @property
     def stop(self) -> threading.Event:
@@ -106,7 +109,6 @@ class Agent:
         with control:
             migrate.require_current(control)
             self._check_identity(control)
-            self._register(control)
             maintained = self._housekeep("partition maintenance at start",
                                          self._ensure_partitions, MAINTENANCE_RETRY)
             security = tlspolicy.describe(control)
@@ -123,6 +125,9 @@ class Agent:
                 uplink = self.profile.open_uplink(self.session)
                 downlink = self.profile.open_downlink(self.session)
                 self.uplink, self.downlink = uplink, downlink  # for the metrics
+                # Registered only now that the links hold this peer's locks: an agent
+                # refused as a duplicate never touches the running one's row.
+                self._register(self.control)
                 log.info("peer %s: %s on %s (%s, mtu %d, %s) -> peer %s (%s) via %s (%s), "
                          "profile %s, %s commit", self.config.name, tun.name,
                          ", ".join(map(str, addresses)), "v4+v6" if len(addresses) > 1 else
@@ -148,6 +153,7 @@ class Agent:
                         thread.join(timeout=5)
                     uplink.close()
                     downlink.close()
+                    self._last_heartbeat()
         if self.failure is not None:
             if isinstance(self.failure, PgvpnError):
                 raise self.failure
@@ -253,18 +259,23 @@ class Agent:
                              f"set name to {peer}")
 
     def _register(self, control: psycopg.Connection) -> None:
-        """This peer's row (the owner made the other peer's), as `pgvpn show` reads it:
-        addresses, and an agent started now that has carried nothing yet."""
-        address6 = self.config.tun_ip6
-        control.execute(
+        """This peer's row, as `pgvpn show` reads it: addresses, and an agent started now
+        that has carried nothing yet (the owner made the row; an older one may not have)."""
+        v4, v6 = self._addresses()
+        row = control.execute(
             "INSERT INTO pgvpn.peers (name, tunnel_addr, tunnel_addr6, last_seen, "
             "agent_started) VALUES (%s, %s, %s, now(), now()) "
             "ON CONFLICT (name) DO UPDATE SET tunnel_addr = EXCLUDED.tunnel_addr, "
             "tunnel_addr6 = EXCLUDED.tunnel_addr6, last_seen = EXCLUDED.last_seen, "
             "agent_started = EXCLUDED.agent_started, sent_packets = 0, sent_bytes = 0, "
-            "received_packets = 0, received_bytes = 0",
-            [self.config.name, str(self.config.tun_ip.ip),
-             str(address6.ip) if address6 is not None else None])
+            "received_packets = 0, received_bytes = 0 RETURNING agent_started",
+            [self.config.name, v4, v6]).fetchone()
+        self.started_at = row[0] if row else None
+        self.heartbeat_ok = True
+
+    def _addresses(self) -> tuple[str, str | None]:
+        address6 = self.config.tun_ip6
+        return str(self.config.tun_ip.ip), str(address6.ip) if address6 is not None else None
 
     def _ensure_partitions(self, control: psycopg.Connection) -> None:
         """Partitions ahead. The wait for another session's maintenance lock is bounded
@@ -301,14 +312,26 @@ class Agent:
             return False
 
     def _heartbeat(self, control: psycopg.Connection, *, stopping: bool = False) -> None:
-        """last_seen, and what the links carried since the start (`pgvpn show`); the
-        last one, `stopping`, also says the agent is gone (agent_started NULL)."""
+        """last_seen, and the whole report `pgvpn show` reads (so that a row another
+        process overwrote is right again within a beat); the last one, `stopping`,
+        says the agent is gone (agent_started NULL)."""
         up, down = self._counters()
+        v4, v6 = self._addresses()
         control.execute(
-            "UPDATE pgvpn.peers SET last_seen = now(), sent_packets = %s, sent_bytes = %s, "
-            "received_packets = %s, received_bytes = %s, agent_started = CASE WHEN %s "
-            "THEN NULL ELSE agent_started END WHERE name = %s",
-            [up.packets, up.bytes, down.packets, down.bytes, stopping, self.config.name])
+            "UPDATE pgvpn.peers SET last_seen = now(), tunnel_addr = %s, tunnel_addr6 = %s, "
+            "agent_started = %s, sent_packets = %s, sent_bytes = %s, received_packets = %s, "
+            "received_bytes = %s WHERE name = %s",
+            [v4, v6, None if stopping else self.started_at, up.packets, up.bytes,
+             down.packets, down.bytes, self.config.name])
+
+    def _last_heartbeat(self) -> None:
+        """Final counts and 'stopped', once the pumps are done; only over a control
+        connection whose last heartbeat went through, so that a database that is gone
+        cannot hold the exit up (a row left to age says 'not responding' instead)."""
+        if self.heartbeat_ok:
+            with contextlib.suppress(psycopg.Error):
+                self._heartbeat(self.control, stopping=True)
+        self.control.close()  # a reconnected one; closing the original again is harmless
 
     def _control_loop(self, uplink: Uplink, downlink: Downlink, maintained: bool) -> None:
         """Heartbeat, log maintenance, debug counters; cheap and rare by design."""
@@ -319,7 +342,8 @@ class Agent:
         while not self.stop.wait(0.2):
             now = time.monotonic()
             if now >= next_heartbeat:
-                self._housekeep("heartbeat", self._heartbeat, HEARTBEAT_SECONDS)
+                self.heartbeat_ok = self._housekeep("heartbeat", self._heartbeat,
+                                                    HEARTBEAT_SECONDS)
                 next_heartbeat = now + HEARTBEAT_SECONDS
             if now >= next_maintenance:
                 retry_in = min(interval, MAINTENANCE_RETRY)
@@ -337,11 +361,6 @@ class Agent:
                           self.dropped_from_tun, self.skipped_rows,
                           up.reconnects + down.reconnects)
                 next_stats = now + STATS_EVERY
-        # The last heartbeat says the agent stopped; a database that is gone by now
-        # leaves the row to age (show: last seen N s ago), which says the same.
-        with contextlib.suppress(psycopg.Error):
-            self._heartbeat(self.control, stopping=True)
-        self.control.close()  # a reconnected one; closing the original again is harmless
 
 
 def install_signal_handlers(agent: Agent) -> None:

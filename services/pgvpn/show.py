@@ -10,7 +10,7 @@ most one heartbeat old; what crossed is in the log (`pgvpn stats`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -23,11 +23,16 @@ from pgvpn.timespec import format_duration
 # three missed beats, so that one slow beat on a busy machine does not flap.
 STALE_AFTER = 3 * HEARTBEAT_SECONDS
 
+# A peer writes its own row: a time Python cannot hold ('infinity', a year past 9999)
+# reads as unknown here, so that one peer's row cannot stop `pgvpn show` for all.
 QUERY = """
-SELECT name, tunnel_addr, tunnel_addr6, agent_started, last_seen, sent_packets, sent_bytes,
-       received_packets, received_bytes, now()
+SELECT name, tunnel_addr, tunnel_addr6,
+       CASE WHEN agent_started BETWEEN %(first)s AND %(last)s THEN agent_started END,
+       CASE WHEN last_seen BETWEEN %(first)s AND %(last)s THEN last_seen END,
+       sent_packets, sent_bytes, received_packets, received_bytes, now()
 FROM pgvpn.peers ORDER BY name
 """
+TIMES = {"first": datetime(1, 1, 2, tzinfo=UTC), "last": datetime(9999, 12, 30, tzinfo=UTC)}
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,10 @@ class PeerStatus:
 
     @property
     def last_seen_seconds(self) -> float | None:
-        return None if self.last_seen is None else (self.now - self.last_seen).total_seconds()
+        """How long ago, never negative (a clock that stepped back, or a peer's lie)."""
+        if self.last_seen is None:
+            return None
+        return max((self.now - self.last_seen).total_seconds(), 0.0)
 
     @property
     def state(self) -> str:
@@ -72,7 +80,7 @@ def read_status(conn: psycopg.Connection) -> list[PeerStatus]:
     return [PeerStatus(name, [str(a) for a in (v4, v6) if a is not None], started, seen,
                        sent_packets, sent_bytes, received_packets, received_bytes, now)
             for name, v4, v6, started, seen, sent_packets, sent_bytes, received_packets,
-            received_bytes, now in conn.execute(QUERY).fetchall()]
+            received_bytes, now in conn.execute(QUERY, TIMES).fetchall()]
 
 
 def status_table(peers: list[PeerStatus], title: str) -> Table:
@@ -83,7 +91,7 @@ def status_table(peers: list[PeerStatus], title: str) -> Table:
               if peer.agent_started is not None and peer.state == "connected" else "-")
         seen = peer.last_seen_seconds
         table.add(peer.name, ", ".join(peer.addresses) or "-", peer.state, up,
-                  "-" if seen is None else f"{format_duration_seconds(seen)} ago",
+                  "-" if seen is None else f"{format_duration(timedelta(seconds=seen))} ago",
                   traffic(peer.sent_packets, peer.sent_bytes),
                   traffic(peer.received_packets, peer.received_bytes))
     table.caption = (f"sent and received: since the agent started, as it reports them every "
@@ -94,6 +102,3 @@ def status_table(peers: list[PeerStatus], title: str) -> Table:
 def traffic(packets: int, count: int) -> str:
     return f"{packets} pkts, {human_bytes(count)}"
 
-
-def format_duration_seconds(seconds: float) -> str:
-    return format_duration(timedelta(seconds=max(seconds, 0.0)))

@@ -220,6 +220,7 @@ class BatchedUplink(Uplink):
 
 class BatchedDownlink(ListeningDownlink):
     listens_on_reader = True
+
     def __init__(self, session: Session, max_packet: int) -> None:
         """`max_packet`: the largest row whose data is fetched (the TUN's MTU)."""
         config = session.config
