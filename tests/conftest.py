@@ -116,9 +116,14 @@ class LabHandle:
         rows = self.sql(f"SELECT sender, count(*) FROM {table} GROUP BY sender")
         return {sender: int(count) for sender, count in rows}
 
-    def tun_counters(self, host: str) -> dict[str, int]:
+    def tun_stats64(self, host: str) -> dict[str, Any]:
+        """The TUN device's counters as `ip -s -j link` shows them (rx, tx: packets,
+        bytes, dropped ...), counted since its agent made it."""
         shown = json.loads(self.exec(host, "ip", "-s", "-j", "link", "show", "pgvpn0").stdout)
-        stats = shown[0]["stats64"]
+        return shown[0]["stats64"]  # type: ignore[no-any-return]
+
+    def tun_counters(self, host: str) -> dict[str, int]:
+        stats = self.tun_stats64(host)
         return {"tx": stats["tx"]["packets"], "rx": stats["rx"]["packets"],
                 "tx_dropped": stats["tx"]["dropped"]}
 

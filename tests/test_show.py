@@ -49,8 +49,7 @@ def show(lab: LabHandle, *args: str) -> dict[str, dict[str, Any]]:
 
 
 def tun_stats(lab: LabHandle, host: str) -> dict[str, int]:
-    shown = json.loads(lab.exec(host, "ip", "-s", "-j", "link", "show", "pgvpn0").stdout)
-    stats = shown[0]["stats64"]
+    stats = lab.tun_stats64(host)
     return {"tx_packets": stats["tx"]["packets"], "tx_bytes": stats["tx"]["bytes"],
             "rx_packets": stats["rx"]["packets"], "rx_bytes": stats["rx"]["bytes"]}
 

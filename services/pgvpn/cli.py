@@ -124,12 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  pgvpn show                      # as $DATABASE_URL's role\n"
         "  pgvpn show --json | jq .state   # one JSON object per peer",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    show.add_argument("--database-url", default=os.environ.get("DATABASE_URL", ""),
-                      type=conninfo,
-                      help="connection string: a peer's, a reader's or the owner's "
-                      "(default $DATABASE_URL or PG* vars)")
-    show.add_argument("--json", action="store_true",
-                      help="JSON lines, one object per peer, instead of a table")
+    logargs.add_database_argument(show, "a peer's, a reader's or the owner's")
+    logargs.add_output_arguments(show)
     ceiling = commands.add_parser(
         "ceiling", help="measure what the database ingests with no tunnel (lab bench's ceiling)",
         description="Write rows of --size bytes in batches of --batch for --seconds, the way\n"

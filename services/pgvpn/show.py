@@ -101,4 +101,3 @@ def status_table(peers: list[PeerStatus], title: str) -> Table:
 
 def traffic(packets: int, count: int) -> str:
     return f"{packets} pkts, {human_bytes(count)}"
-

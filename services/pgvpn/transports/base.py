@@ -73,6 +73,12 @@ class Counters:
             self.bytes += sum(map(len, packets))
             self.batches += 1
 
+    def add_fetched(self, frames: Sequence[builtins.bytes]) -> None:
+        """Count one batch a downlink fetched (an empty one counts as nothing); its
+        packets count as the agent writes them to the TUN (`add_delivered`)."""
+        if frames:
+            self.batches += 1
+
     def add_delivered(self, packet_bytes: int) -> None:
         """Count one packet written to the TUN device (its IP bytes, no header)."""
         self.packets += 1
@@ -248,8 +254,7 @@ class ListeningDownlink(Downlink):
     def receive(self, timeout: float) -> list[bytes]:
         packets = self.session.retrying(lambda: self.fetch(timeout), what="downlink",
                                         reconnect=self._reconnect, counters=self.counters)
-        if packets:
-            self.counters.batches += 1  # its packets count as the agent writes them
+        self.counters.add_fetched(packets or [])
         return packets or []
 
     def close(self) -> None:

@@ -60,8 +60,7 @@ class NotifyOnlyDownlink(Downlink):
                 packets.append(base64.b64decode(payload, validate=True))
             except binascii.Error:
                 log.warning("ignored a notification on %s that is not base64", self.channel)
-        if packets:
-            self.counters.batches += 1  # its packets count as the agent writes them
+        self.counters.add_fetched(packets)
         return packets
 
     def close(self) -> None:
