@@ -16,9 +16,7 @@ from lab.backends.base import Backend, LabError
 
 IPERF_PORT = 5201
 CONNECT_RETRY_SECONDS = 15.0
-_RTT = re.compile(r"= ([\d.]+)/([\d.]+)/([\d.]+)/")
-_LOSS = re.compile(r"(\d+) packets transmitted, (\d+) received")
-_REPLY_TIME = re.compile(r"^\d+ bytes from .* time=([\d.]+) ms$", re.MULTILINE)
+_REPLY = re.compile(r"^\d+ bytes from .* icmp_seq=(\d+) .*time=([\d.]+) ms$", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -105,19 +103,30 @@ def percentile(samples: tuple[float, ...] | list[float], rank: float) -> float |
 
 def ping(backend: Backend, host: str, address: str, *, count: int = 10,
          interval: float = 0.2) -> PingResult:
-    """ICMP echo from `host` to `address`; never raises for loss (it is in the result)."""
-    argv = ["ping", "-n", "-c", str(count), "-i", str(interval), "-W", "2", address]
+    """ICMP echo from `host` to `address`; never raises for loss (it is in the result).
+
+    Each of the `count` probes counts as received if its reply comes within about 2 s.
+    ping's own tally does not mean that: once a reply has come, it waits only
+    max(2 x the largest RTT, interval) after its last probe, so one late reply at the end
+    counts as lost (a CI run failed on a 3-probe ping that way). With a deadline (-w)
+    ping waits for every reply, and sends extra probes after a loss, which are ignored
+    here: the replies are counted by icmp_seq.
+    """
+    deadline = math.ceil(count * interval + 3)
+    argv = ["ping", "-n", "-c", str(count), "-i", str(interval), "-W", "2",
+            "-w", str(deadline), address]
     if ":" in address:
         argv.insert(1, "-6")
-    result = backend.exec(host, argv, timeout=count * (interval + 2) + 10)
-    loss = _LOSS.search(result.stdout)
-    rtt = _RTT.search(result.stdout)
+    result = backend.exec(host, argv, timeout=deadline + 10)
+    replies = {int(seq): float(ms) for seq, ms in _REPLY.findall(result.stdout)
+               if 1 <= int(seq) <= count}  # a duplicate reply is marked (DUP!), not matched
+    samples = tuple(replies.values())
     return PingResult(
-        transmitted=int(loss[1]) if loss else count,
-        received=int(loss[2]) if loss else 0,
-        rtt_ms={"min": float(rtt[1]), "avg": float(rtt[2]), "max": float(rtt[3])} if rtt
-        else {},
-        samples_ms=tuple(float(t) for t in _REPLY_TIME.findall(result.stdout)))
+        transmitted=count, received=len(replies),
+        rtt_ms={"min": min(samples), "avg": round(sum(samples) / len(samples), 3),
+                "max": max(samples)}
+        if samples else {},
+        samples_ms=samples)
 
 
 def wait_for_ping(backend: Backend, host: str, address: str, timeout: float) -> None:

@@ -154,6 +154,11 @@ def docker_container(lab: LabHandle, host: str) -> str:
     return found[0]
 
 
+def agent_pid(lab: LabHandle, host: str) -> int:
+    """The netns lab's agent process in `host` (`ip netns exec` execs it: same pid)."""
+    return int((lab.state_dir / "netns" / f"{host}.pid").read_text())
+
+
 def docker_state(lab: LabHandle, host: str, field: str) -> int:
     """A number of the container's State (Pid, ExitCode), as `docker inspect` gives it."""
     return int(subprocess.run(["docker", "inspect", "-f", f"{{{{.State.{field}}}}}",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import sys
 import threading
 import time
@@ -13,9 +15,10 @@ from typing import Any
 import dpkt
 
 from lab.backends.base import LabError
-from lab.measure import IperfResult, iperf, ping
+from lab.measure import IperfResult, PingResult, iperf, ping
 from tests.agentside import agent_memory, cursor
 from tests.conftest import CliBackend, LabHandle
+from tests.peerside import agent_pid, wait_for
 
 PEER_A, PEER_B = "10.230.0.1", "10.230.0.2"
 PEER_A6, PEER_B6 = "fd00:230::1", "fd00:230::2"
@@ -27,6 +30,30 @@ def test_ping_both_ways_over_ipv4_and_ipv6(any_lab: LabHandle) -> None:
                          ("peer-a", PEER_B6), ("peer-b", PEER_A6)):
         result = ping(backend, host, target, count=3, interval=0.2)
         assert result.received == 3, f"{host} -> {target}: {result}"
+
+
+def test_a_late_reply_counts_as_received(netns_lab: LabHandle) -> None:
+    """ping counts a reply that comes after its last probe's short linger as lost: once
+    a reply has come, it waits only max(2 x the largest RTT, interval). lab.measure.ping
+    counts every probe answered within its 2 s. peer-b's agent is frozen as soon as it
+    has read the second reply from its TUN, until well after the third probe."""
+    pid = agent_pid(netns_lab, "peer-b")
+    replies_read = netns_lab.tun_counters("peer-b")["tx"]
+    done: list[PingResult] = []
+    pinging = threading.Thread(target=lambda: done.append(
+        ping(CliBackend(netns_lab), "peer-a", PEER_B, count=3, interval=0.5)))
+    pinging.start()
+    wait_for(lambda: netns_lab.tun_counters("peer-b")["tx"] >= replies_read + 2,
+             "peer-b's agent to read two echo replies", 10)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(1.5)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    pinging.join(timeout=30)
+    result, = done
+    assert result.received == 3, result
+    assert max(result.samples_ms) > 500, result  # late past ping's linger: the case here
 
 
 def test_peers_cannot_reach_each_other_directly(any_lab: LabHandle) -> None:

@@ -32,18 +32,13 @@ import pytest
 from lab.measure import ping
 from pgvpn.transports.batched import MAX_SEQ
 from tests.conftest import ROOT, CliBackend, LabHandle
-from tests.peerside import owner_execute, wait_for
+from tests.peerside import agent_pid, owner_execute, wait_for
 from tests.test_tunnel import logged_between, quiet_snapshot
 
 PEER_B = "10.230.0.2"
 PG_PORT = 5432
 SECOND_TUN = "pgvpn9"  # the second agent's own device: pgvpn0 is the first one's
 CUT_TABLE = "pgvpn_ambiguous"
-
-
-def agent_pid(lab: LabHandle, host: str) -> int:
-    """The lab's agent process in `host` (`ip netns exec` execs it: same pid)."""
-    return int((lab.state_dir / "netns" / f"{host}.pid").read_text())
 
 
 def agent_environment(lab: LabHandle, host: str) -> dict[str, str]:
