@@ -16,7 +16,7 @@ import psycopg
 from lab import state, tls, topology
 from lab.backends.base import Backend, HostState, LabError, Progress
 from lab.measure import scrape_metrics, wait_for_ping
-from pgvpn import admin, bootstrap, migrate
+from pgvpn import admin, bootstrap, migrate, routes
 from pgvpn.errors import PgvpnError
 from pgvpn.timespec import format_duration
 from pgvpn.transports import PROFILES
@@ -176,6 +176,10 @@ class Lab:
             progress(f"schema at version {version}")
             for agent in self.topology.agents:
                 admin.ensure_peer_role(conn, agent.name, passwords[agent.name])
+            for agent in self.topology.agents:  # the topology is the authority on them
+                addresses = tuple(routes.tunnel_address(agent.environment[key])
+                                  for key in ("TUN_IP", "TUN_IP6") if agent.environment.get(key))
+                routes.add_routes(conn, agent.name, routes.Routes(addresses), replace=True)
 
     @contextmanager
     def admin(self) -> Iterator[psycopg.Connection]:

@@ -21,7 +21,7 @@ NOW = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
 
 
 def status(started: datetime | None, seen: datetime | None) -> PeerStatus:
-    return PeerStatus("peer-a", [PEER_A], started, seen, 1, 84, 2, 168, NOW)
+    return PeerStatus("peer-a", [PEER_A], started, seen, 1, 84, 2, 168, NOW, [])
 
 
 @pytest.mark.parametrize(("started", "seen_ago", "state"), [
@@ -90,6 +90,9 @@ def test_show_reports_what_each_tun_device_counted(any_lab: LabHandle) -> None:
     assert first["peer-a"]["tx_packets"] >= 6 and first["peer-b"]["tx_packets"] >= 3
     assert peers["peer-a"]["addresses"] == [PEER_A, PEER_A6]
     assert peers["peer-b"]["addresses"] == [PEER_B, PEER_B6]
+    # the owner's routes: the lab registers each agent's addresses as its host routes
+    assert peers["peer-a"]["routes"] == [f"{PEER_A}/32", f"{PEER_A6}/128"]
+    assert peers["peer-b"]["routes"] == [f"{PEER_B}/32", f"{PEER_B6}/128"]
     for peer in peers.values():
         assert peer["state"] == "connected" and peer["connected"] is True
         assert 0 <= peer["last_seen_seconds_ago"] <= STALE_AFTER

@@ -280,6 +280,29 @@ WEAKENINGS = [
             "a peer cannot touch another peer's report (RLS: no row)",
             "a peer sees only its own report")}),
     Weakening(
+        "routes-overlap",  # sql/011 without its exclusion constraint: two peers, one prefix
+        "ALTER TABLE pgvpn.routes DROP CONSTRAINT routes_do_not_overlap;",
+        {"09_routes.sql": red(
+            "a shorter prefix over another peer's route is refused",
+            "a longer prefix inside another peer's route is refused",
+            "another peer's address is refused",
+            "a default route over the others is refused",
+            "a peer's own routes do not overlap either",
+            # the overlapping rows went in, so the counts differ too
+            "a peer reads every peer's routes", "a reader reads every route")}),
+    Weakening(
+        "routes-written-by-peers",  # a peer that may route itself anything
+        "GRANT INSERT, UPDATE, DELETE ON pgvpn.routes TO pgvpn_agent;",
+        {"03_privileges.sql": red(
+            "pgvpn_agent on pgvpn.routes: SELECT",
+            "relations in pgvpn grant exactly the intended privileges, none to PUBLIC or "
+            "anyone else"),
+         "09_routes.sql": red(
+            "a peer adds no route",
+            "a peer cannot take another peer's route",
+            "a peer removes no route",
+            "a reader reads every route")}),  # the peer's DELETE went through
+    Weakening(
         "plpgsql-bugs",
         BROKEN_TRIGGER,
         {"06_plpgsql_check.sql": red(

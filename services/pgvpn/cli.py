@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psycopg
 
-from pgvpn import __version__, admin, bootstrap, db, migrate
+from pgvpn import __version__, admin, bootstrap, db, migrate, routes
 from pgvpn.ceiling import table_name
 from pgvpn.cliargs import OneLineParser, checked, conninfo, input_file, number, whole
 from pgvpn.config import (
@@ -44,7 +44,11 @@ examples:
   pgvpn db init --owner-password-file /run/secrets/pgvpn-owner
   # then, as pgvpn_owner: the schema and a login role per peer
   pgvpn db migrate
-  pgvpn db add-peer peer-a --password-file /run/secrets/peer-a
+  pgvpn db add-peer peer-a --password-file /run/secrets/peer-a --address 10.230.0.1/24
+  # a peer with a LAN behind it; later, its routes replaced
+  pgvpn db add-peer peer-c --password-file /run/secrets/peer-c --address 10.230.0.3/24 \
+      --route 192.168.50.0/24
+  pgvpn db set-routes peer-c --address 10.230.0.3/24 --route 192.168.60.0/24
 
 Passwords belong in a PGPASSFILE or the DATABASE_URL environment variable, not on
 the command line, where other users can read them.
@@ -96,15 +100,28 @@ def build_parser() -> argparse.ArgumentParser:
                       type=conninfo, help="a superuser's connection string, to any database "
                       "(default $DATABASE_URL or PG* vars)")
     add_peer = db_commands.add_parser(
-        "add-peer", help="create (or update) a peer's login role",
+        "add-peer", help="create (or update) a peer's login role, and add routes to it",
         description="Create a LOGIN role for a peer, member of pgvpn_agent, with a SCRAM "
-        "password read from a file (or stdin with '-').")
+        "password read from a file (or stdin with '-'), and add the tunnel addresses and "
+        "subnets it routes (kept: 'set-routes' replaces them). A route that overlaps "
+        "another peer's is refused.")
     add_peer.add_argument("name", type=checked(peer_name), help="peer name, e.g. peer-a")
     add_peer.add_argument("--password-file", required=True, metavar="FILE", type=input_file,
                           help="file holding the password, or '-' for standard input")
-    add_peer.add_argument("--database-url", default=os.environ.get("DATABASE_URL", ""),
-                          type=conninfo,
-                          help="owner's connection string (default $DATABASE_URL or PG* vars)")
+    routes.add_route_arguments(add_peer)
+    set_routes = db_commands.add_parser(
+        "set-routes", help="replace what a peer routes: its addresses and subnets",
+        description="Replace a peer's tunnel addresses and routed subnets with exactly "
+        "those given, in one transaction: on any refusal (an overlap with another "
+        "peer's route) nothing changes.")
+    set_routes.add_argument("name", type=checked(peer_name), help="peer name, e.g. peer-c")
+    routes.add_route_arguments(set_routes)
+    set_routes.add_argument("--none", action="store_true",
+                            help="remove every route of the peer")
+    for sub in (add_peer, set_routes):
+        sub.add_argument("--database-url", default=os.environ.get("DATABASE_URL", ""),
+                         type=conninfo,
+                         help="owner's connection string (default $DATABASE_URL or PG* vars)")
     probe = commands.add_parser(
         "probe", help="check that the tunnel carries traffic both ways (health checks)",
         description="Open a TCP connection through the tunnel to the remote end's discard "
@@ -255,15 +272,29 @@ def run_db(args: argparse.Namespace) -> int:
         return 0
     # read before connecting: a wrong file is the user's to fix, not the database's
     secret = read_secret(args.password_file) if args.db_command == "add-peer" else ""
+    given = (routes.routes_given(args) if args.db_command in ("add-peer", "set-routes")
+             else routes.Routes())
+    if args.db_command == "set-routes" and args.none == bool(given.prefixes()):
+        raise PgvpnError("give the peer's --address and --route options, or --none to "
+                         "remove every route of it (not both)")
     with db.connect(args.database_url, attempts=3, application_name="pgvpn admin") as conn:
         if args.db_command == "migrate":
             migrate.migrate(conn)
         elif args.db_command == "version":
             print(migrate.applied_version(conn))
         elif args.db_command == "add-peer":
-            created = admin.ensure_peer_role(conn, args.name, secret)
+            with conn.transaction():  # the role and its routes, or nothing
+                created = admin.ensure_peer_role(conn, args.name, secret)
+                routes.add_routes(conn, args.name, given)
             print(f"role {admin.role_name(args.name)} for peer {args.name} "
                   f"{'created' if created else 'updated'}", file=sys.stderr)
+            print(routes.describe(args.name, routes.peer_routes(conn).get(args.name, [])),
+                  file=sys.stderr)
+        elif args.db_command == "set-routes":
+            routes.check_peer_exists(conn, args.name)
+            routes.add_routes(conn, args.name, given, replace=True)
+            print(routes.describe(args.name, routes.peer_routes(conn).get(args.name, [])),
+                  file=sys.stderr)
     return 0
 
 

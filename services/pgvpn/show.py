@@ -2,8 +2,9 @@
 
 Each peer's tunnel addresses, whether its agent is up, and the packets and bytes it
 sent and received since it started, as each agent reports them with its heartbeat
-(sql/010_show.sql). The database decides what a connection sees: a peer its own row
-(RLS), the owner and readers every peer. The figures are the agents' own word, at
+(sql/010_show.sql), and the prefixes the owner routes to each (sql/011). The database
+decides what a connection sees: a peer its own row (RLS), the owner and readers every
+peer. The figures are the agents' own word, at
 most one heartbeat old; what crossed is in the log (`pgvpn stats`).
 """
 
@@ -29,8 +30,10 @@ QUERY = """
 SELECT name, tunnel_addr, tunnel_addr6,
        CASE WHEN agent_started BETWEEN %(first)s AND %(last)s THEN agent_started END,
        CASE WHEN last_seen BETWEEN %(first)s AND %(last)s THEN last_seen END,
-       sent_packets, sent_bytes, received_packets, received_bytes, now()
-FROM pgvpn.peers ORDER BY name
+       sent_packets, sent_bytes, received_packets, received_bytes, now(),
+       ARRAY(SELECT r.prefix::text FROM pgvpn.routes r WHERE r.peer = p.name
+             ORDER BY r.address IS NULL, family(r.prefix), r.prefix)
+FROM pgvpn.peers p ORDER BY name
 """
 TIMES = {"first": datetime(1, 1, 2, tzinfo=UTC), "last": datetime(9999, 12, 30, tzinfo=UTC)}
 
@@ -46,6 +49,7 @@ class PeerStatus:
     received_packets: int
     received_bytes: int
     now: datetime  # the database's clock, which also wrote last_seen
+    routes: list[str]  # the owner's word (sql/011): its addresses' host routes, subnets
 
     @property
     def last_seen_seconds(self) -> float | None:
@@ -66,7 +70,8 @@ class PeerStatus:
         return "connected" if seen is not None and seen <= STALE_AFTER else "not responding"
 
     def as_json(self) -> dict[str, Any]:
-        return {"name": self.name, "addresses": self.addresses, "state": self.state,
+        return {"name": self.name, "addresses": self.addresses, "routes": self.routes,
+                "state": self.state,
                 "connected": self.state == "connected",
                 "agent_started": self.agent_started.isoformat() if self.agent_started else None,
                 "last_seen": self.last_seen.isoformat() if self.last_seen else None,
@@ -78,19 +83,21 @@ class PeerStatus:
 def read_status(conn: psycopg.Connection) -> list[PeerStatus]:
     """Every peers row this connection may see."""
     return [PeerStatus(name, [str(a) for a in (v4, v6) if a is not None], started, seen,
-                       sent_packets, sent_bytes, received_packets, received_bytes, now)
+                       sent_packets, sent_bytes, received_packets, received_bytes, now,
+                       list(routes))
             for name, v4, v6, started, seen, sent_packets, sent_bytes, received_packets,
-            received_bytes, now in conn.execute(QUERY, TIMES).fetchall()]
+            received_bytes, now, routes in conn.execute(QUERY, TIMES).fetchall()]
 
 
 def status_table(peers: list[PeerStatus], title: str) -> Table:
-    table = Table(title, ["peer", "addresses", "agent", "up", "last seen", "sent",
+    table = Table(title, ["peer", "addresses", "routes", "agent", "up", "last seen", "sent",
                           "received"], right=["up", "last seen", "sent", "received"])
     for peer in peers:
         up = (format_duration(peer.now - peer.agent_started)
               if peer.agent_started is not None and peer.state == "connected" else "-")
         seen = peer.last_seen_seconds
-        table.add(peer.name, ", ".join(peer.addresses) or "-", peer.state, up,
+        table.add(peer.name, ", ".join(peer.addresses) or "-", ", ".join(peer.routes) or "-",
+                  peer.state, up,
                   "-" if seen is None else f"{format_duration(timedelta(seconds=seen))} ago",
                   traffic(peer.sent_packets, peer.sent_bytes),
                   traffic(peer.received_packets, peer.received_bytes))

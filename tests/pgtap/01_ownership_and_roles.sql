@@ -1,6 +1,6 @@
 -- Who owns what, and what the roles are (SECURITY.md, "The roles"; `pgvpn db init`).
 \ir begin.inc
-SELECT plan(49);
+SELECT plan(51);
 
 -- ------------------------------------------------------------------ owners
 SELECT db_owner_is(current_database(), 'pgvpn_owner', 'the database is owned by pgvpn_owner');
@@ -16,7 +16,7 @@ SELECT set_eq(
         AND NOT c.relispartition$$,
     $$VALUES ('schema_migrations', 'r'), ('peers', 'r'), ('packets', 'p'), ('cursors', 'r'),
              ('log_settings', 'r'), ('blog_v1_packets', 'r'), ('blog_v2_packets', 'r'),
-             ('inbox', 'v'), ('log_partitions', 'v'), ('packet_headers', 'v'),
+             ('inbox', 'v'), ('log_partitions', 'v'), ('packet_headers', 'v'), ('routes', 'r'),
              ('packets_id_seq', 'S'), ('blog_v1_packets_id_seq', 'S'),
              ('blog_v2_packets_id_seq', 'S')$$,
     'schema pgvpn holds exactly the known tables, views and sequences (besides partitions)');
@@ -27,13 +27,14 @@ SELECT set_eq(
           'pgvpn.decode_headers(bytea)', 'pgvpn.ensure_partitions(integer)',
           'pgvpn.expired_partitions(timestamp with time zone)', 'pgvpn.last_sent_seq()',
           'pgvpn.lock_own(text)', 'pgvpn.partition_name(timestamp with time zone,timestamp with time zone)',
-          'pgvpn.partition_ranges()', 'pgvpn.wire_packets(integer,bytea,bytea)',
+          'pgvpn.partition_ranges()', 'pgvpn.routes_changed()',
+          'pgvpn.wire_packets(integer,bytea,bytea)',
           'pgvpn_admin.ensure_peer_role(text,text)'],
     'schemas pgvpn and pgvpn_admin hold exactly the known functions');
 
 SELECT table_owner_is('pgvpn', t, 'pgvpn_owner', format('table pgvpn.%s is owned by pgvpn_owner', t))
 FROM unnest(ARRAY['schema_migrations', 'peers', 'packets', 'cursors', 'log_settings',
-                  'blog_v1_packets', 'blog_v2_packets']) AS t;
+                  'blog_v1_packets', 'blog_v2_packets', 'routes']) AS t;
 SELECT view_owner_is('pgvpn', v, 'pgvpn_owner', format('view pgvpn.%s is owned by pgvpn_owner', v))
 FROM unnest(ARRAY['inbox', 'log_partitions', 'packet_headers']) AS v;
 SELECT sequence_owner_is('pgvpn', s, 'pgvpn_owner',
@@ -54,6 +55,7 @@ FROM (VALUES
     ('pgvpn', 'partition_name', '{timestamp with time zone,timestamp with time zone}',
      'pgvpn_owner'),
     ('pgvpn', 'partition_ranges', '{}', 'pgvpn_owner'),
+    ('pgvpn', 'routes_changed', '{}', 'pgvpn_owner'),
     ('pgvpn_admin', 'ensure_peer_role', '{text,text}', 'pgvpn_peermaker')
 ) AS f(schema, name, args, owner);
 

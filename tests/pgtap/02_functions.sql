@@ -2,7 +2,7 @@
 -- search_path (or a SQL-standard body), and EXECUTE for exactly the roles that
 -- call it (sql/005_trust.sql, sql/init_peer_roles.sql).
 \ir begin.inc
-SELECT plan(64);
+SELECT plan(69);
 
 -- The intended state, one row per function.  `callers`: the roles granted EXECUTE
 -- besides the function's owner (who always has it).
@@ -21,9 +21,10 @@ INSERT INTO intended VALUES
     ('pgvpn', 'expired_partitions', '{timestamp with time zone}', false, '{}'),
     ('pgvpn', 'partition_name', '{timestamp with time zone,timestamp with time zone}', false,
      '{}'),
-    ('pgvpn', 'blog_v1_notify', '{}', false, '{}');
+    ('pgvpn', 'blog_v1_notify', '{}', false, '{}'),
+    ('pgvpn', 'routes_changed', '{}', false, '{}');
 
-SELECT is(count(*)::integer, 11, 'the intended list names the 11 functions of the two schemas')
+SELECT is(count(*)::integer, 12, 'the intended list names the 12 functions of the two schemas')
 FROM intended;
 
 -- --------------------------------------------------------- SECURITY DEFINER

@@ -2,7 +2,7 @@
 -- view, sequence, schema and the database; row-level security and its policies
 -- (sql/001-005, SECURITY.md "What a peer can and cannot do").
 \ir begin.inc
-SELECT plan(127);
+SELECT plan(130);
 
 -- ---------------------------------------------------------------- tables, views
 -- Effective privileges (has_table_privilege: membership and PUBLIC included).
@@ -19,7 +19,8 @@ INSERT INTO intended VALUES
     ('blog_v2_packets',   '{SELECT,INSERT}',        '{SELECT}'),
     ('inbox',             '{SELECT}',               '{}'),
     ('log_partitions',    '{}',                     '{SELECT}'),
-    ('packet_headers',    '{}',                     '{SELECT}');
+    ('packet_headers',    '{}',                     '{SELECT}'),
+    ('routes',            '{SELECT}',               '{SELECT}');
 
 SELECT table_privs_are('pgvpn', i.relation, r.role,
                        CASE r.role WHEN 'pgvpn_agent' THEN i.agent

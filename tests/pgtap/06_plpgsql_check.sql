@@ -7,7 +7,7 @@
 \ir begin.inc
 CREATE SCHEMA plpgsql_check_ext;
 CREATE EXTENSION plpgsql_check SCHEMA plpgsql_check_ext;
-SELECT plan(9);
+SELECT plan(11);
 
 CREATE TEMPORARY TABLE checked ON COMMIT DROP AS
 SELECT p.oid::regprocedure::text AS fn, t.tgrelid::regclass::text AS trigger_relation
@@ -48,8 +48,8 @@ SELECT set_eq(
     $$SELECT fn FROM checked$$,
     ARRAY['pgvpn.blog_v1_notify()', 'pgvpn.decode_headers(bytea)',
           'pgvpn.ensure_partitions(integer)', 'pgvpn.lock_own(text)',
-          'pgvpn_admin.ensure_peer_role(text,text)'],
-    'plpgsql_check checks all five PL/pgSQL functions of pgvpn and pgvpn_admin');
+          'pgvpn.routes_changed()', 'pgvpn_admin.ensure_peer_role(text,text)'],
+    'plpgsql_check checks all six PL/pgSQL functions of pgvpn and pgvpn_admin');
 SELECT is_empty(
     $$SELECT p.oid::regprocedure::text FROM pg_catalog.pg_proc p
       WHERE p.pronamespace IN ('pgvpn'::regnamespace, 'pgvpn_admin'::regnamespace)
@@ -58,6 +58,8 @@ SELECT is_empty(
     'every trigger function has a trigger, so it was checked against its relation');
 SELECT is((SELECT trigger_relation FROM checked WHERE fn = 'pgvpn.blog_v1_notify()'),
           'pgvpn.blog_v1_packets', 'blog_v1_notify() is checked on pgvpn.blog_v1_packets');
+SELECT is((SELECT trigger_relation FROM checked WHERE fn = 'pgvpn.routes_changed()'),
+          'pgvpn.routes', 'routes_changed() is checked on pgvpn.routes');
 
 SELECT is_empty(
     format($$SELECT i.level || ' ' || i.sqlstate || ' line ' || coalesce(i.lineno::text, '-')
@@ -74,7 +76,8 @@ SELECT is_empty(
     format('plpgsql_check: %s has no error and no warning but the accepted ones', f))
 FROM unnest(ARRAY['pgvpn.blog_v1_notify()',
                   'pgvpn.decode_headers(bytea)', 'pgvpn.ensure_partitions(integer)',
-                  'pgvpn.lock_own(text)', 'pgvpn_admin.ensure_peer_role(text,text)']) AS f;
+                  'pgvpn.lock_own(text)', 'pgvpn.routes_changed()',
+                  'pgvpn_admin.ensure_peer_role(text,text)']) AS f;
 
 SELECT is_empty(
     $$SELECT a.fn || ': ' || a.message FROM accepted a
