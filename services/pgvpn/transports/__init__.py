@@ -1,7 +1,7 @@
 """Transport profiles, by name: interchangeable strategies for carrying packets."""
 
 from pgvpn.transports.base import Downlink, Profile, Session, Uplink
-from pgvpn.transports.batched import BatchedJumboProfile, BatchedProfile
+from pgvpn.transports.batched_profiles import BatchedJumboProfile, BatchedProfile
 from pgvpn.transports.blog_v1 import BlogV1Profile
 from pgvpn.transports.blog_v2 import BlogV2Profile
 from pgvpn.transports.notify_only import NotifyOnlyProfile

@@ -39,9 +39,7 @@ from pgvpn.locks import take_own_lock
 from pgvpn.offload import NO_OFFLOAD, VNET_HDR_LEN, wire_packets
 from pgvpn.transports.base import (
     Counters,
-    Downlink,
     ListeningDownlink,
-    Profile,
     Session,
     Uplink,
     channel_for,
@@ -299,28 +297,3 @@ class BatchedDownlink(ListeningDownlink):
     def take_unfetched(self) -> list[str]:
         taken, self.unfetched = self.unfetched, []
         return taken
-
-
-class BatchedProfile(Profile):
-    name = "batched"
-    logged = True
-    carries_offload = True
-    summary = "batched binary COPY, binary SELECT, one payload-free NOTIFY per batch"
-    log_table = "pgvpn.packets"
-    log_wire_packets = ("CASE WHEN offload IS NULL THEN 1 ELSE pgvpn.wire_packets(length, "
-                        "substring(data FROM 1 FOR 256), offload) END")
-    tables = ("pgvpn.packets", "pgvpn.cursors")
-
-    def open_uplink(self, session: Session) -> Uplink:
-        return BatchedUplink(session)
-
-    def open_downlink(self, session: Session) -> Downlink:
-        return BatchedDownlink(session, max_packet=self.default_mtu(session.config.mtu))
-
-
-class BatchedJumboProfile(BatchedProfile):
-    name = "batched-jumbo"
-    summary = "batched, with a 65000-byte TUN MTU so TCP sends fewer, larger packets"
-
-    def default_mtu(self, requested: int) -> int:
-        return 65000
