@@ -143,6 +143,10 @@ def add_lab_settings(parser: argparse.ArgumentParser, *, several: bool = False) 
                         "of a TCP stream; off logs one row per packet on the wire"
                         + ("; both runs each such profile with offload off, then on, to "
                            "compare them in one report" if several else ""))
+    parser.add_argument("--routing", choices=("peer", "table"), default=None,
+                        help="how agents pick each packet's receiver: peer (default), the "
+                        "topology's fixed pairs; table, the owner's routing table "
+                        "(pgvpn.routes), as a fleet does")
     if several:
         parser.add_argument("--profile", type=profile_list, default=None,
                             metavar="NAME[,NAME...]|all",
@@ -189,8 +193,9 @@ def requested_settings(args: argparse.Namespace) -> state.LabSettings:
     offload = current.offload if current else True
     if getattr(args, "offload", None) in ("on", "off"):
         offload = args.offload == "on"
+    routing = args.routing or (current.routing if current else "peer")
     return state.LabSettings(backend=backend, mtu=mtu, profile=profile, tls=tls,
-                             offload=offload)
+                             offload=offload, routing=routing)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -199,6 +204,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     lab.up(progress)
     progress(f"lab is up on the {settings.backend} backend (mtu {lab.effective_mtu}, "
              f"profile {settings.profile}, offload {'on' if settings.offload else 'off'}, "
+             + ("" if settings.routing == "peer" else "routing by table, ")
              + ("TLS verify-full)" if settings.tls else "agents WITHOUT TLS)"))
     return 0
 

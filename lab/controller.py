@@ -43,6 +43,7 @@ def lab_environment(settings: state.LabSettings) -> dict[str, str]:
     env.update({"PGVPN_LAB_NAME": state.LAB_NAME,
                 "PGVPN_MTU": str(settings.mtu), "PGVPN_PROFILE": settings.profile,
                 "PGVPN_OFFLOAD": "true" if settings.offload else "false",
+                "PGVPN_ROUTING": settings.routing,
                 "PGVPN_LAB_SECRETS": str(state.secrets_dir())})
     # The server always offers TLS; without it (--no-tls) it also accepts plaintext
     # and the agents, explicitly allowed to, use it.
@@ -130,7 +131,8 @@ class Lab:
                     progress(f"restarting {agent.name} with mtu {self.effective_mtu}, "
                              f"profile {self.settings.profile}"
                              + ("" if self.settings.offload else ", offload off")
-                             + ("" if self.settings.tls else ", WITHOUT TLS"))
+                             + ("" if self.settings.tls else ", WITHOUT TLS")
+                             + f", routing {self.settings.routing}")
                     self.backend.stop(agent)
                 self.backend.start(agent, progress)
             self.wait_for_tunnel(progress)

@@ -35,6 +35,9 @@ class LabSettings:
     # TCP segmentation offload on the agents' TUN devices (PGVPN_OFFLOAD); False
     # (`--offload off`) logs one row per packet on the wire, to measure what it gains.
     offload: bool = True
+    # How agents pick each packet's receiver (PGVPN_ROUTING): "peer", the topology's
+    # fixed pairs; "table" (`--routing table`), the owner's routing table (pgvpn.routes).
+    routing: str = "peer"
 
 
 def settings_path() -> Path:

@@ -59,8 +59,34 @@ def test_bad_values_name_the_setting_and_the_problem(env: dict[str, str], messag
 
 
 def test_missing_settings_are_listed_with_their_variables() -> None:
-    with pytest.raises(ConfigError, match=r"peer \(\$PGVPN_PEER\).*tun_peer \(\$TUN_PEER\)"):
-        load_config(environ={"PGVPN_NAME": "peer-a", "TUN_IP": "10.230.0.1/24"})
+    with pytest.raises(ConfigError, match=r"name \(\$PGVPN_NAME\), tun_ip \(\$TUN_IP\)"):
+        load_config(environ={"PGVPN_PEER": "peer-b"})
+
+
+def test_routing_follows_whether_a_peer_is_set() -> None:
+    """A fixed peer routes every packet to it; none routes by the owner's table."""
+    assert load_config(environ=BASE_ENV).routing == "peer"
+    fleet = load_config(environ={"PGVPN_NAME": "peer-a", "TUN_IP": "10.230.0.1/24"})
+    assert (fleet.routing, fleet.peer, fleet.tun_peer) == ("table", None, None)
+    assert load_config(environ={**BASE_ENV, "PGVPN_ROUTING": "table"}).routing == "table"
+    with pytest.raises(ConfigError, match="routing 'peer' sends every packet to one peer: "
+                                          r"set peer \(\$PGVPN_PEER\)"):
+        load_config(environ={"PGVPN_NAME": "peer-a", "TUN_IP": "10.230.0.1/24",
+                             "PGVPN_ROUTING": "peer"})
+    with pytest.raises(ConfigError, match=r"routing = 'mesh' \(from \$PGVPN_ROUTING\): use "
+                                          "peer or table"):
+        load_config(environ={**BASE_ENV, "PGVPN_ROUTING": "mesh"})
+    with pytest.raises(ConfigError, match="set PGVPN_PEER"):
+        _ = fleet.fixed_peer  # a blog profile's question, refused in table routing
+
+
+def test_a_blog_profile_cannot_route_by_the_table() -> None:
+    from pgvpn.agent import Agent
+
+    fleet = load_config(environ={"PGVPN_NAME": "peer-a", "TUN_IP": "10.230.0.1/24",
+                                 "PGVPN_PROFILE": "blog-v1"})
+    with pytest.raises(PgvpnError, match="profile blog-v1 carries one fixed pair of peers"):
+        Agent(fleet)
 
 
 def test_yaml_errors_are_clear(tmp_path: Path) -> None:
@@ -226,14 +252,13 @@ def test_errors_name_the_command_line_option_and_the_file(tmp_path: Path) -> Non
     with pytest.raises(ConfigError) as caught:
         load_config(file, environ=BASE_ENV)
     assert str(caught.value).startswith(f"config file {file}: unknown setting(s) mtuu, nmae; "
-                                        "known: name, peer, database_url, tun_ip, ")
+                                        "known: name, peer, routing, database_url, tun_ip, ")
 
 
 def test_missing_settings_message() -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(environ={"PGVPN_NAME": "peer-a"})
-    assert str(caught.value) == ("missing setting: peer ($PGVPN_PEER), tun_ip ($TUN_IP), "
-                                 "tun_peer ($TUN_PEER); see 'pgvpn run --help'")
+    assert str(caught.value) == "missing setting: tun_ip ($TUN_IP); see 'pgvpn run --help'"
 
 
 def test_the_process_environment_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:

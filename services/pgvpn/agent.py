@@ -2,6 +2,8 @@
 
 Where things happen:
 - packets are read from the TUN in `Agent.pump_up`, written to it in `Agent.pump_down`;
+- with routing 'table', `Agent.pump_up` picks each packet's receiver (pgvpn.routing)
+  and the control loop follows the owner's route changes (kernel routes included);
 - how they are committed and read back is the transport profile's business
   (pgvpn.transports); this module never writes SQL for the data path;
 - the control connection registers the peer, keeps partitions ahead and heartbeats.
@@ -26,6 +28,7 @@ from pgvpn.admin import role_name
 from pgvpn.config import HEARTBEAT_SECONDS, AgentConfig
 from pgvpn.errors import PgvpnError
 from pgvpn.packets import packet_problem
+from pgvpn.routing import RouteFollower, RoutingTable, destination
 from pgvpn.transports import PROFILES, Downlink, Session, Uplink
 from pgvpn.transports.base import Counters
 from pgvpn.tun import TunDevice
@@ -38,6 +41,7 @@ log = logging.getLogger("pgvpn.agent")
 MAINTENANCE_RETRY = 60.0  # seconds until a failed log maintenance is tried again
 STATS_EVERY = 1.0
 BAD_INPUT_EVERY = 1.0  # seconds between warnings about bad frames or rows
+ROUTES_MIN_INTERVAL = 0.5  # seconds: the routing table is read at most this often
 
 
 class BadInputLog:
@@ -79,8 +83,17 @@ class Agent:
         self.skipped_rows = 0
         self.bad_frames = BadInputLog(f"dropped frames read from {config.tun_name} that are "
                                       "not IPv4/IPv6 packets")
-        self.bad_rows = BadInputLog(f"skipped logged rows from {config.peer} that are not "
-                                    "packets for this TUN")
+        self.bad_rows = BadInputLog(f"skipped logged rows from {config.peer or 'its senders'} "
+                                    "that are not packets for this TUN")
+        if config.routing == "table" and not self.profile.routes_by_table:
+            raise PgvpnError(f"profile {config.profile} carries one fixed pair of peers, as "
+                             "in the blog's posts: set PGVPN_PEER (routing 'peer'), or use "
+                             "profile batched to route by the owner's table")
+        # routing 'table': follows the owner's routes (None: every packet to `peer`)
+        self.routes: RouteFollower | None = None
+        self.unrouted = 0
+        self.unrouted_log = BadInputLog(f"dropped packets read from {config.tun_name} to an "
+                                        "address no other peer routes")
         self.failure: BaseException | None = None
         self.uplink: Uplink | None = None
         self.downlink: Downlink | None = None
@@ -121,6 +134,9 @@ class Agent:
                 if self.config.tun_ip6 is not None:
                     addresses.append(self.config.tun_ip6)
                 tun.configure(addresses)
+                if self.config.routing == "table":
+                    self.routes = RouteFollower(self.config.name, tun)
+                    self.routes.follow(control)  # read before any packet is
                 self.session.offload = tun.offload
                 uplink = self.profile.open_uplink(self.session)
                 downlink = self.profile.open_downlink(self.session)
@@ -128,12 +144,14 @@ class Agent:
                 # Registered only now that the links hold this peer's locks: an agent
                 # refused as a duplicate never touches the running one's row.
                 self._register(self.control)
-                log.info("peer %s: %s on %s (%s, mtu %d, %s) -> peer %s (%s) via %s (%s), "
+                log.info("peer %s: %s on %s (%s, mtu %d, %s) -> %s via %s (%s), "
                          "profile %s, %s commit", self.config.name, tun.name,
                          ", ".join(map(str, addresses)), "v4+v6" if len(addresses) > 1 else
                          "v4" if self.config.tun_ip.version == 4 else "v6", self.mtu,
                          self._describe_offload(tun),
-                         self.config.peer, self.config.tun_peer,
+                         f"peer {self.config.peer} ({self.config.tun_peer})"
+                         if self.routes is None else
+                         "the peers of the owner's routing table (pgvpn.routes)",
                          db.describe_target(self.config.database_url), security,
                          self.profile.name,
                          "synchronous" if self.config.synchronous_commit else "asynchronous")
@@ -179,8 +197,8 @@ class Agent:
 
         def read() -> Readings:
             up, down = self._counters()
-            return Readings(self.config.name, self.config.peer, up, down,
-                            self.dropped_from_tun, self.skipped_rows)
+            return Readings(self.config.name, self.config.peer or "", up, down,
+                            self.dropped_from_tun, self.skipped_rows, self.unrouted)
 
         return MetricsServer(self.config.metrics_listen, read)
 
@@ -216,8 +234,29 @@ class Agent:
                 else:
                     self.dropped_from_tun += 1
                     self.bad_frames.report(problem)
-            if packets:
+            if not packets:
+                continue
+            if self.routes is None:
                 uplink.send(packets)
+                continue
+            # the control loop may swap in a newer table meanwhile: one table a batch
+            for receiver, group in self._route(tun, self.routes.table, packets).items():
+                uplink.send_to(receiver, group)
+
+    def _route(self, tun: TunDevice, routing: RoutingTable, frames: list[bytes]
+               ) -> dict[str, list[bytes]]:
+        """The frames by receiver, each group in the order read; a packet to no other
+        peer's route is counted and dropped (the agent never guesses)."""
+        groups: dict[str, list[bytes]] = {}
+        for frame in frames:
+            packet = tun.packet_of(frame)
+            receiver = routing.receiver_of(packet)
+            if receiver is None:
+                self.unrouted += 1
+                self.unrouted_log.report(f"to {destination(packet)}")
+            else:
+                groups.setdefault(receiver, []).append(frame)
+        return groups
 
     def pump_down(self, tun: TunDevice, downlink: Downlink) -> None:
         """Database -> TUN: write each committed packet addressed to us."""
@@ -334,12 +373,24 @@ class Agent:
         self.control.close()  # a reconnected one; closing the original again is harmless
 
     def _control_loop(self, uplink: Uplink, downlink: Downlink, maintained: bool) -> None:
-        """Heartbeat, log maintenance, debug counters; cheap and rare by design."""
+        """Heartbeat, log maintenance, debug counters, and in routing 'table' the
+        owner's route changes; cheap and rare by design."""
         interval = self.config.maintenance_interval
-        next_heartbeat = next_stats = time.monotonic()
+        next_heartbeat = next_stats = next_routes = time.monotonic()
         next_maintenance = next_heartbeat + (interval if maintained
                                              else min(interval, MAINTENANCE_RETRY))
-        while not self.stop.wait(0.2):
+        while not self.stop.is_set():
+            if self.routes is None or not self.heartbeat_ok or time.monotonic() < next_routes:
+                self.stop.wait(0.2)
+            elif self._housekeep("following the routing table", self.routes.follow,
+                                 HEARTBEAT_SECONDS):
+                # Anyone may NOTIFY any channel: a flood of them costs at most a few
+                # reads a second (a change waits in the queue meanwhile, none is lost).
+                next_routes = self.routes.read_at + ROUTES_MIN_INTERVAL
+            else:
+                next_routes = time.monotonic() + HEARTBEAT_SECONDS
+            if self.stop.is_set():
+                break
             now = time.monotonic()
             if now >= next_heartbeat:
                 self.heartbeat_ok = self._housekeep("heartbeat", self._heartbeat,
@@ -350,7 +401,7 @@ class Agent:
                 done = self._housekeep("partition maintenance", self._ensure_partitions,
                                        retry_in)
                 next_maintenance = now + (interval if done else retry_in)
-            for bad in (self.bad_frames, self.bad_rows):  # counts a burst left pending
+            for bad in (self.bad_frames, self.bad_rows, self.unrouted_log):  # a burst's count
                 if now >= bad.next_at:
                     bad.flush()
             if now >= next_stats and log.isEnabledFor(logging.DEBUG):

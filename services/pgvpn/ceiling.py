@@ -61,7 +61,7 @@ def measure(session: Session, table: str, *, seconds: float, size: int,
         started = time.monotonic()
         deadline = started + seconds
         while time.monotonic() < deadline:
-            copy_batch(conn, statement, config.peer, batches * batch + 1, packets)
+            copy_batch(conn, statement, config.peer or config.name, batches * batch + 1, packets)
             notify(conn, channel)
             batches += 1
         elapsed = time.monotonic() - started

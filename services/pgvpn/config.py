@@ -132,6 +132,12 @@ def interface_name(value: str) -> str:
     return value
 
 
+def _routing(value: str) -> str:
+    if value not in ROUTING:
+        raise ValueError(f"use {' or '.join(ROUTING)}")
+    return value
+
+
 def _profile(value: str) -> str:
     from pgvpn.transports import PROFILES  # late: transports import config
 
@@ -156,14 +162,22 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("name", "PGVPN_NAME", peer_name, None,
             "this peer's name; packets it sends are logged with it as sender"),
     Setting("peer", "PGVPN_PEER", peer_name, None,
-            "the remote peer's name; every packet read from the TUN goes to it"),
+            "the remote peer's name: every packet read from the TUN goes to it; unset, "
+            "the agent routes each packet by the owner's routing table (pgvpn.routes) to "
+            "any number of peers and reads from all of them"),
+    Setting("routing", "PGVPN_ROUTING", _routing, None,
+            "'peer': every packet to PGVPN_PEER; 'table': to the peer whose route holds its "
+            "destination (longest-prefix match over pgvpn.routes), PGVPN_PEER unused, and "
+            "kernel routes on the TUN for every other peer's prefixes, following changes "
+            "(default: peer if PGVPN_PEER is set, else table)"),
     Setting("database_url", "DATABASE_URL", _conninfo, "",
             "libpq connection string or URL; empty means the PG* environment variables",
             secret=True),
     Setting("tun_ip", "TUN_IP", _interface, None,
             "this end's tunnel address with prefix, e.g. 10.230.0.1/24"),
     Setting("tun_peer", "TUN_PEER", ipaddress.ip_address, None,
-            "the remote end's tunnel address, e.g. 10.230.0.2"),
+            "the remote end's tunnel address, e.g. 10.230.0.2 (`pgvpn probe`'s default "
+            "target); optional"),
     Setting("tun_ip6", "TUN_IP6", _interface, None,
             "optional IPv6 tunnel address with prefix, e.g. fd00:230::1/64"),
     Setting("tun_name", "PGVPN_TUN_NAME", interface_name, "pgvpn0",
@@ -221,7 +235,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log_level", "PGVPN_LOG_LEVEL", str.upper, "INFO",
             "DEBUG shows per-second counters; INFO, WARNING, ERROR"),
 )
-REQUIRED = ("name", "peer", "tun_ip", "tun_peer")
+REQUIRED = ("name", "tun_ip")
+ROUTING = ("peer", "table")
 
 
 @dataclass(frozen=True)
@@ -229,9 +244,10 @@ class AgentConfig:
     """Everything one agent needs to run; immutable once validated."""
 
     name: str
-    peer: str
     tun_ip: ipaddress.IPv4Interface | ipaddress.IPv6Interface
-    tun_peer: ipaddress.IPv4Address | ipaddress.IPv6Address
+    peer: str | None = None
+    tun_peer: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+    routing: str = ""  # "peer" or "table"; "" until __post_init__ chooses
     database_url: str = ""
     tun_ip6: ipaddress.IPv6Interface | None = None
     tun_name: str = "pgvpn0"
@@ -254,10 +270,17 @@ class AgentConfig:
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
-        if self.name == self.peer:
+        if not self.routing:
+            object.__setattr__(self, "routing", "peer" if self.peer else "table")
+        if self.routing == "peer" and self.peer is None:
+            raise ConfigError("routing 'peer' sends every packet to one peer: set peer "
+                              "($PGVPN_PEER), or leave routing unset to route by the "
+                              "owner's routing table")
+        if self.routing == "peer" and self.name == self.peer:
             raise ConfigError(f"name and peer are both {self.name!r}: "
                               "a peer cannot tunnel to itself")
-        if self.tun_peer.version != self.tun_ip.version or self.tun_peer == self.tun_ip.ip:
+        if self.tun_peer is not None and (self.tun_peer.version != self.tun_ip.version
+                                          or self.tun_peer == self.tun_ip.ip):
             raise ConfigError(
                 f"tun_peer {self.tun_peer} must be another address of the same family as "
                 f"tun_ip {self.tun_ip}")
@@ -265,6 +288,15 @@ class AgentConfig:
             raise ConfigError(f"tun_ip6 {self.tun_ip6} is not an IPv6 address")
         if self.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ConfigError(f"log_level {self.log_level!r}: use DEBUG, INFO, WARNING or ERROR")
+
+    @property
+    def fixed_peer(self) -> str:
+        """The one peer every packet goes to (routing 'peer'), for a profile that has
+        no other way (the blog's); the agent refuses such a profile with routing
+        'table' before it opens a link."""
+        if self.peer is None or self.routing != "peer":
+            raise ConfigError("this profile sends every packet to one peer: set PGVPN_PEER")
+        return self.peer
 
     def describe(self) -> dict[str, Any]:
         """The settings as plain values, secrets masked, for logs and status."""

@@ -2,7 +2,8 @@
 
 Read at scrape time from the counters the pumps keep anyway, so the data path pays
 nothing for them: packets, bytes, batches and reconnects per direction, each batch's
-time in the database, frames dropped on the way in and rows skipped on the way out.
+time in the database, frames dropped on the way in (not packets, or to no peer's route)
+and rows skipped on the way out.
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ class Readings:
     """What a scrape reads: this agent, its peer, and its counters as they are now."""
 
     name: str
-    peer: str
+    peer: str  # the fixed peer; "" for an agent that routes by the table
     up: Counters
     down: Counters
     dropped_frames: int
     skipped_rows: int
+    unrouted: int = 0
 
 
 class AgentCollector(Collector):
@@ -69,7 +71,9 @@ class AgentCollector(Collector):
                 ("pgvpn_dropped_frames", "frames read from the TUN device that are not "
                  "IPv4/IPv6 packets (dropped, never logged)", now.dropped_frames),
                 ("pgvpn_skipped_rows", "logged rows not written to the TUN device (not a "
-                 "packet for it, or larger than its MTU)", now.skipped_rows)):
+                 "packet for it, or larger than its MTU)", now.skipped_rows),
+                ("pgvpn_routing_misses", "packets read from the TUN device to an address no "
+                 "other peer routes (dropped, never logged; routing 'table')", now.unrouted)):
             family = CounterMetricFamily(name, text, labels=["peer"])
             family.add_metric([now.name], number)
             yield family

@@ -8,6 +8,7 @@ import fcntl
 import ipaddress
 import os
 import select
+import socket
 import struct
 from pathlib import Path
 from types import TracebackType
@@ -35,6 +36,7 @@ TX_QUEUE_LEN = 10_000  # room for packets that arrive while a batch commits
 IFA_F_NODAD = 0x02  # a point-to-point tunnel has no neighbours to detect duplicates with
 
 Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class TunDevice:
@@ -50,6 +52,7 @@ class TunDevice:
         self.mtu = mtu
         self.offload = False
         self.offload_refused = ""
+        self.routed: set[Network] = set()  # prefixes `route` sent into this device
         self.fd = self._open_with_offload() if offload else -1
         if self.fd < 0:
             self.fd = self._open(name)
@@ -117,6 +120,32 @@ class TunDevice:
                     raise PrivilegeError(f"cannot add {address} to {self.name}: "
                                          f"{os.strerror(exc.code)}") from None
             ipr.link("set", index=index, state="up")
+
+    def route(self, prefixes: set[Network]) -> list[str]:
+        """Send exactly `prefixes` into this device (beyond its addresses' own subnets),
+        as wg-quick does for a peer's AllowedIPs: routes added and removed since the last
+        call. A prefix the host already routes elsewhere is left to the host (never
+        taken over), and said so in the returned problems."""
+        problems: list[str] = []
+        with IPRoute() as ipr:
+            index = ipr.link_lookup(ifname=self.name)[0]
+            for prefix in sorted(self.routed - prefixes, key=str):
+                with contextlib.suppress(NetlinkError):  # gone already: what we want
+                    ipr.route("del", dst=str(prefix), oif=index,
+                              family=socket.AF_INET if prefix.version == 4 else socket.AF_INET6)
+                self.routed.discard(prefix)
+            for prefix in sorted(prefixes - self.routed, key=str):
+                try:
+                    ipr.route("add", dst=str(prefix), oif=index,
+                              family=socket.AF_INET if prefix.version == 4 else socket.AF_INET6)
+                except NetlinkError as exc:
+                    problems.append(f"{prefix} not routed into {self.name}: "
+                                    f"{os.strerror(exc.code)}"
+                                    + (" (this host routes it already)"
+                                       if exc.code == errno.EEXIST else ""))
+                    continue
+                self.routed.add(prefix)
+        return problems
 
     def wait_readable(self, timeout: float) -> bool:
         """Block until a packet can be read or `timeout` seconds pass."""

@@ -175,6 +175,11 @@ class Uplink(ABC):
         """Return once `packets` (frames as read from the TUN, with a virtio_net_hdr if
         the session's `offload`) are committed, or the agent is stopping."""
 
+    def send_to(self, receiver: str, packets: list[bytes]) -> None:
+        """`send`, to `receiver` rather than the fixed peer: a profile that
+        `routes_by_table` (the agent never calls it on another)."""
+        raise NotImplementedError(f"{type(self).__name__} sends to its fixed peer only")
+
     @abstractmethod
     def close(self) -> None: ...
 
@@ -281,6 +286,9 @@ class Profile(ABC):
     #: Whether its links carry TUN offload's super-packets and headers (pgvpn.offload);
     #: the blog's profiles keep one packet per row, as in the posts.
     carries_offload: bool = False
+    #: Whether it can route each packet to any peer by the owner's table (routing
+    #: 'table'); the blog's profiles carry one fixed pair, as in the posts.
+    routes_by_table: bool = False
 
     def default_mtu(self, requested: int) -> int:
         return requested

@@ -149,7 +149,6 @@ class BatchedUplink(Uplink):
         self.session = session
         self.config = session.config
         self.counters = Counters()
-        self.channel = channel_for(self.config.peer)
         self.conn = self._open()
 
     def _open(self) -> psycopg.Connection:
@@ -180,6 +179,13 @@ class BatchedUplink(Uplink):
         self.conn = self._open()
 
     def send(self, frames: list[bytes]) -> None:
+        assert self.config.peer is not None  # routing 'peer' (config)
+        self.send_to(self.config.peer, frames)
+
+    def send_to(self, receiver: str, frames: list[bytes]) -> None:
+        """One batch to one receiver, in one commit; a batch the agent routed to several
+        peers comes as one call per receiver, numbered on in the order read."""
+        channel = channel_for(receiver)
         if self.committed_seq + len(frames) > MAX_SEQ:
             raise self._out_of_numbers()
         first_seq = self.committed_seq + 1
@@ -192,19 +198,19 @@ class BatchedUplink(Uplink):
             if self.committed_seq >= first_seq:  # _open reread it after a lost connection
                 log.info("uplink: the batch seq %d..%d was committed before the connection "
                          "was lost; not sent again", first_seq, first_seq + len(packets) - 1)
-                notify(self.conn, self.channel)  # its wake-up may have been lost with it
+                notify(self.conn, channel)  # its wake-up may have been lost with it
                 return
             if len(packets) <= SMALL_BATCH:
                 self.conn.execute(INSERT_AND_NOTIFY, {
-                    "first": first_seq, "receiver": self.config.peer,
+                    "first": first_seq, "receiver": receiver,
                     "packets": list(map(bytes, packets)),
                     "offloads": headers if headers and any(headers) else None,
-                    "channel": self.channel}, prepare=True)
+                    "channel": channel}, prepare=True)
                 self.committed_seq = first_seq + len(packets) - 1
                 return
-            copy_batch(self.conn, COPY_PACKETS, self.config.peer, first_seq, packets, headers)
+            copy_batch(self.conn, COPY_PACKETS, receiver, first_seq, packets, headers)
             self.committed_seq = first_seq + len(packets) - 1
-            notify(self.conn, self.channel)
+            notify(self.conn, channel)
 
         started = time.perf_counter()
         self.session.retrying(write, what="uplink", reconnect=self._reconnect,

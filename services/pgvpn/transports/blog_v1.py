@@ -58,7 +58,7 @@ class PerPacketUplink(Uplink):
     def send(self, packets: list[bytes]) -> None:
         for packet in packets:
             def insert(packet: bytes = packet) -> None:
-                self.conn.execute(self.insert, (self.config.name, self.config.peer, packet))
+                self.conn.execute(self.insert, (self.config.name, self.config.fixed_peer, packet))
 
             self.session.retrying(insert, what="uplink", reconnect=self._reconnect,
                                   counters=self.counters)
@@ -75,7 +75,7 @@ class FlaggedDownlink(ListeningDownlink):
 
     def __init__(self, session: Session, table: str, channel: str) -> None:
         config = session.config
-        self.params = {"me": config.name, "peer": config.peer,
+        self.params = {"me": config.name, "peer": config.fixed_peer,
                        "max_age": config.max_replay_age}
         self.select = (f"SELECT id, payload FROM {table} WHERE receiver = %(me)s "
                        f"AND sender = %(peer)s AND NOT received ORDER BY id LIMIT {READ_LIMIT}")

@@ -59,7 +59,7 @@ class BlogV2Profile(Profile):
     tables = (TABLE,)
 
     def open_uplink(self, session: Session) -> Uplink:
-        me, peer = session.config.name, session.config.peer
+        me, peer = session.config.name, session.config.fixed_peer
         channel = blog_channel("v2", peer)
 
         def insert_then_notify(conn: psycopg.Connection, packet: bytes) -> None:

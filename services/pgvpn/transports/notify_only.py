@@ -76,7 +76,7 @@ class NotifyOnlyProfile(Profile):
         return min(requested, MAX_PACKET)
 
     def open_uplink(self, session: Session) -> Uplink:
-        channel = blog_channel("n", session.config.peer)
+        channel = blog_channel("n", session.config.fixed_peer)
 
         def notify(conn: psycopg.Connection, packet: bytes) -> None:
             conn.execute("SELECT pg_notify(%s, %s)",
