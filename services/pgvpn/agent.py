@@ -25,6 +25,7 @@ import psycopg
 
 from pgvpn import db, locks, migrate, tlspolicy
 from pgvpn.admin import role_name
+from pgvpn.badinput import BadInputLog
 from pgvpn.config import HEARTBEAT_SECONDS, AgentConfig
 from pgvpn.errors import PgvpnError
 from pgvpn.packets import packet_problem
@@ -40,35 +41,7 @@ log = logging.getLogger("pgvpn.agent")
 
 MAINTENANCE_RETRY = 60.0  # seconds until a failed log maintenance is tried again
 STATS_EVERY = 1.0
-BAD_INPUT_EVERY = 1.0  # seconds between warnings about bad frames or rows
 ROUTES_MIN_INTERVAL = 0.5  # seconds: the routing table is read at most this often
-
-
-class BadInputLog:
-    """Warnings about frames or rows that are not packets: the first at once, then at
-    most one a second with a count, so that a flood of bad input cannot flood the log."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self.pending = 0
-        self.last_problem = ""
-        self.next_at = 0.0
-        self.lock = threading.Lock()
-
-    def report(self, problem: str) -> None:
-        with self.lock:
-            self.pending += 1
-            self.last_problem = problem
-        if time.monotonic() >= self.next_at:
-            self.flush()
-
-    def flush(self) -> None:
-        with self.lock:
-            if not self.pending:
-                return
-            log.warning("%s: %d (last: %s)", self.what, self.pending, self.last_problem)
-            self.pending = 0
-            self.next_at = time.monotonic() + BAD_INPUT_EVERY
 
 
 class Agent:
