@@ -194,6 +194,11 @@ def requested_settings(args: argparse.Namespace) -> state.LabSettings:
     if getattr(args, "offload", None) in ("on", "off"):
         offload = args.offload == "on"
     routing = args.routing or (current.routing if current else "peer")
+    if not PROFILES[profile].routes_by_table and routing == "table":
+        if args.routing == "table":
+            raise LabError(f"profile {profile} carries one fixed pair of peers, as in the "
+                           "blog's posts: use --routing peer with it")
+        routing = "peer"  # the lab's table routing, left for a blog profile
     return state.LabSettings(backend=backend, mtu=mtu, profile=profile, tls=tls,
                              offload=offload, routing=routing)
 

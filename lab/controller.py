@@ -214,7 +214,9 @@ class Lab:
         (applied by the next `up`)."""
         settings = dataclasses.replace(
             self.settings, profile=profile,
-            offload=self.settings.offload if offload is None else offload)
+            offload=self.settings.offload if offload is None else offload,
+            # a blog profile carries one fixed pair: it runs with routing peer
+            routing=self.settings.routing if PROFILES[profile].routes_by_table else "peer")
         return Lab(make_backend(settings.backend, settings), settings)
 
     def start_for_bench(self, progress: Progress) -> None:

@@ -105,8 +105,9 @@ def ping(backend: Backend, host: str, address: str, *, count: int = 10,
          interval: float = 0.2) -> PingResult:
     """ICMP echo from `host` to `address`; never raises for loss (it is in the result).
 
-    Each of the `count` probes counts as received if its reply comes within about 2 s.
-    ping's own tally does not mean that: once a reply has come, it waits only
+    Each of the `count` probes counts as received if its reply comes before the
+    deadline, 3 s after the last probe is due. ping's own tally does not mean that:
+    once a reply has come, it waits only
     max(2 x the largest RTT, interval) after its last probe, so one late reply at the end
     counts as lost (a CI run failed on a 3-probe ping that way). With a deadline (-w)
     ping waits for every reply, and sends extra probes after a loss, which are ignored

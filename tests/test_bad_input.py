@@ -27,7 +27,9 @@ BAD_ROWS_LOG = "skipped logged rows from peer-a that are not packets for this TU
 
 
 @pytest.mark.parametrize(("env", "message"), [
-    ({"TUN_PEER": ""}, "missing setting: tun_peer ($TUN_PEER)"),
+    ({"TUN_IP": ""}, "missing setting: tun_ip ($TUN_IP)"),
+    ({"PGVPN_PEER": "", "PGVPN_ROUTING": "peer"}, "routing 'peer' sends every packet to one "
+                                                  "peer: set peer ($PGVPN_PEER)"),
     ({"TUN_IP": "10.230.0.999/24"}, "tun_ip = '10.230.0.999/24' (from $TUN_IP)"),
     ({"PGVPN_MTU": "10"}, "mtu = '10' (from $PGVPN_MTU): must be a whole number between 576 "
                               "and 65535"),

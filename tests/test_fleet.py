@@ -22,7 +22,7 @@ from lab.measure import ping
 from pgvpn.copyformat import PACKET_COLUMNS, encode_packet_rows
 from pgvpn.transports.base import channel_for
 from tests.conftest import CliBackend, LabHandle
-from tests.peerside import wait_for
+from tests.peerside import agent_log, wait_for
 from tests.test_lab import agent_metrics
 
 PEER_A, PEER_B, PEER_X = "10.230.0.1", "10.230.0.2", "10.230.0.9"
@@ -87,14 +87,27 @@ def test_a_packet_to_no_peers_route_is_counted_and_not_logged(fleet: LabHandle) 
                    "AND seq > %s AND dst = %s::inet", [mark, nowhere]) == [(0,)]
 
 
-def udp_datagram(index: int) -> bytes:
-    """A datagram from fleet-x to peer-b, checksummed, numbered in its payload."""
+def udp_datagram(index: int, source: str = PEER_X) -> bytes:
+    """A datagram to peer-b, from fleet-x's address unless told, checksummed, numbered in
+    its payload."""
     datagram = dpkt.udp.UDP(sport=PORT, dport=PORT, data=f"fleet-x {index:05d}".encode())
     datagram.ulen = len(datagram)
-    packet = dpkt.ip.IP(src=bytes(map(int, PEER_X.split("."))),
+    packet = dpkt.ip.IP(src=bytes(map(int, source.split("."))),
                         dst=bytes(map(int, PEER_B.split("."))), p=17, ttl=64, data=datagram)
     packet.len = len(packet)
     return bytes(packet)
+
+
+def log_as(conn: psycopg.Connection, packets: list[bytes]) -> int:
+    """Rows to peer-b as the connection's peer logs them, numbered on from its last
+    logged seq, as its agent would; returns the last seq."""
+    row = conn.execute("SELECT pgvpn.last_sent_seq()").fetchone()
+    first = int(row[0] if row else 0) + 1
+    with conn.cursor() as cur, cur.copy(
+            f"COPY pgvpn.packets ({PACKET_COLUMNS}) FROM STDIN (FORMAT BINARY)") as copy:
+        copy.write(encode_packet_rows("peer-b", first, packets))
+    conn.execute("SELECT pg_notify(%s, '')", [channel_for("peer-b")])
+    return first + len(packets) - 1
 
 
 # Run in peer-b: receive `count` datagrams on PORT (or time out), print their payloads.
@@ -140,11 +153,15 @@ def test_a_receiver_reads_every_sender_in_order_and_once(fleet: LabHandle,
                                                           ) -> None:
     """peer-b's downlink reads a sender that joined while it ran (its cursor made on the
     route change, no restart), in fleet-x's seq order, none twice, while peer-a's
-    traffic to it goes on."""
+    traffic to it goes on. A row of fleet-x's with peer-a's source address is not
+    written to peer-b's TUN (counted as skipped); once fleet-x has no route, peer-b
+    reads nothing more of it, and its rows stay logged."""
     lab, count = fleet, 60
     wait_for(lambda: lab.sql("SELECT count(*) FROM pgvpn.cursors WHERE receiver = 'peer-b' "
                              "AND sender = 'fleet-x'") == [(1,)],
              "peer-b's downlink to make a cursor for the new sender", 10)
+    skipped = 'pgvpn_skipped_rows_total'
+    skipped0 = agent_metrics(lab)["peer-b"][skipped]
     printed: list[str] = []
     receiving = threading.Thread(target=lambda: printed.append(lab.exec(
         "peer-b", "python3", "-c", RECEIVER, str(PORT), str(count), timeout=60).stdout))
@@ -154,18 +171,42 @@ def test_a_receiver_reads_every_sender_in_order_and_once(fleet: LabHandle,
     pinging = threading.Thread(target=lambda: ping(CliBackend(lab), "peer-a", PEER_B,
                                                    count=10, interval=0.1))
     pinging.start()
-    seq = 0
     for batch in range(6):  # six batches, as an agent would commit them
-        packets = [udp_datagram(i) for i in range(batch * 10, batch * 10 + 10)]
-        with third_peer.cursor() as cur, cur.copy(
-                f"COPY pgvpn.packets ({PACKET_COLUMNS}) FROM STDIN (FORMAT BINARY)") as copy:
-            copy.write(encode_packet_rows("peer-b", seq + 1, packets))
-        seq += len(packets)
-        third_peer.execute("SELECT pg_notify(%s, '')", [channel_for("peer-b")])
+        last = log_as(third_peer, [udp_datagram(i) for i in range(batch * 10, batch * 10 + 10)])
+        if batch == 3:  # passed off as peer-a's: if it were written, it would show
+            last = log_as(third_peer, [udp_datagram(99999, source=PEER_A)])
         time.sleep(0.05)
     pinging.join(timeout=30)
     receiving.join(timeout=60)
     assert printed[0].splitlines() == [f"fleet-x {i:05d}" for i in range(count)], printed
-    assert lab.sql("SELECT last_seq FROM pgvpn.cursors WHERE receiver = 'peer-b' "
-                   "AND sender = 'fleet-x'") == [(count,)]
-    lab.wait_settled()
+    cursor = ("SELECT last_seq FROM pgvpn.cursors WHERE receiver = 'peer-b' "
+              "AND sender = 'fleet-x'")
+    wait_for(lambda: lab.sql(cursor) == [(last,)], "peer-b's cursor past every row", 10)
+    wait_for(lambda: agent_metrics(lab)["peer-b"][skipped] == skipped0 + 1,
+             "peer-b's agent to count the spoofed row as skipped", 10)
+    # no route, no reading: the row is logged, peer-b's cursor stays where it was
+    routes_of(lab, "fleet-x", "--none")
+    late = log_as(third_peer, [udp_datagram(count)])
+    time.sleep(2)
+    assert lab.sql(cursor) == [(last,)]
+    assert lab.sql("SELECT count(*) FROM pgvpn.packets WHERE sender = 'fleet-x' "
+                   "AND seq = %s", [late]) == [(1,)]
+
+
+def test_a_route_over_the_databases_address_is_never_taken(fleet: LabHandle,
+                                                            third_peer: psycopg.Connection
+                                                            ) -> None:
+    """A prefix that holds the database's address (each agent reaches it on its own
+    underlay network) routed to a peer: no agent sends its own database connections
+    into the tunnel they carry; it says so, and the tunnel goes on."""
+    lab = fleet
+    underlay = "10.231.0.0/16"  # both peers' networks to the database
+    routes_of(lab, "fleet-x", "--address", f"{PEER_X}/24", "--route", underlay)
+    try:
+        for host in ("peer-a", "peer-b"):
+            wait_for(lambda host=host: "it holds the database's address" in agent_log(
+                lab, host, 50), f"{host}'s agent to refuse the route", 10)
+            assert "10.231.0.0/16" not in kernel_routes(lab, host)
+        assert ping(CliBackend(lab), "peer-a", PEER_B, count=3).received == 3
+    finally:
+        routes_of(lab, "fleet-x", "--address", f"{PEER_X}/24")

@@ -29,7 +29,7 @@ from pgvpn.badinput import BadInputLog
 from pgvpn.config import HEARTBEAT_SECONDS, AgentConfig
 from pgvpn.errors import PgvpnError
 from pgvpn.packets import packet_problem
-from pgvpn.routing import RouteFollower, RoutingTable, destination
+from pgvpn.routing import ROUTES_MIN_INTERVAL, RouteFollower, RoutingTable, destination
 from pgvpn.transports import PROFILES, Downlink, Session, Uplink
 from pgvpn.transports.base import Counters
 from pgvpn.tun import TunDevice
@@ -41,7 +41,6 @@ log = logging.getLogger("pgvpn.agent")
 
 MAINTENANCE_RETRY = 60.0  # seconds until a failed log maintenance is tried again
 STATS_EVERY = 1.0
-ROUTES_MIN_INTERVAL = 0.5  # seconds: the routing table is read at most this often
 
 
 class Agent:
@@ -56,12 +55,13 @@ class Agent:
         self.skipped_rows = 0
         self.bad_frames = BadInputLog(f"dropped frames read from {config.tun_name} that are "
                                       "not IPv4/IPv6 packets")
-        self.bad_rows = BadInputLog(f"skipped logged rows from {config.peer or 'its senders'} "
-                                    "that are not packets for this TUN")
+        senders = config.peer if config.routing == "peer" else "its senders"
+        self.bad_rows = BadInputLog(f"skipped logged rows from {senders} that are not "
+                                    "packets for this TUN")
         if config.routing == "table" and not self.profile.routes_by_table:
             raise PgvpnError(f"profile {config.profile} carries one fixed pair of peers, as "
-                             "in the blog's posts: set PGVPN_PEER (routing 'peer'), or use "
-                             "profile batched to route by the owner's table")
+                             "in the blog's posts: set PGVPN_PEER with PGVPN_ROUTING unset or "
+                             "'peer', or use profile batched to route by the owner's table")
         # routing 'table': follows the owner's routes (None: every packet to `peer`)
         self.routes: RouteFollower | None = None
         self.unrouted = 0
@@ -108,7 +108,8 @@ class Agent:
                     addresses.append(self.config.tun_ip6)
                 tun.configure(addresses)
                 if self.config.routing == "table":
-                    self.routes = RouteFollower(self.config.name, tun)
+                    self.routes = RouteFollower(self.config.name, tun, addresses,
+                                                db.server_address(control))
                     self.routes.follow(control)  # read before any packet is
                 self.session.offload = tun.offload
                 uplink = self.profile.open_uplink(self.session)
@@ -170,7 +171,8 @@ class Agent:
 
         def read() -> Readings:
             up, down = self._counters()
-            return Readings(self.config.name, self.config.peer or "", up, down,
+            remote = self.config.peer if self.config.routing == "peer" else ""
+            return Readings(self.config.name, remote or "", up, down,
                             self.dropped_from_tun, self.skipped_rows, self.unrouted)
 
         return MetricsServer(self.config.metrics_listen, read)
@@ -357,8 +359,6 @@ class Agent:
                 self.stop.wait(0.2)
             elif self._housekeep("following the routing table", self.routes.follow,
                                  HEARTBEAT_SECONDS):
-                # Anyone may NOTIFY any channel: a flood of them costs at most a few
-                # reads a second (a change waits in the queue meanwhile, none is lost).
                 next_routes = self.routes.read_at + ROUTES_MIN_INTERVAL
             else:
                 next_routes = time.monotonic() + HEARTBEAT_SECONDS

@@ -295,6 +295,9 @@ def run_db(args: argparse.Namespace) -> int:
             routes.add_routes(conn, args.name, given, replace=True)
             print(routes.describe(args.name, routes.peer_routes(conn).get(args.name, [])),
                   file=sys.stderr)
+            if not given.addresses:
+                print(f"note: peer {args.name} has no tunnel address now: an agent that "
+                      "routes by the table sends nothing to its own address", file=sys.stderr)
     return 0
 
 

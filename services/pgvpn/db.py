@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import ipaddress
 import logging
 import os
 import re
@@ -175,3 +176,13 @@ def retry_forever(action: Callable[[], T], *, what: str, should_stop: Callable[[
                 except (psycopg.Error, DatabaseError) as again:
                     log.warning("%s: reconnect failed: %s", what, again)
     return None
+
+
+def server_address(conn: psycopg.Connection
+                   ) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The database server's IP address as this connection reached it; None over a
+    Unix socket."""
+    try:
+        return ipaddress.ip_address(conn.info.hostaddr)
+    except ValueError:
+        return None

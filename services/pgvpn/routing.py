@@ -3,10 +3,11 @@
 A snapshot of pgvpn.routes (sql/011) answers, for each packet read from the TUN, which
 peer receives it: the peer whose prefix holds the destination address, longest prefix
 first (as a router's table; the database refuses overlapping routes, so at most one
-prefix matches today, and this stays right if that ever changes). A destination no
-other peer routes has no receiver: the agent counts and drops that packet, never
-guesses. The control loop swaps in a new snapshot when the owner changes the routes
-(NOTIFY pgvpn_routes); the pump reads whichever one is current.
+prefix matches today). A destination no other peer routes has no receiver: the agent
+counts and drops that packet, never guesses. On the way in, the same table says which
+sender a packet's source address belongs to (pgvpn.transports.fleet). The control
+loop swaps in a new snapshot when the owner changes the routes (NOTIFY pgvpn_routes);
+the pump reads whichever one is current.
 """
 
 from __future__ import annotations
@@ -24,14 +25,19 @@ from pgvpn.tun import TunDevice
 log = logging.getLogger("pgvpn.agent")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 #: The channel sql/011's trigger notifies when the routes change.
 ROUTES_CHANNEL = "pgvpn_routes"
+#: Seconds: an agent reads the routes at most this often. Anyone may NOTIFY any
+#: channel; a flood of them costs a few reads a second, and a change waits in the
+#: queue meanwhile, never lost.
+ROUTES_MIN_INTERVAL = 0.5
 
 
 @dataclass(frozen=True)
 class RoutingTable:
-    """Other peers' prefixes, by family and prefix length, for longest-prefix match."""
+    """Every peer's prefixes, by family and prefix length, for longest-prefix match."""
 
     me: str
     routes: tuple[tuple[str, Network], ...] = ()
@@ -41,32 +47,48 @@ class RoutingTable:
 
     def __post_init__(self) -> None:
         by_length: dict[int, dict[int, dict[int, str]]] = {4: {}, 6: {}}
-        for peer, prefix in self.routes:
-            if peer != self.me:
-                by_length[prefix.version].setdefault(prefix.prefixlen, {})[
-                    int(prefix.network_address)] = peer
+        for peer, prefix in self.routes:  # this peer's own too: a match there is no one's
+            by_length[prefix.version].setdefault(prefix.prefixlen, {})[
+                int(prefix.network_address)] = peer
         object.__setattr__(self, "_by_length", {
             family: sorted(lengths.items(), reverse=True)
             for family, lengths in by_length.items()})
 
     @classmethod
     def load(cls, conn: psycopg.Connection, me: str) -> RoutingTable:
-        rows = conn.execute("SELECT peer, prefix FROM pgvpn.routes").fetchall()
+        rows = conn.execute("SELECT peer, prefix FROM pgvpn.routes ORDER BY peer, prefix"
+                            ).fetchall()
         return cls(me, tuple((peer, ipaddress.ip_network(prefix)) for peer, prefix in rows))
 
-    def receiver_of(self, packet: bytes | memoryview) -> str | None:
-        """The peer that routes the packet's destination; None if no other peer does.
-        The packet is a checked IPv4 or IPv6 packet (agent.packet_problem)."""
+    def _match(self, packet: bytes | memoryview, start: int) -> str | None:
+        """Whose route holds the address at `start` (16 or 24: the destination; 12 or
+        8: the source) of a checked IPv4 or IPv6 packet, longest prefix first."""
         version = packet[0] >> 4
         if version == 4:
-            destination, bits = int.from_bytes(packet[16:20], "big"), 32
+            address, bits = int.from_bytes(packet[start:start + 4], "big"), 32
+        elif version != 6:
+            return None  # a logged row that is no IP packet: no one's
         else:
-            destination, bits = int.from_bytes(packet[24:40], "big"), 128
+            address, bits = int.from_bytes(packet[start:start + 16], "big"), 128
         for length, networks in self._by_length[version]:
-            peer = networks.get(destination >> (bits - length) << (bits - length))
+            peer = networks.get(address >> (bits - length) << (bits - length))
             if peer is not None:
                 return peer
         return None
+
+    def receiver_of(self, packet: bytes | memoryview) -> str | None:
+        """The peer that routes the packet's destination; None if none other does."""
+        peer = self._match(packet, 16 if packet[0] >> 4 == 4 else 24)
+        return None if peer == self.me else peer
+
+    def sent_by(self, packet: bytes | memoryview) -> str | None:
+        """The peer whose routes hold the packet's source: the only sender it may come
+        from (WireGuard's rule for AllowedIPs), so that no peer can pass its packets
+        off as another's or inject them into a subnet it does not route."""
+        return self._match(packet, 12 if packet[0] >> 4 == 4 else 8)
+
+    def addresses_of(self, peer: str) -> set[Network]:
+        return {prefix for owner, prefix in self.routes if owner == peer}
 
     def senders(self) -> set[str]:
         """Every other peer with a route: those a downlink reads from."""
@@ -92,11 +114,18 @@ def describe(prefixes: Iterable[Network]) -> str:
 class RouteFollower:
     """Keeps the routing table and the kernel's routes on the TUN what the owner says:
     read at start, again after each NOTIFY pgvpn_routes, and on a new control
-    connection (which may have missed one)."""
+    connection (which may have missed one).
 
-    def __init__(self, me: str, tun: TunDevice) -> None:
+    Never routed into the TUN, with a warning: a prefix that holds the database's
+    address (the agent's own connections would go into the tunnel they carry, and
+    the whole fleet would go dark), or one of a family the TUN has no address of."""
+
+    def __init__(self, me: str, tun: TunDevice, addresses: list[Interface],
+                 database: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> None:
         self.me = me
         self.tun = tun
+        self.addresses = addresses
+        self.database = database
         self.table = RoutingTable(me)
         self.listener: psycopg.Connection | None = None  # the one LISTENing
         self.read_at = 0.0  # time.monotonic() of the last read
@@ -111,12 +140,40 @@ class RouteFollower:
             return
         for _ in control.notifies(timeout=0):
             pass  # one read serves every change already queued
-        self.read_at = time.monotonic()
+        first, self.read_at = self.read_at == 0.0, time.monotonic()
         table = RoutingTable.load(control, self.me)
-        changed = table.routes != self.table.routes or not self.tun.routed
+        changed = first or table.routes != self.table.routes
         self.table = table  # the uplink's pump takes it from its next batch on
-        for problem in self.tun.route(table.prefixes_of_others()):
-            log.warning("routes: %s", problem)
-        if changed:
+        wanted, problems = self._routable(table.prefixes_of_others())
+        problems += self.tun.route(wanted)
+        if changed or not self.tun.routed:
+            problems += self._own_addresses(table)
             log.info("routes: %s into %s (peers %s)", describe(self.tun.routed),
                      self.tun.name, ", ".join(sorted(table.senders())) or "none")
+            for problem in problems:
+                log.warning("routes: %s", problem)
+
+    def _routable(self, prefixes: set[Network]) -> tuple[set[Network], list[str]]:
+        families = {address.version for address in self.addresses}
+        wanted, problems = set(), []
+        for prefix in sorted(prefixes, key=str):
+            if self.database is not None and self.database in prefix:
+                problems.append(f"{prefix} not routed into {self.tun.name}: it holds the "
+                                f"database's address {self.database}, which this agent "
+                                "reaches outside the tunnel")
+            elif prefix.version not in families:
+                setting = "TUN_IP6" if prefix.version == 6 else "TUN_IP"
+                problems.append(f"{prefix} not routed into {self.tun.name}: it has no "
+                                f"IPv{prefix.version} address ({setting})")
+            else:
+                wanted.add(prefix)
+        return wanted, problems
+
+    def _own_addresses(self, table: RoutingTable) -> list[str]:
+        """Whether the owner routes this peer's addresses to it: if not, no other peer
+        sends it anything (`pgvpn db set-routes` adds them)."""
+        own = table.addresses_of(self.me)
+        return [f"this peer's address {address.ip} is not among its routes, so no other "
+                f"peer sends anything to it: the owner adds it ('pgvpn db set-routes "
+                f"{self.me} --address {address}', with the peer's other routes)"
+                for address in self.addresses if ipaddress.ip_network(address.ip) not in own]

@@ -37,6 +37,11 @@ IFA_F_NODAD = 0x02  # a point-to-point tunnel has no neighbours to detect duplic
 
 Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+MAIN_TABLE = 254  # the kernel's main routing table, where `route` adds its routes
+
+
+def family(prefix: Network) -> int:
+    return socket.AF_INET if prefix.version == 4 else socket.AF_INET6
 
 
 class TunDevice:
@@ -124,25 +129,30 @@ class TunDevice:
     def route(self, prefixes: set[Network]) -> list[str]:
         """Send exactly `prefixes` into this device (beyond its addresses' own subnets),
         as wg-quick does for a peer's AllowedIPs: routes added and removed since the last
-        call. A prefix the host already routes elsewhere is left to the host (never
-        taken over), and said so in the returned problems."""
+        call. A prefix the host already routes elsewhere, exactly, is left to the host
+        (never taken over), and said so in the returned problems; a longer prefix the
+        host routes elsewhere still wins within it, as routing does."""
         problems: list[str] = []
         with IPRoute() as ipr:
             index = ipr.link_lookup(ifname=self.name)[0]
             for prefix in sorted(self.routed - prefixes, key=str):
                 with contextlib.suppress(NetlinkError):  # gone already: what we want
-                    ipr.route("del", dst=str(prefix), oif=index,
-                              family=socket.AF_INET if prefix.version == 4 else socket.AF_INET6)
+                    ipr.route("del", dst=str(prefix), oif=index, family=family(prefix))
                 self.routed.discard(prefix)
+            elsewhere = {ipaddress.ip_network(f"{r.get_attr('RTA_DST')}/{r['dst_len']}")
+                         for version in (socket.AF_INET, socket.AF_INET6)
+                         for r in ipr.get_routes(family=version, table=MAIN_TABLE)
+                         if r.get_attr("RTA_DST") and r.get_attr("RTA_OIF") != index}
             for prefix in sorted(prefixes - self.routed, key=str):
+                if prefix in elsewhere:
+                    problems.append(f"{prefix} not routed into {self.name}: this host routes "
+                                    "it through another interface")
+                    continue
                 try:
-                    ipr.route("add", dst=str(prefix), oif=index,
-                              family=socket.AF_INET if prefix.version == 4 else socket.AF_INET6)
+                    ipr.route("add", dst=str(prefix), oif=index, family=family(prefix))
                 except NetlinkError as exc:
                     problems.append(f"{prefix} not routed into {self.name}: "
-                                    f"{os.strerror(exc.code)}"
-                                    + (" (this host routes it already)"
-                                       if exc.code == errno.EEXIST else ""))
+                                    f"{os.strerror(exc.code)}")
                     continue
                 self.routed.add(prefix)
         return problems

@@ -12,18 +12,25 @@ The senders are the peers with a route (pgvpn.routes): a cursor is made for each
 one when the downlink starts and whenever the owner changes the routes (NOTIFY
 pgvpn_routes, LISTENed on the reading connection beside this peer's own channel).
 A new cursor starts past that sender's rows older than max_replay_age, as a restart
-does: a peer added to a running fleet costs the others no restart.
+does: a peer added to a running fleet costs the others no restart. A peer whose
+routes are all gone is no longer read (its cursor stays, for if it comes back).
+
+A packet is written to the TUN only if its source address is in its sender's routes
+(as WireGuard checks AllowedIPs): with many senders, one must not pass its packets
+off as another's, or inject them into a subnet behind this peer. Any other row is
+skipped and reported like every row that is not a packet for this TUN.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 
 import psycopg
 
 from pgvpn.locks import take_own_lock
-from pgvpn.routing import ROUTES_CHANNEL
+from pgvpn.routing import ROUTES_CHANNEL, ROUTES_MIN_INTERVAL, RoutingTable
 from pgvpn.transports.batched import IDLE_POLL, MAX_ROW, READER_SETUP, BatchedDownlink
 
 log = logging.getLogger(__name__)
@@ -33,7 +40,8 @@ log = logging.getLogger(__name__)
 # bytes: for each sender a prefix of its rows in seq order, so its cursor skips none.
 NEXT_BATCH_ALL = """
 WITH cursor AS (
-    SELECT sender, last_seq FROM pgvpn.cursors WHERE receiver = %(me)s
+    SELECT c.sender, c.last_seq FROM pgvpn.cursors c
+    WHERE c.receiver = %(me)s AND EXISTS (SELECT FROM pgvpn.routes r WHERE r.peer = c.sender)
 ), candidate AS (
     SELECT p.sender, p.seq, p.length, p.offload, p.data,
            row_number() OVER (PARTITION BY p.sender ORDER BY p.seq) AS rank
@@ -83,20 +91,28 @@ SELECT sender, skipped FROM moved WHERE skipped > 0 ORDER BY sender
 
 
 class FleetDownlink(BatchedDownlink):
+    #: The owner's routes as last read: who may send which source addresses.
+    table: RoutingTable
+    routes_read_at = 0.0  # time.monotonic() of the last read
+    routes_changed = False  # a change notified and not read yet
+
     def prepare(self, reader: psycopg.Connection) -> None:
         take_own_lock(reader, "receiver", self.config.name)
         reader.execute(READER_SETUP)
-        reader.execute(f'LISTEN "{ROUTES_CHANNEL}"')
+        reader.execute(f'LISTEN "{ROUTES_CHANNEL}"')  # before reading them: none missed
         senders = [s for (s,) in reader.execute(
             "SELECT sender FROM pgvpn.cursors WHERE receiver = %(me)s", self.params)]
         self._skip_stale(reader, senders)  # as a restart does, for every sender
-        self._new_senders(reader)
+        self._read_routes(reader)
         self.more_waiting = True
 
-    def _new_senders(self, reader: psycopg.Connection) -> None:
+    def _read_routes(self, reader: psycopg.Connection) -> None:
+        """The table, and a cursor for each new sender in it."""
+        self.routes_read_at, self.routes_changed = time.monotonic(), False
+        self.table = RoutingTable.load(reader, self.config.name)
         new = [s for (s,) in reader.execute(NEW_CURSORS, self.params).fetchall()]
         if new:
-            log.info("reading from %s too (new routes)", ", ".join(sorted(new)))
+            log.info("reading from %s (new in the routing table)", ", ".join(sorted(new)))
             self._skip_stale(reader, new)
             self.more_waiting = True
 
@@ -108,28 +124,43 @@ class FleetDownlink(BatchedDownlink):
             log.info("skipped %d packets from %s older than %gs: not replayed into a live "
                      "interface", skipped, sender, self.config.max_replay_age)
 
-    def _wait_for_notification(self, timeout: float) -> None:
-        """Sleep until a sender says it committed, then drain the queue; a change of
-        the routes (a new peer, maybe) makes its cursor first."""
-        channels = {n.channel for n in self.listener.notifies(timeout=timeout, stop_after=1)}
-        channels |= {n.channel for n in self.listener.notifies(timeout=0)}
-        if ROUTES_CHANNEL in channels:
-            self._new_senders(self.reader)
-            self.more_waiting = True
+    def _notified(self, timeout: float) -> None:
+        """Wait up to `timeout` s for a notification (0: only take those queued, which
+        also keeps psycopg's queue short under a flood); a change of the routes is read
+        at most every ROUTES_MIN_INTERVAL s (it waits meanwhile, never lost)."""
+        if timeout > 0:
+            notified = {n.channel for n in self.listener.notifies(timeout=timeout,
+                                                                   stop_after=1)}
+        else:
+            notified = set()
+        notified |= {n.channel for n in self.listener.notifies(timeout=0)}
+        self.routes_changed |= ROUTES_CHANNEL in notified
+        if self.routes_changed and (time.monotonic() - self.routes_read_at
+                                    >= ROUTES_MIN_INTERVAL):
+            self._read_routes(self.reader)
 
     def fetch(self, timeout: float) -> list[bytes]:
-        if not self.more_waiting:
-            self._wait_for_notification(min(timeout, IDLE_POLL))
+        # idle: sleep until a sender commits; busy: only look at what is queued, so
+        # that a route change (a new sender) is not kept waiting by a busy one
+        self._notified(0 if self.more_waiting else min(timeout, IDLE_POLL))
         started = time.perf_counter()
         with self.reader.cursor(binary=True) as cur:
             rows = cur.execute(NEXT_BATCH_ALL, self.params, prepare=True).fetchall()
         if rows:
             self.counters.seconds.observe(time.perf_counter() - started)
-        packets = self._frames([(seq, length, data, offload)
-                                for _, seq, length, data, offload, _ in rows])
-        self.unfetched += [f"{length}-byte row from {sender} exceeds the MTU of "
-                           f"{self.max_packet} (not fetched)"
-                           for sender, _, length, data, _, _ in rows if data is None]
+        usable = []
+        for sender, seq, length, data, offload, _ in rows:
+            if data is None:
+                self.unfetched.append(f"{length}-byte row from {sender} exceeds the MTU of "
+                                      f"{self.max_packet} (not fetched)")
+            elif (owner := self.table.sent_by(data)) != sender:
+                self.unfetched.append(
+                    f"row from {sender} with source address {source(data)}, which is "
+                    + (f"routed to {owner}" if owner else "no peer's route")
+                    + " (a peer sends only from the addresses it routes)")
+            else:
+                usable.append((seq, length, data, offload))
+        packets = self._frames(usable)
         # Full (rows, bytes, or one sender's share): more may be waiting, read on.
         fetched = sum(length for _, _, length, data, _, _ in rows if data is not None)
         self.more_waiting = (len(rows) >= self.config.batch_packets
@@ -137,3 +168,12 @@ class FleetDownlink(BatchedDownlink):
                              or any(rank >= self.config.batch_packets
                                     for *_, rank in rows))
         return packets
+
+
+def source(packet: bytes) -> str:
+    """The source address of a row's data, if it is an IP packet at all."""
+    if packet[:1] and packet[0] >> 4 == 4 and len(packet) >= 20:
+        return str(ipaddress.IPv4Address(packet[12:16]))
+    if packet[:1] and packet[0] >> 4 == 6 and len(packet) >= 40:
+        return str(ipaddress.IPv6Address(packet[8:24]))
+    return "none (not an IP packet)"
