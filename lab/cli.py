@@ -3,33 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import sys
 from collections.abc import Callable
-from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from lab import logtools, state
+from lab import benchcli, logtools, state
 from lab.backends.base import SCRATCH_HOST, LabError
-from lab.bench import bench_profile, bench_profiles, bench_runs
 from lab.controller import BACKENDS, Lab, make_backend, static_topology
-from lab.live import BenchDisplay
-from lab.report import build_report, render_markdown, run_label, write_report
+from lab.output import err, progress
+from lab.settingsargs import add_lab_settings, requested_settings
 from lab.topology import Host, TopologyError
-from pgvpn.cliargs import OneLineParser, one_line, output_dir, output_file, whole
-from pgvpn.config import MAX_MTU, MIN_MTU
+from pgvpn.cliargs import OneLineParser, one_line, whole
 from pgvpn.errors import PgvpnError
-from pgvpn.transports import PROFILES
 
-# soft_wrap: a progress line stays one line in a log or a pipe, whatever its length
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-MAX_BENCH_SECONDS = 3600
 MAX_LOG_LINES = 100_000
 
 EPILOG = """\
@@ -42,10 +33,6 @@ typical session:
   lab exec peer-a -- ping -c3 10.230.0.2
   lab down                       # removes everything the lab made, even after a crash
 """
-
-
-def progress(message: str) -> None:
-    err.print(f"[dim]lab:[/] {message}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,72 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     start = commands.add_parser("start", help="start a host's service stopped by 'lab stop'")
     start.add_argument("host", type=host_name())
 
-    bench = commands.add_parser(
-        "bench", help="iperf3 through the tunnel and over the underlay; writes a report",
-        description="Measure the running lab (starting it first if needed): iperf3 "
-        "peer-a -> peer-b over the tunnel, the same over the underlay (peer-a -> postgres "
-        "host) for the tunnel's cost as a ratio, the database's ceiling (what it ingests "
-        "with no tunnel: `pgvpn ceiling` from peer-a into a scratch table of the log's "
-        "shape, made and dropped for the run), and ping RTT percentiles idle and under "
-        "load. Writes report.json, "
-        "report.md and throughput.png to --out and prints a summary. With several profiles "
-        "(--profile all, or a comma-separated list) each runs in turn with the same iperf3 "
-        "settings, the agents restarted with it. The packet log (pgvpn.packets) is never "
-        "emptied: rows are counted as a before/after difference; only the blog profiles' "
-        "own tables (pgvpn.blog_v1_packets, pgvpn.blog_v2_packets) are emptied before "
-        "their run.")
-    bench.add_argument("--duration", type=whole(1, MAX_BENCH_SECONDS), default=10,
-                       metavar="SECONDS", help="whole seconds per iperf3 run, "
-                       f"1-{MAX_BENCH_SECONDS} (default 10)")
-    bench.add_argument("--out", type=output_dir, default=None, metavar="DIR",
-                       help="report folder, made if missing (default reports/<timestamp>/)")
-    bench.add_argument("--json", dest="json_path", type=output_file, default=None,
-                       metavar="PATH|-",
-                       help="also write the JSON report to PATH, or to stdout with '-'")
-    bench.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
-                       help="backend to use if no lab is up yet")
-    add_lab_settings(bench, several=True)
+    benchcli.add_parser(commands)
     logtools.add_parsers(commands)  # packets, stats, export, replay
     return parser
-
-
-def add_lab_settings(parser: argparse.ArgumentParser, *, several: bool = False) -> None:
-    parser.add_argument("--mtu", type=whole(MIN_MTU, MAX_MTU), default=None,
-                        help=f"TUN MTU, {MIN_MTU}-{MAX_MTU} (default 1500)")
-    parser.add_argument("--tls", action=argparse.BooleanOptionalAction, default=None,
-                        help="agents reach postgres over TLS, verifying its certificate "
-                        "(default); --no-tls lets them use plaintext, to measure what TLS "
-                        "costs")
-    parser.add_argument("--offload", choices=("on", "off", "both") if several else ("on", "off"),
-                        default=None,
-                        help="TCP segmentation offload on the agents' TUN devices (profiles "
-                        "batched and batched-jumbo; default on): one row carries up to 64 KB "
-                        "of a TCP stream; off logs one row per packet on the wire"
-                        + ("; both runs each such profile with offload off, then on, to "
-                           "compare them in one report" if several else ""))
-    parser.add_argument("--routing", choices=("peer", "table"), default=None,
-                        help="how agents pick each packet's receiver: peer (default), the "
-                        "topology's fixed pairs; table, the owner's routing table "
-                        "(pgvpn.routes), as a fleet does")
-    if several:
-        parser.add_argument("--profile", type=profile_list, default=None,
-                            metavar="NAME[,NAME...]|all",
-                            help="transport profile(s), run in turn: "
-                            f"{', '.join(PROFILES)}, or all (default: the lab's, else batched)")
-    else:
-        parser.add_argument("--profile", choices=list(PROFILES), default=None,
-                            help="transport profile (default batched)")
-
-
-def profile_list(text: str) -> list[str]:
-    """'all' or comma-separated profile names, in the order given, without repeats."""
-    names = list(PROFILES) if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in PROFILES]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown profile {', '.join(unknown) or repr(text)}; choose from "
-            f"{', '.join(PROFILES)}, or all")
-    return list(dict.fromkeys(names))
 
 
 def host_name(*extra: str) -> Callable[[str], str]:
@@ -177,30 +101,6 @@ def host_name(*extra: str) -> Callable[[str], str]:
         return text
 
     return parse
-
-
-def requested_settings(args: argparse.Namespace) -> state.LabSettings:
-    """Settings from the command line, falling back to the lab that is up, then defaults."""
-    current = state.load_settings()
-    mtu = args.mtu if args.mtu is not None else (current.mtu if current else 1500)
-    backend = args.backend
-    if current is not None and backend == "auto":
-        backend = current.backend
-    if backend == "auto":
-        backend = make_backend("auto", state.LabSettings("auto", mtu, "batched")).name
-    profile = args.profile or (current.profile if current else "batched")
-    tls = args.tls if args.tls is not None else (current.tls if current else True)
-    offload = current.offload if current else True
-    if getattr(args, "offload", None) in ("on", "off"):
-        offload = args.offload == "on"
-    routing = args.routing or (current.routing if current else "peer")
-    if not PROFILES[profile].routes_by_table and routing == "table":
-        if args.routing == "table":
-            raise LabError(f"profile {profile} carries one fixed pair of peers, as in the "
-                           "blog's posts: use --routing peer with it")
-        routing = "peer"  # the lab's table routing, left for a blog profile
-    return state.LabSettings(backend=backend, mtu=mtu, profile=profile, tls=tls,
-                             offload=offload, routing=routing)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -329,49 +229,6 @@ def cmd_start(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    profiles: list[str] = args.profile or []
-    args.profile = profiles[0] if profiles else None  # the lab comes up with the first
-    out = args.out or default_report_dir()
-    settings = requested_settings(args)
-    runs = bench_runs(profiles or [settings.profile],
-                      args.offload or ("on" if settings.offload else "off"))
-    settings = dataclasses.replace(settings, offload=runs[0][1])
-    lab = Lab(make_backend(settings.backend, settings), settings)
-    lab.up(progress)  # a no-op on a healthy lab with these settings
-    if len(runs) > 1:
-        with BenchDisplay(err, [run_label(*run) for run in runs]) as display:
-            results = bench_profiles(lab, runs, args.duration, display.progress,
-                                     raw_dir=out, on_result=display.finished)
-        progress(f"the lab stays up with profile {run_label(*runs[-1])}")
-    else:
-        results = [bench_profile(lab, args.duration, progress, raw_dir=out)]
-    report = build_report(results)
-    write_report(report, out)
-    text = json.dumps(report, indent=2)
-    if args.json_path == "-":
-        print(text)
-        sys.stderr.write(render_markdown(report))  # plain: no wrapping, no rich markup
-    else:
-        if args.json_path:
-            Path(args.json_path).write_text(text + "\n")
-        print(render_markdown(report))
-    progress(f"report written to {out}/")
-    if report["failed"]:
-        err.print(f"[red]lab: failed profile(s):[/] {', '.join(report['failed'])}")
-        return 1
-    return 0
-
-
-def default_report_dir() -> Path:
-    """reports/<timestamp>/ here, checked like a given --out before anything starts."""
-    text = str(Path("reports") / datetime.now().strftime("%Y%m%d-%H%M%S"))
-    try:
-        return output_dir(text)
-    except argparse.ArgumentTypeError as exc:
-        raise LabError(f"the default report folder {exc}; give --out DIR") from None
-
-
 def cmd_check(args: argparse.Namespace) -> int:
     settings = state.LabSettings("auto", 1500, "batched")
     usable = 0
@@ -390,7 +247,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"check": cmd_check, "up": cmd_up, "down": cmd_down, "status": cmd_status,
-            "exec": cmd_exec, "logs": cmd_logs, "restart": cmd_restart, "bench": cmd_bench,
+            "exec": cmd_exec, "logs": cmd_logs, "restart": cmd_restart, "bench": benchcli.cmd_bench,
             "stop": cmd_stop, "start": cmd_start,
             "packets": logtools.cmd_packets, "stats": logtools.cmd_stats,
             "export": logtools.cmd_export,

@@ -1,0 +1,93 @@
+"""`lab bench`: its options, and the run that writes the report."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from lab.backends.base import LabError
+from lab.bench import bench_profile, bench_profiles, bench_runs
+from lab.controller import BACKENDS, Lab, make_backend
+from lab.live import BenchDisplay
+from lab.output import err, progress
+from lab.report import build_report, render_markdown, run_label, write_report
+from lab.settingsargs import add_lab_settings, requested_settings
+from pgvpn.cliargs import output_dir, output_file, whole
+
+MAX_BENCH_SECONDS = 3600
+
+
+def add_parser(commands: Any) -> None:
+    bench = commands.add_parser(
+        "bench", help="iperf3 through the tunnel and over the underlay; writes a report",
+        description="Measure the running lab (starting it first if needed): iperf3 "
+        "peer-a -> peer-b over the tunnel, the same over the underlay (peer-a -> postgres "
+        "host) for the tunnel's cost as a ratio, the database's ceiling (what it ingests "
+        "with no tunnel: `pgvpn ceiling` from peer-a into a scratch table of the log's "
+        "shape, made and dropped for the run), and ping RTT percentiles idle and under "
+        "load. Writes report.json, "
+        "report.md and throughput.png to --out and prints a summary. With several profiles "
+        "(--profile all, or a comma-separated list) each runs in turn with the same iperf3 "
+        "settings, the agents restarted with it. The packet log (pgvpn.packets) is never "
+        "emptied: rows are counted as a before/after difference; only the blog profiles' "
+        "own tables (pgvpn.blog_v1_packets, pgvpn.blog_v2_packets) are emptied before "
+        "their run.")
+    bench.add_argument("--duration", type=whole(1, MAX_BENCH_SECONDS), default=10,
+                       metavar="SECONDS", help="whole seconds per iperf3 run, "
+                       f"1-{MAX_BENCH_SECONDS} (default 10)")
+    bench.add_argument("--out", type=output_dir, default=None, metavar="DIR",
+                       help="report folder, made if missing (default reports/<timestamp>/)")
+    bench.add_argument("--json", dest="json_path", type=output_file, default=None,
+                       metavar="PATH|-",
+                       help="also write the JSON report to PATH, or to stdout with '-'")
+    bench.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
+                       help="backend to use if no lab is up yet")
+    add_lab_settings(bench, several=True)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    profiles: list[str] = args.profile or []
+    args.profile = profiles[0] if profiles else None  # the lab comes up with the first
+    out = args.out or default_report_dir()
+    settings = requested_settings(args)
+    runs = bench_runs(profiles or [settings.profile],
+                      args.offload or ("on" if settings.offload else "off"))
+    settings = dataclasses.replace(settings, offload=runs[0][1])
+    lab = Lab(make_backend(settings.backend, settings), settings)
+    lab.up(progress)  # a no-op on a healthy lab with these settings
+    if len(runs) > 1:
+        with BenchDisplay(err, [run_label(*run) for run in runs]) as display:
+            results = bench_profiles(lab, runs, args.duration, display.progress,
+                                     raw_dir=out, on_result=display.finished)
+        progress(f"the lab stays up with profile {run_label(*runs[-1])}")
+    else:
+        results = [bench_profile(lab, args.duration, progress, raw_dir=out)]
+    report = build_report(results)
+    write_report(report, out)
+    text = json.dumps(report, indent=2)
+    if args.json_path == "-":
+        print(text)
+        sys.stderr.write(render_markdown(report))  # plain: no wrapping, no rich markup
+    else:
+        if args.json_path:
+            Path(args.json_path).write_text(text + "\n")
+        print(render_markdown(report))
+    progress(f"report written to {out}/")
+    if report["failed"]:
+        err.print(f"[red]lab: failed profile(s):[/] {', '.join(report['failed'])}")
+        return 1
+    return 0
+
+
+def default_report_dir() -> Path:
+    """reports/<timestamp>/ here, checked like a given --out before anything starts."""
+    text = str(Path("reports") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    try:
+        return output_dir(text)
+    except argparse.ArgumentTypeError as exc:
+        raise LabError(f"the default report folder {exc}; give --out DIR") from None

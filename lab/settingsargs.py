@@ -1,0 +1,76 @@
+"""The lab's settings on the command line (`lab up`, `lab bench`): the options, and
+what they come to with the lab that is up."""
+
+from __future__ import annotations
+
+import argparse
+
+from lab import state
+from lab.backends.base import LabError
+from lab.controller import make_backend
+from pgvpn.cliargs import whole
+from pgvpn.config import MAX_MTU, MIN_MTU
+from pgvpn.transports import PROFILES
+
+
+def add_lab_settings(parser: argparse.ArgumentParser, *, several: bool = False) -> None:
+    parser.add_argument("--mtu", type=whole(MIN_MTU, MAX_MTU), default=None,
+                        help=f"TUN MTU, {MIN_MTU}-{MAX_MTU} (default 1500)")
+    parser.add_argument("--tls", action=argparse.BooleanOptionalAction, default=None,
+                        help="agents reach postgres over TLS, verifying its certificate "
+                        "(default); --no-tls lets them use plaintext, to measure what TLS "
+                        "costs")
+    parser.add_argument("--offload", choices=("on", "off", "both") if several else ("on", "off"),
+                        default=None,
+                        help="TCP segmentation offload on the agents' TUN devices (profiles "
+                        "batched and batched-jumbo; default on): one row carries up to 64 KB "
+                        "of a TCP stream; off logs one row per packet on the wire"
+                        + ("; both runs each such profile with offload off, then on, to "
+                           "compare them in one report" if several else ""))
+    parser.add_argument("--routing", choices=("peer", "table"), default=None,
+                        help="how agents pick each packet's receiver: peer (default), the "
+                        "topology's fixed pairs; table, the owner's routing table "
+                        "(pgvpn.routes), as a fleet does")
+    if several:
+        parser.add_argument("--profile", type=profile_list, default=None,
+                            metavar="NAME[,NAME...]|all",
+                            help="transport profile(s), run in turn: "
+                            f"{', '.join(PROFILES)}, or all (default: the lab's, else batched)")
+    else:
+        parser.add_argument("--profile", choices=list(PROFILES), default=None,
+                            help="transport profile (default batched)")
+
+
+def profile_list(text: str) -> list[str]:
+    """'all' or comma-separated profile names, in the order given, without repeats."""
+    names = list(PROFILES) if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in PROFILES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown profile {', '.join(unknown) or repr(text)}; choose from "
+            f"{', '.join(PROFILES)}, or all")
+    return list(dict.fromkeys(names))
+
+
+def requested_settings(args: argparse.Namespace) -> state.LabSettings:
+    """Settings from the command line, falling back to the lab that is up, then defaults."""
+    current = state.load_settings()
+    mtu = args.mtu if args.mtu is not None else (current.mtu if current else 1500)
+    backend = args.backend
+    if current is not None and backend == "auto":
+        backend = current.backend
+    if backend == "auto":
+        backend = make_backend("auto", state.LabSettings("auto", mtu, "batched")).name
+    profile = args.profile or (current.profile if current else "batched")
+    tls = args.tls if args.tls is not None else (current.tls if current else True)
+    offload = current.offload if current else True
+    if getattr(args, "offload", None) in ("on", "off"):
+        offload = args.offload == "on"
+    routing = args.routing or (current.routing if current else "peer")
+    if not PROFILES[profile].routes_by_table and routing == "table":
+        if args.routing == "table":
+            raise LabError(f"profile {profile} carries one fixed pair of peers, as in the "
+                           "blog's posts: use --routing peer with it")
+        routing = "peer"  # the lab's table routing, left for a blog profile
+    return state.LabSettings(backend=backend, mtu=mtu, profile=profile, tls=tls,
+                             offload=offload, routing=routing)
