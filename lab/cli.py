@@ -15,6 +15,7 @@ from rich.table import Table
 from lab import benchcli, logtools, state
 from lab.backends.base import SCRATCH_HOST, LabError
 from lab.controller import BACKENDS, Lab, make_backend, static_topology
+from lab.matrix import ping_matrix
 from lab.output import err, progress
 from lab.settingsargs import add_lab_settings, requested_settings
 from lab.topology import Host, TopologyError
@@ -22,6 +23,7 @@ from pgvpn.cliargs import OneLineParser, one_line, whole
 from pgvpn.errors import PgvpnError
 
 MAX_LOG_LINES = 100_000
+MAX_MATRIX_COUNT = 100
 
 EPILOG = """\
 typical session:
@@ -87,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     start = commands.add_parser("start", help="start a host's service stopped by 'lab stop'")
     start.add_argument("host", type=host_name())
 
+    matrix = commands.add_parser(
+        "ping-matrix", help="every agent pings every other one over the tunnel",
+        description="Ping every agent's tunnel addresses (IPv4 and IPv6, from the topology "
+        "file) from every other agent, through the tunnel, and print the matrix: received/"
+        "sent and the average RTT. Exit 1 if any ping was lost.")
+    matrix.add_argument("--count", type=whole(1, MAX_MATRIX_COUNT), default=3,
+                        help=f"echoes per pair, 1-{MAX_MATRIX_COUNT} (default 3)")
+    matrix.add_argument("--json", action="store_true", help="machine-readable, on stdout")
     benchcli.add_parser(commands)
     logtools.add_parsers(commands)  # packets, stats, export, replay
     return parser
@@ -177,6 +187,38 @@ def metrics_summary(host: dict[str, Any]) -> str:
             f"{reconnects} reconnects")
 
 
+def cmd_ping_matrix(args: argparse.Namespace) -> int:
+    lab = Lab.current()
+    cells = ping_matrix(lab, count=args.count, interval=0.2)
+    lost = sum(cell.result.lost for cell in cells)
+    if args.json:
+        print(json.dumps({"matrix": [c.as_json() for c in cells], "lost": lost}, indent=2))
+        return 1 if lost else 0
+    columns = list(dict.fromkeys((c.target, c.address) for c in cells))
+    table = Table(title=f"ping over the tunnel ({args.count} each; received/sent, avg RTT)")
+    table.add_column("from \\ to")
+    for target, address in columns:
+        table.add_column(f"{target}\n{address}")
+    by_pair = {(c.source, c.address): c for c in cells}
+    for source in dict.fromkeys(c.source for c in cells):
+        row = []
+        for _, address in columns:
+            cell = by_pair.get((source, address))
+            if cell is None:
+                row.append("-")
+                continue
+            text = f"{cell.result.received}/{cell.result.transmitted}"
+            if cell.result.rtt_ms:
+                text += f" {cell.result.rtt_ms['avg']:.1f} ms"
+            row.append(text if cell.ok else f"[red]{text}[/]")
+        table.add_row(source, *row)
+    Console().print(table)
+    if lost:
+        err.print(f"[red]lab: {lost} of {sum(c.result.transmitted for c in cells)} echoes "
+                  "lost[/]")
+    return 1 if lost else 0
+
+
 def cmd_exec(args: argparse.Namespace) -> int:
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not argv:
@@ -248,7 +290,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 COMMANDS = {"check": cmd_check, "up": cmd_up, "down": cmd_down, "status": cmd_status,
             "exec": cmd_exec, "logs": cmd_logs, "restart": cmd_restart, "bench": benchcli.cmd_bench,
-            "stop": cmd_stop, "start": cmd_start,
+            "stop": cmd_stop, "start": cmd_start, "ping-matrix": cmd_ping_matrix,
             "packets": logtools.cmd_packets, "stats": logtools.cmd_stats,
             "export": logtools.cmd_export,
             "replay": logtools.cmd_replay}

@@ -216,7 +216,9 @@ def test_sender_killed_mid_stream_logs_nothing_twice(any_lab: LabHandle) -> None
     assert seen["ifindex"] == ifindex0  # the TUN counted at the kill is the one at `before`
     read_by_killed = seen["tx"] - tun_a0["tx"]
     by_killed = logged_between(any_lab, logged0, {"peer-a": seen["last"]})["peer-a"]
-    assert read_by_killed > 500  # it was killed mid-stream
+    # it was killed mid-stream: with offload a frame is a super-packet of up to 64 KB, and
+    # a loaded CI machine read 293 of them in the 2 s before the kill (500 failed there)
+    assert read_by_killed > 100
     assert read_by_killed - batch <= by_killed <= read_by_killed, (by_killed, read_by_killed)
     # the new TUN device counts from the new agent's start
     by_new = logged_between(any_lab, {"peer-a": seen["last"]}, logged1)["peer-a"]

@@ -184,6 +184,16 @@ def test_a_receiver_reads_every_sender_in_order_and_once(fleet: LabHandle,
     wait_for(lambda: lab.sql(cursor) == [(last,)], "peer-b's cursor past every row", 10)
     wait_for(lambda: agent_metrics(lab)["peer-b"][skipped] == skipped0 + 1,
              "peer-b's agent to count the spoofed row as skipped", 10)
+    # per remote peer: what peer-b took from fleet-x (the spoofed row not), and from peer-a
+    metrics = agent_metrics(lab)
+    from_x = 'pgvpn_peer_packets_total{direction="down",remote_peer="fleet-x"}'
+    assert metrics["peer-b"][from_x] == count
+    assert metrics["peer-b"]['pgvpn_peer_bytes_total{direction="down",remote_peer="fleet-x"}'
+                             ] == sum(len(udp_datagram(i)) for i in range(count))
+    assert metrics["peer-b"]['pgvpn_peer_packets_total{direction="down",remote_peer="peer-a"}'
+                             ] >= 10
+    assert metrics["peer-a"]['pgvpn_peer_packets_total{direction="up",remote_peer="peer-b"}'
+                             ] >= 10
     # no route, no reading: the row is logged, peer-b's cursor stays where it was
     routes_of(lab, "fleet-x", "--none")
     late = log_as(third_peer, [udp_datagram(count)])

@@ -295,3 +295,32 @@ def test_an_agent_whose_metrics_port_is_taken_says_so_and_starts_once_it_is_free
         holder.wait()
     netns_lab.cli("start", "peer-a")
     assert netns_lab.exec("peer-a", "ping", "-c", "2", "-W", "2", "10.230.0.2").returncode == 0
+
+
+PAIRS = {("peer-a", "peer-b", "10.230.0.2"), ("peer-a", "peer-b", "fd00:230::2"),
+         ("peer-b", "peer-a", "10.230.0.1"), ("peer-b", "peer-a", "fd00:230::1")}
+
+
+def test_ping_matrix_pings_every_agent_from_every_other(any_lab: LabHandle) -> None:
+    report = json.loads(any_lab.cli("ping-matrix", "--json").stdout)
+    assert {(c["from"], c["to"], c["address"]) for c in report["matrix"]} == PAIRS
+    assert report["lost"] == 0
+    assert all(c["received"] == c["transmitted"] == 3 for c in report["matrix"]), report
+    table = any_lab.cli("ping-matrix", "--count", "2").stdout
+    assert table.count("2/2") == 4, table
+
+
+def test_ping_matrix_fails_and_shows_the_loss(netns_lab: LabHandle) -> None:
+    """peer-b's agent frozen past ping's deadline: every echo to or from it is lost."""
+    from tests.peerside import agent_pid
+
+    pid = agent_pid(netns_lab, "peer-b")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        done = netns_lab.cli("ping-matrix", "--count", "1", "--json", check=False)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert done.returncode == 1, done
+    report = json.loads(done.stdout)
+    assert report["lost"] == 4 and all(c["received"] == 0 for c in report["matrix"])
+    netns_lab.wait_settled()

@@ -167,8 +167,9 @@ def test_the_owner_adds_a_peer_whose_unicode_password_logs_in(any_lab: LabHandle
     secret.write_text(UNICODE_PASSWORD + "\n")
     try:
         added = any_lab.pgvpn("db", "add-peer", "trust-added", "--password-file", str(secret))
-        assert added.stderr.decode().strip().endswith(
-            "role pgvpn_trust_added for peer trust-added created")
+        said = added.stderr.decode().splitlines()
+        assert said[-2:] == ["role pgvpn_trust_added for peer trust-added created",
+                             "peer trust-added routes nothing"], said  # no --address given
         (stored,), = any_lab.sql("SELECT rolpassword FROM pg_authid "
                                  "WHERE rolname = 'pgvpn_trust_added'", superuser=True)
         assert stored.startswith("SCRAM-SHA-256$4096:") and UNICODE_PASSWORD not in stored

@@ -67,6 +67,16 @@ class AgentCollector(Collector):
             latency.add_metric([now.name, now.peer, direction], buckets,
                                counters.seconds.total)
         yield latency
+        for field, text in (("packets", "packets committed for each remote peer (up) and "
+                             "fetched from it for the TUN (down)"),
+                            ("bytes", "bytes of those packets")):
+            family = CounterMetricFamily(f"pgvpn_peer_{field}", text,
+                                         labels=["peer", "remote_peer", "direction"])
+            for direction, counters in sides:
+                for remote, counts in sorted(dict(counters.by_peer).items()):
+                    family.add_metric([now.name, remote, direction],
+                                      counts[0 if field == "packets" else 1])
+            yield family
         for name, text, number in (
                 ("pgvpn_dropped_frames", "frames read from the TUN device that are not "
                  "IPv4/IPv6 packets (dropped, never logged)", now.dropped_frames),

@@ -64,6 +64,14 @@ class Counters:
     batches: int = 0
     reconnects: int = 0
     seconds: Latency = field(default_factory=Latency)
+    #: remote peer -> [packets, bytes]: committed for it (up), fetched from it for the
+    #: TUN (down); with routing 'table' the one place that says which peer carried what
+    by_peer: dict[str, list[int]] = field(default_factory=dict)
+
+    def add_for(self, peer: str, packets: int, size: int) -> None:
+        counts = self.by_peer.setdefault(peer, [0, 0])
+        counts[0] += packets
+        counts[1] += size
 
     def add_batch(self, packets: Sequence[builtins.bytes | memoryview]) -> None:
         """Count one batch of IP packets that went through (an empty one counts as

@@ -217,6 +217,7 @@ class BatchedUplink(Uplink):
                               counters=self.counters)
         self.counters.seconds.observe(time.perf_counter() - started)
         self.counters.add_batch(packets)
+        self.counters.add_for(receiver, len(packets), sum(map(len, packets)))
 
     def close(self) -> None:
         self.conn.close()
@@ -271,6 +272,8 @@ class BatchedDownlink(ListeningDownlink):
         if rows:
             self.counters.seconds.observe(time.perf_counter() - started)
             self.params["after"] = rows[-1][0]
+            fetched_rows = [length for _, length, data, _ in rows if data is not None]
+            self.counters.add_for(self.config.fixed_peer, len(fetched_rows), sum(fetched_rows))
         packets = self._frames(rows)
         self.unfetched += [f"{length}-byte row exceeds the MTU of {self.max_packet} "
                            "(not fetched)" for _, length, data, _ in rows if data is None]

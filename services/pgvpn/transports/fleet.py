@@ -160,6 +160,7 @@ class FleetDownlink(BatchedDownlink):
                     + " (a peer sends only from the addresses it routes)")
             else:
                 usable.append((seq, length, data, offload))
+                self.counters.add_for(sender, 1, length)
         packets = self._frames(usable)
         # Full (rows, bytes, or one sender's share): more may be waiting, read on.
         fetched = sum(length for _, _, length, data, _, _ in rows if data is not None)
