@@ -179,8 +179,7 @@ class Lab:
             for agent in self.topology.agents:
                 admin.ensure_peer_role(conn, agent.name, passwords[agent.name])
             for agent in self.topology.agents:  # the topology is the authority on them
-                addresses = tuple(routes.tunnel_address(agent.environment[key])
-                                  for key in ("TUN_IP", "TUN_IP6") if agent.environment.get(key))
+                addresses = tuple(map(routes.tunnel_address, agent.tunnel_interfaces))
                 routes.add_routes(conn, agent.name, routes.Routes(addresses), replace=True)
 
     @contextmanager

@@ -36,13 +36,8 @@ class Cell:
 
 def targets(lab: Lab) -> list[tuple[str, str]]:
     """(host, tunnel address) of every agent, IPv4 first."""
-    found = []
-    for agent in lab.topology.agents:
-        for key in ("TUN_IP", "TUN_IP6"):
-            value = agent.environment.get(key, "")
-            if value:
-                found.append((agent.name, value.split("/")[0]))
-    return found
+    return [(agent.name, interface.split("/")[0]) for agent in lab.topology.agents
+            for interface in agent.tunnel_interfaces]
 
 
 def ping_matrix(lab: Lab, *, count: int, interval: float) -> list[Cell]:

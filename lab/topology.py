@@ -61,6 +61,12 @@ class Host:
         return self.environment.get("TUN_IP", "").split("/")[0] or None
 
     @property
+    def tunnel_interfaces(self) -> list[str]:
+        """Its tunnel addresses with their masks (TUN_IP, then TUN_IP6 if it has one)."""
+        return [self.environment[key] for key in ("TUN_IP", "TUN_IP6")
+                if self.environment.get(key)]
+
+    @property
     def tunnel_peer(self) -> str | None:
         return self.environment.get("TUN_PEER") or None
 

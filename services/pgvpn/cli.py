@@ -74,12 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     database = commands.add_parser("db", help="schema and peer administration (as the owner)")
     db_commands = database.add_subparsers(dest="db_command", required=True, metavar="ACTION")
-    for action, text in (("migrate", "apply the schema migrations that are missing"),
-                         ("version", "print the schema version in place")):
-        sub = db_commands.add_parser(action, help=text, description=text)
-        sub.add_argument("--database-url", default=os.environ.get("DATABASE_URL", ""),
-                         type=conninfo,
-                         help="owner's connection string (default $DATABASE_URL or PG* vars)")
+    owners = [db_commands.add_parser(action, help=text, description=text)
+              for action, text in (("migrate", "apply the schema migrations that are missing"),
+                                   ("version", "print the schema version in place"))]
     init = db_commands.add_parser(
         "init", help="once, as a superuser: roles, database, and the owner that runs the rest",
         description="Create the owner role (no superuser, no CREATEROLE), pgvpn's group roles, "
@@ -118,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     routes.add_route_arguments(set_routes)
     set_routes.add_argument("--none", action="store_true",
                             help="remove every route of the peer")
-    for sub in (add_peer, set_routes):
+    for sub in (*owners, add_peer, set_routes):
         sub.add_argument("--database-url", default=os.environ.get("DATABASE_URL", ""),
                          type=conninfo,
                          help="owner's connection string (default $DATABASE_URL or PG* vars)")

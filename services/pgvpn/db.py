@@ -186,3 +186,12 @@ def server_address(conn: psycopg.Connection
         return ipaddress.ip_address(conn.info.hostaddr)
     except ValueError:
         return None
+
+
+def notified(conn: psycopg.Connection, timeout: float) -> set[str]:
+    """The channels notified on `conn`: waits up to `timeout` s for one notification
+    (0: no wait), then takes every one already queued, so that one read serves them
+    all (and psycopg's queue stays short under a flood)."""
+    channels = {n.channel for n in conn.notifies(timeout=timeout, stop_after=1)
+                } if timeout > 0 else set()
+    return channels | {n.channel for n in conn.notifies(timeout=0)}

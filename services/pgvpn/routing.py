@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import psycopg
 
+from pgvpn import db
 from pgvpn.tun import TunDevice
 
 log = logging.getLogger("pgvpn.agent")
@@ -100,10 +101,21 @@ class RoutingTable:
 
 
 def destination(packet: bytes | memoryview) -> str:
-    """A checked packet's destination address, for a message."""
-    if packet[0] >> 4 == 4:
-        return str(ipaddress.IPv4Address(bytes(packet[16:20])))
-    return str(ipaddress.IPv6Address(bytes(packet[24:40])))
+    """A packet's destination address, for a message."""
+    return _address(packet, 16, 24)
+
+
+def source(packet: bytes | memoryview) -> str:
+    """A packet's source address, for a message."""
+    return _address(packet, 12, 8)
+
+
+def _address(packet: bytes | memoryview, v4_start: int, v6_start: int) -> str:
+    if packet[:1] and packet[0] >> 4 == 4 and len(packet) >= 20:
+        return str(ipaddress.IPv4Address(bytes(packet[v4_start:v4_start + 4])))
+    if packet[:1] and packet[0] >> 4 == 6 and len(packet) >= 40:
+        return str(ipaddress.IPv6Address(bytes(packet[v6_start:v6_start + 16])))
+    return "none (not an IP packet)"  # a logged row can be anything
 
 
 def describe(prefixes: Iterable[Network]) -> str:
@@ -136,10 +148,8 @@ class RouteFollower:
         if self.listener is not control:
             control.execute(f'LISTEN "{ROUTES_CHANNEL}"')  # before reading: none missed
             self.listener = control
-        elif not any(True for _ in control.notifies(timeout=wait, stop_after=1)):
+        elif not db.notified(control, wait):
             return
-        for _ in control.notifies(timeout=0):
-            pass  # one read serves every change already queued
         first, self.read_at = self.read_at == 0.0, time.monotonic()
         table = RoutingTable.load(control, self.me)
         changed = first or table.routes != self.table.routes

@@ -73,13 +73,17 @@ class Counters:
         counts[0] += packets
         counts[1] += size
 
-    def add_batch(self, packets: Sequence[builtins.bytes | memoryview]) -> None:
+    def add_batch(self, packets: Sequence[builtins.bytes | memoryview],
+                  peer: str | None = None) -> None:
         """Count one batch of IP packets that went through (an empty one counts as
-        nothing)."""
+        nothing), also for `peer` if given."""
         if packets:
+            size = sum(map(len, packets))
             self.packets += len(packets)
-            self.bytes += sum(map(len, packets))
+            self.bytes += size
             self.batches += 1
+            if peer is not None:
+                self.add_for(peer, len(packets), size)
 
     def add_fetched(self, frames: Sequence[builtins.bytes]) -> None:
         """Count one batch a downlink fetched (an empty one counts as nothing); its

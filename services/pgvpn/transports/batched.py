@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import psycopg
 from psycopg import sql
 
+from pgvpn import db
 from pgvpn.copyformat import PACKET_COLUMNS, encode_packet_rows
 from pgvpn.errors import DatabaseError, PgvpnError
 from pgvpn.locks import take_own_lock
@@ -216,8 +217,7 @@ class BatchedUplink(Uplink):
         self.session.retrying(write, what="uplink", reconnect=self._reconnect,
                               counters=self.counters)
         self.counters.seconds.observe(time.perf_counter() - started)
-        self.counters.add_batch(packets)
-        self.counters.add_for(receiver, len(packets), sum(map(len, packets)))
+        self.counters.add_batch(packets, receiver)
 
     def close(self) -> None:
         self.conn.close()
@@ -258,10 +258,7 @@ class BatchedDownlink(ListeningDownlink):
 
     def _wait_for_notification(self, timeout: float) -> None:
         """Sleep until the uplink of our peer says it committed, then drain the queue."""
-        for _ in self.listener.notifies(timeout=timeout, stop_after=1):
-            pass
-        for _ in self.listener.notifies(timeout=0):
-            pass  # coalesce: one query serves every notification already queued
+        db.notified(self.listener, timeout)
 
     def fetch(self, timeout: float) -> list[bytes]:
         if not self.more_waiting:

@@ -23,14 +23,14 @@ skipped and reported like every row that is not a packet for this TUN.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import time
 
 import psycopg
 
+from pgvpn import db
 from pgvpn.locks import take_own_lock
-from pgvpn.routing import ROUTES_CHANNEL, ROUTES_MIN_INTERVAL, RoutingTable
+from pgvpn.routing import ROUTES_CHANNEL, ROUTES_MIN_INTERVAL, RoutingTable, source
 from pgvpn.transports.batched import IDLE_POLL, MAX_ROW, READER_SETUP, BatchedDownlink
 
 log = logging.getLogger(__name__)
@@ -128,13 +128,7 @@ class FleetDownlink(BatchedDownlink):
         """Wait up to `timeout` s for a notification (0: only take those queued, which
         also keeps psycopg's queue short under a flood); a change of the routes is read
         at most every ROUTES_MIN_INTERVAL s (it waits meanwhile, never lost)."""
-        if timeout > 0:
-            notified = {n.channel for n in self.listener.notifies(timeout=timeout,
-                                                                   stop_after=1)}
-        else:
-            notified = set()
-        notified |= {n.channel for n in self.listener.notifies(timeout=0)}
-        self.routes_changed |= ROUTES_CHANNEL in notified
+        self.routes_changed |= ROUTES_CHANNEL in db.notified(self.listener, timeout)
         if self.routes_changed and (time.monotonic() - self.routes_read_at
                                     >= ROUTES_MIN_INTERVAL):
             self._read_routes(self.reader)
@@ -170,11 +164,3 @@ class FleetDownlink(BatchedDownlink):
                                     for *_, rank in rows))
         return packets
 
-
-def source(packet: bytes) -> str:
-    """The source address of a row's data, if it is an IP packet at all."""
-    if packet[:1] and packet[0] >> 4 == 4 and len(packet) >= 20:
-        return str(ipaddress.IPv4Address(packet[12:16]))
-    if packet[:1] and packet[0] >> 4 == 6 and len(packet) >= 40:
-        return str(ipaddress.IPv6Address(packet[8:24]))
-    return "none (not an IP packet)"
