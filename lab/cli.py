@@ -15,7 +15,7 @@ from rich.table import Table
 from lab import benchcli, logtools, state
 from lab.backends.base import SCRATCH_HOST, LabError
 from lab.controller import BACKENDS, Lab, make_backend, static_topology
-from lab.matrix import ping_matrix
+from lab.matrix import ping_matrix, render
 from lab.output import err, progress
 from lab.settingsargs import add_lab_settings, requested_settings
 from lab.topology import Host, TopologyError
@@ -39,16 +39,18 @@ typical session:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
-        prog="lab", description="The pgvpn lab: a postgres host and two peers (peer-a, "
-        "peer-b) that reach each other only through the database, as Docker containers "
-        "or network namespaces.", epilog=EPILOG,
+        prog="lab", description="The pgvpn lab: a postgres host and peers that reach each "
+        "other only through the database, as Docker containers or network namespaces. "
+        "compose.yaml has two peers (peer-a, peer-b); topologies/fleet.yaml four, and a "
+        "plain host behind one of them.", epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     commands.add_parser("check", help="diagnose this host: privileges, tools, engines")
 
     up = commands.add_parser("up", help="build and start the lab (idempotent)",
-                             description="Build the topology of compose.yaml and start it. "
+                             description="Build a topology (compose.yaml, or --topology "
+                             "FILE) and start it. "
                              "A failed first 'up' is rolled back; 'up' on a healthy lab with "
                              "the same settings changes nothing. Each host must come up within "
                              "90 s (Docker) or 30 s (netns); PGVPN_START_TIMEOUT=SECONDS sets "
@@ -90,10 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("host", type=host_name())
 
     matrix = commands.add_parser(
-        "ping-matrix", help="every agent pings every other one over the tunnel",
+        "ping-matrix", help="every host pings every other one over the tunnel",
         description="Ping every agent's tunnel addresses (IPv4 and IPv6, from the topology "
-        "file) from every other agent, through the tunnel, and print the matrix: received/"
-        "sent and the average RTT. Exit 1 if any ping was lost.")
+        "file), and every plain host on a subnet an agent routes (e.g. site-host), from "
+        "every other agent and plain host, through the tunnel (hosts that share a link are "
+        "not paired), and print one matrix per family: received/sent and the average RTT. "
+        "Exit 1 if any ping was lost.")
     matrix.add_argument("--count", type=whole(1, MAX_MATRIX_COUNT), default=3,
                         help=f"echoes per pair, 1-{MAX_MATRIX_COUNT} (default 3)")
     matrix.add_argument("--json", action="store_true", help="machine-readable, on stdout")
@@ -194,25 +198,8 @@ def cmd_ping_matrix(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"matrix": [c.as_json() for c in cells], "lost": lost}, indent=2))
         return 1 if lost else 0
-    columns = list(dict.fromkeys((c.target, c.address) for c in cells))
-    table = Table(title=f"ping over the tunnel ({args.count} each; received/sent, avg RTT)")
-    table.add_column("from \\ to")
-    for target, address in columns:
-        table.add_column(f"{target}\n{address}")
-    by_pair = {(c.source, c.address): c for c in cells}
-    for source in dict.fromkeys(c.source for c in cells):
-        row = []
-        for _, address in columns:
-            cell = by_pair.get((source, address))
-            if cell is None:
-                row.append("-")
-                continue
-            text = f"{cell.result.received}/{cell.result.transmitted}"
-            if cell.result.rtt_ms:
-                text += f" {cell.result.rtt_ms['avg']:.1f} ms"
-            row.append(text if cell.ok else f"[red]{text}[/]")
-        table.add_row(source, *row)
-    Console().print(table)
+    for table in render(cells, args.count, list(lab.topology.hosts)):
+        Console().print(table)
     if lost:
         err.print(f"[red]lab: {lost} of {sum(c.result.transmitted for c in cells)} echoes "
                   "lost[/]")

@@ -9,6 +9,7 @@ import dataclasses
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -59,15 +60,16 @@ def scratch_tables(profile: str) -> list[str]:
 
 
 def static_topology() -> topology.Topology:
-    """compose.yaml's hosts and roles, to check names given on a command line before any
-    lab is looked at (they do not depend on the settings)."""
-    return topology.load(lab_environment(state.LabSettings("netns", 1500, "batched")))
+    """The hosts and roles of the lab that is up, else of compose.yaml: to check names
+    given on a command line before the lab itself is looked at."""
+    current = state.load_settings() or state.LabSettings("netns", 1500, "batched")
+    return topology.load(lab_environment(current), Path(current.topology))
 
 
 def make_backend(name: str, settings: state.LabSettings) -> Backend:
     """The backend called `name`, or the first available one for 'auto'."""
     env = lab_environment(settings)
-    topo = topology.load(env)
+    topo = topology.load(env, Path(settings.topology))
     if name == "auto":
         for candidate in BACKENDS:
             backend = make_backend(candidate, settings)
@@ -119,13 +121,23 @@ class Lab:
         if previous and previous.backend != self.settings.backend and not first:
             raise LabError(f"a lab is already up on the {previous.backend} backend; "
                            "run 'lab down' first")
-        changed = previous is not None and previous != self.settings
+        if previous and not first:
+            self.check_topology_change(previous)
+        # a larger topology adds hosts and leaves the running ones be
+        changed = previous is not None and dataclasses.replace(
+            previous, topology=self.settings.topology) != self.settings
+        if self.topology.routes_by_table and not PROFILES[self.settings.profile].routes_by_table:
+            raise LabError(f"{self.topology.path.name} routes by the owner's table, and profile "
+                           f"{self.settings.profile} carries one fixed pair of peers (as in the "
+                           "blog's posts): choose batched or batched-jumbo")
         try:
             state.save_settings(self.settings)
             passwords = self._ensure_secrets()
             self.backend.create(progress)
             self.backend.start(self.topology.database, progress)
             self._prepare_database(passwords, progress)
+            for host in self.topology.plain_hosts:
+                self.backend.start(host, progress)
             for agent in self.topology.agents:
                 if changed:
                     progress(f"restarting {agent.name} with mtu {self.effective_mtu}, "
@@ -141,6 +153,25 @@ class Lab:
                 progress("lab up failed: rolling back")
                 self.down(progress, keep_build_log=True)
             raise
+
+    def check_topology_change(self, previous: state.LabSettings) -> None:
+        """A running lab may only grow: every host it has must stay exactly as it is
+        (same service in the new file), so that nothing running is restarted."""
+        if previous.topology == self.settings.topology:
+            return
+        old_path, env = Path(previous.topology), lab_environment(self.settings)
+        try:
+            old = topology.services(env, old_path)
+        except topology.TopologyError:
+            old = None  # the old file is gone: nothing can be compared
+        new = topology.services(env, self.topology.path)
+        changed = (["(its file is gone)"] if old is None else
+                   [name for name, spec in old.items() if new.get(name) != spec])
+        if changed:
+            raise LabError(f"a lab is up with topology {old_path}; {self.topology.path} does "
+                           f"not keep {', '.join(changed)} as it is. Run 'lab down' first "
+                           "(a running lab only grows: a topology with every host it has, "
+                           "unchanged, adds the others)")
 
     def wait_for_tunnel(self, progress: Progress) -> None:
         for agent in self.topology.agents:
@@ -180,7 +211,9 @@ class Lab:
                 admin.ensure_peer_role(conn, agent.name, passwords[agent.name])
             for agent in self.topology.agents:  # the topology is the authority on them
                 addresses = tuple(map(routes.tunnel_address, agent.tunnel_interfaces))
-                routes.add_routes(conn, agent.name, routes.Routes(addresses), replace=True)
+                subnets = tuple(map(routes.route_prefix, agent.routes))
+                routes.add_routes(conn, agent.name, routes.Routes(addresses, subnets),
+                                  replace=True)
 
     @contextmanager
     def admin(self) -> Iterator[psycopg.Connection]:
@@ -237,7 +270,8 @@ class Lab:
         report: dict[str, Any] = {
             "backend": self.backend.name, "mtu": self.effective_mtu,
             "profile": self.settings.profile, "tls": self.settings.tls,
-            "offload": self.settings.offload,
+            "offload": self.settings.offload, "routing": self.settings.routing,
+            "topology": str(self.topology.path),
             "hosts": [vars(h) for h in hosts]}
         for host in report["hosts"]:
             known = self.topology.hosts.get(host["name"])

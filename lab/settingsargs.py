@@ -4,16 +4,24 @@ what they come to with the lab that is up."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from lab import state
+from lab import state, topology
 from lab.backends.base import LabError
-from lab.controller import make_backend
+from lab.controller import lab_environment, make_backend
 from pgvpn.cliargs import whole
 from pgvpn.config import MAX_MTU, MIN_MTU
 from pgvpn.transports import PROFILES
 
 
 def add_lab_settings(parser: argparse.ArgumentParser, *, several: bool = False) -> None:
+    parser.add_argument("-f", "--topology", type=topology_file, default=None, metavar="FILE",
+                        help="the lab's hosts and networks, a file in the compose format both "
+                        "backends read: a path, or a name in topologies/ (e.g. fleet: four "
+                        "peers routing by the owner's table, and a plain host behind "
+                        "peer-c). Default: the lab's, else compose.yaml (two peers). A "
+                        "running lab only grows: a file with all its hosts unchanged adds "
+                        "the others without restarting them")
     parser.add_argument("--mtu", type=whole(MIN_MTU, MAX_MTU), default=None,
                         help=f"TUN MTU, {MIN_MTU}-{MAX_MTU} (default 1500)")
     parser.add_argument("--tls", action=argparse.BooleanOptionalAction, default=None,
@@ -41,6 +49,14 @@ def add_lab_settings(parser: argparse.ArgumentParser, *, several: bool = False) 
                             help="transport profile (default batched)")
 
 
+def topology_file(text: str) -> str:
+    """An argparse type: a topology file that exists (see topology.resolve)."""
+    try:
+        return str(topology.resolve(text))
+    except topology.TopologyError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def profile_list(text: str) -> list[str]:
     """'all' or comma-separated profile names, in the order given, without repeats."""
     names = list(PROFILES) if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
@@ -66,11 +82,19 @@ def requested_settings(args: argparse.Namespace) -> state.LabSettings:
     offload = current.offload if current else True
     if getattr(args, "offload", None) in ("on", "off"):
         offload = args.offload == "on"
+    path = args.topology or (current.topology if current else str(topology.COMPOSE_FILE))
     routing = args.routing or (current.routing if current else "peer")
-    if not PROFILES[profile].routes_by_table and routing == "table":
+    fleet = topology.load(lab_environment(state.LabSettings(backend, mtu, profile)),
+                          Path(path)).routes_by_table
+    if fleet:  # its agents have no fixed peer: the table is the only way they can route
+        if args.routing == "peer":
+            raise LabError(f"{Path(path).name}'s agents have no fixed peer (PGVPN_PEER): "
+                           "they route by the owner's table; drop --routing peer")
+        routing = "table"
+    if not PROFILES[profile].routes_by_table and routing == "table" and not fleet:
         if args.routing == "table":
             raise LabError(f"profile {profile} carries one fixed pair of peers, as in the "
                            "blog's posts: use --routing peer with it")
         routing = "peer"  # the lab's table routing, left for a blog profile
     return state.LabSettings(backend=backend, mtu=mtu, profile=profile, tls=tls,
-                             offload=offload, routing=routing)
+                             offload=offload, routing=routing, topology=path)

@@ -11,6 +11,8 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lab.topology import COMPOSE_FILE
+
 # Several labs may coexist (e.g. tests beside a user's lab): each has a name that
 # prefixes everything it makes; it must start with "pgvpn" so ownership stays visible.
 LAB_NAME = os.environ.get("PGVPN_LAB_NAME", "pgvpn")
@@ -38,6 +40,8 @@ class LabSettings:
     # How agents pick each packet's receiver (PGVPN_ROUTING): "peer", the topology's
     # fixed pairs; "table" (`--routing table`), the owner's routing table (pgvpn.routes).
     routing: str = "peer"
+    # The topology file (`lab up --topology FILE`): compose.yaml, or e.g. topologies/fleet.yaml.
+    topology: str = str(COMPOSE_FILE)
 
 
 def settings_path() -> Path:

@@ -11,6 +11,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -19,6 +20,11 @@ COMPOSE_FILE = ROOT / "compose.yaml"
 PROJECT = "pgvpn"
 LABEL = "io.pgvpn.project"
 ROLE_LABEL = "io.pgvpn.role"
+# Subnets an agent routes besides its own tunnel addresses (space-separated prefixes):
+# `lab up` registers them in the owner's routing table (pgvpn.routes).
+ROUTES_LABEL = "io.pgvpn.routes"
+ROLES = ("database", "agent", "host")  # host: a plain machine, no agent, no database
+TOPOLOGIES_DIR = ROOT / "topologies"
 SECRETS_DIR = "/run/secrets"
 
 _VARIABLE = re.compile(r"\$\{(?P<name>[A-Z0-9_]+)(?::-(?P<default>[^}]*))?\}|\$\$")
@@ -48,13 +54,19 @@ class Network:
 
 @dataclass(frozen=True)
 class Host:
-    """One lab host: the database or an agent."""
+    """One lab host: the database, an agent, or a plain host (on a LAN behind an agent)."""
 
     name: str
-    role: str  # "database" or "agent"
+    role: str  # one of ROLES
     addresses: dict[str, ipaddress.IPv4Address]  # network name -> address
     environment: dict[str, str] = field(default_factory=dict)
     secrets: tuple[str, ...] = ()
+    # the compose service's own: kernel settings of its network namespace, the routes it
+    # registers, the command a plain host runs, and how to tell it is ready
+    sysctls: dict[str, str] = field(default_factory=dict)
+    routes: tuple[str, ...] = ()
+    command: tuple[str, ...] = ()
+    healthcheck: tuple[str, ...] = ()
 
     @property
     def tunnel_address(self) -> str | None:
@@ -76,6 +88,12 @@ class Topology:
     hosts: dict[str, Host]
     networks: dict[str, Network]
     secret_files: dict[str, str]  # secret name -> source file
+    path: Path = COMPOSE_FILE
+
+    @property
+    def routes_by_table(self) -> bool:
+        """True for a fleet: some agent has no fixed peer, so agents route by the table."""
+        return any(not a.environment.get("PGVPN_PEER") for a in self.agents)
 
     @property
     def database(self) -> Host:
@@ -85,6 +103,10 @@ class Topology:
     def agents(self) -> list[Host]:
         return [h for h in self.hosts.values() if h.role == "agent"]
 
+    @property
+    def plain_hosts(self) -> list[Host]:
+        return [h for h in self.hosts.values() if h.role == "host"]
+
     def database_address_for(self, host: Host) -> ipaddress.IPv4Address:
         """The database's address on a network that `host` shares with it."""
         for network, address in self.database.addresses.items():
@@ -93,28 +115,93 @@ class Topology:
         raise TopologyError(f"{host.name} shares no network with {self.database.name}")
 
 
-def load(env: Mapping[str, str], path: Path = COMPOSE_FILE) -> Topology:
-    """Parse compose.yaml with `env` substituted as Compose would."""
+def resolve(text: str) -> Path:
+    """A topology file given on the command line: a path, or a name in topologies/
+    ('fleet' is topologies/fleet.yaml)."""
+    for candidate in (Path(text), TOPOLOGIES_DIR / text, TOPOLOGIES_DIR / f"{text}.yaml"):
+        if candidate.is_file():
+            return candidate.resolve()
+    shipped = sorted(p.stem for p in TOPOLOGIES_DIR.glob("*.yaml"))
+    raise TopologyError(f"no topology file {text!r}; give a path, or one of: "
+                        f"{', '.join(shipped)} (topologies/), or compose.yaml")
+
+
+def command_of(spec: Mapping[str, Any]) -> tuple[str, ...]:
+    """A service's entrypoint and command as one argv (the list forms only)."""
+    argv: list[str] = []
+    for key in ("entrypoint", "command"):
+        value = spec.get(key) or []
+        if not isinstance(value, list):
+            raise TopologyError(f"{key}: give a list (exec form), not {value!r}")
+        argv += [str(v) for v in value]
+    return tuple(argv)
+
+
+def healthcheck_of(spec: Mapping[str, Any]) -> tuple[str, ...]:
+    """The healthcheck's test as an argv (CMD ... or CMD-SHELL '...'), or ()."""
+    check = spec.get("healthcheck") or {}
+    test = check.get("test", []) if isinstance(check, dict) else []
+    if isinstance(test, list) and test and test[0] == "CMD":
+        return tuple(map(str, test[1:]))
+    if isinstance(test, list) and len(test) == 2 and test[0] == "CMD-SHELL":
+        return ("sh", "-c", str(test[1]))
+    return ()
+
+
+def document_of(env: Mapping[str, str], path: Path) -> dict[str, Any]:
+    """A topology file, parsed with `env` substituted as Compose would."""
     try:
         document = yaml.safe_load(interpolate(path.read_text(), env))
     except (OSError, yaml.YAMLError) as exc:
         raise TopologyError(f"cannot read {path}: {exc}") from None
-    networks = {
-        name: Network(name, ipaddress.IPv4Network(spec["ipam"]["config"][0]["subnet"]))
-        for name, spec in (document.get("networks") or {}).items()
-    }
-    hosts = {}
-    for name, spec in document["services"].items():
-        role = (spec.get("labels") or {}).get(ROLE_LABEL)
-        if role not in {"database", "agent"}:
-            raise TopologyError(f"service {name} needs label {ROLE_LABEL}: database|agent")
-        addresses = {net: ipaddress.IPv4Address(cfg["ipv4_address"])
-                     for net, cfg in (spec.get("networks") or {}).items()}
-        hosts[name] = Host(name, role, addresses,
-                           {k: str(v) for k, v in (spec.get("environment") or {}).items()},
-                           tuple(spec.get("secrets") or ()))
+    if not isinstance(document, dict) or not isinstance(document.get("services"), dict):
+        raise TopologyError(f"{path} has no services: is it a compose file?")
+    return document
+
+
+def services(env: Mapping[str, str], path: Path) -> dict[str, Any]:
+    """A topology file's services as Compose sees them, to compare two files' hosts
+    (scalars as text: 1500 and "1500", false and "false" are one setting to Compose)."""
+    def text(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {str(k): text(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [text(v) for v in value]
+        return str(value).lower() if isinstance(value, bool) else str(value)
+
+    return dict(text(document_of(env, path)["services"]))
+
+
+def load(env: Mapping[str, str], path: Path = COMPOSE_FILE) -> Topology:
+    """Parse a topology file with `env` substituted as Compose would."""
+    document = document_of(env, path)
+    try:
+        networks = {
+            name: Network(name, ipaddress.IPv4Network(spec["ipam"]["config"][0]["subnet"]))
+            for name, spec in (document.get("networks") or {}).items()
+        }
+        hosts = {name: host_of(name, spec) for name, spec in document["services"].items()}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TopologyError(f"{path}: {type(exc).__name__}: {exc}") from None
     secret_files = {name: spec["file"] for name, spec in (document.get("secrets") or {}).items()}
-    topology = Topology(hosts, networks, secret_files)
+    topology = Topology(hosts, networks, secret_files, path)
     if sum(h.role == "database" for h in hosts.values()) != 1 or not topology.agents:
-        raise TopologyError("the lab needs exactly one database host and at least one agent")
+        raise TopologyError(f"{path}: the lab needs exactly one database host and at least "
+                            "one agent")
     return topology
+
+
+def host_of(name: str, spec: dict[str, Any]) -> Host:
+    labels = spec.get("labels") or {}
+    role = labels.get(ROLE_LABEL)
+    if role not in ROLES:
+        raise TopologyError(f"service {name} needs label {ROLE_LABEL}: {'|'.join(ROLES)}")
+    addresses = {net: ipaddress.IPv4Address(cfg["ipv4_address"])
+                 for net, cfg in (spec.get("networks") or {}).items()}
+    return Host(name, role, addresses,
+                {k: str(v) for k, v in (spec.get("environment") or {}).items()},
+                tuple(spec.get("secrets") or ()),
+                sysctls={k: str(v) for k, v in (spec.get("sysctls") or {}).items()},
+                routes=tuple(str(labels.get(ROUTES_LABEL, "")).split()),
+                command=command_of(spec) if role == "host" else (),
+                healthcheck=healthcheck_of(spec) if role == "host" else ())

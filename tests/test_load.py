@@ -35,14 +35,15 @@ SEND = (
 
 
 def exact_stream(lab: LabHandle, sender: str, receiver: str, size: int,
-                 results: dict[str, Any]) -> None:
-    """`size` checksummed bytes from `sender` to `receiver` over the tunnel."""
+                 results: dict[str, Any], address: str | None = None) -> None:
+    """`size` checksummed bytes from `sender` to `receiver` (at its tunnel `address`)."""
     got: dict[str, Any] = {}
+    address = address or ENDS[receiver]
     listener = threading.Thread(target=lambda: got.update(out=lab.exec(
-        receiver, "python3", "-c", RECEIVE, ENDS[receiver], timeout=180).stdout.strip()))
+        receiver, "python3", "-c", RECEIVE, address, timeout=180).stdout.strip()))
     listener.start()
     wait_for_listener(lab, receiver, "-Hltn", ":40003")
-    sent = lab.exec(sender, "python3", "-c", SEND, ENDS[receiver], str(size),
+    sent = lab.exec(sender, "python3", "-c", SEND, address, str(size),
                     timeout=180).stdout.strip()
     listener.join(timeout=200)
     results[f"{sender}->{receiver}"] = (sent, got.get("out"))

@@ -115,7 +115,7 @@ class DockerBackend(Backend):
         command = compose_command()
         if command is None:
             raise LabError("neither 'docker compose' nor 'docker-compose' is installed")
-        return [*command, "--project-directory", str(ROOT), "-f", str(ROOT / "compose.yaml"),
+        return [*command, "--project-directory", str(ROOT), "-f", str(self.topology.path),
                 "-p", state.LAB_NAME, *args]
 
     def compose(self, *args: str, timeout: float = 600) -> ExecResult:
@@ -225,8 +225,8 @@ class DockerBackend(Backend):
             f"starting {host.name}")
         self.wait_started(host.name, ready=lambda: self._ready(host),
                           alive=lambda: self._alive(host.name),
-                          condition="become ready" if host.role == "database"
-                          else f"bring its TUN device {TUN_DEVICE} up",
+                          condition=f"bring its TUN device {TUN_DEVICE} up"
+                          if host.role == "agent" else "become ready",
                           timeout=READY_TIMEOUT, poll=0.3)
 
     def _alive(self, host: str) -> bool:
@@ -237,9 +237,9 @@ class DockerBackend(Backend):
         container = self._container(host.name)
         if container is None or container.status != "running":
             return False
-        if host.role == "database":
+        if host.role != "agent":  # its healthcheck, if it has one, says it is ready
             health = container.attrs["State"].get("Health", {}).get("Status")
-            return bool(health == "healthy")
+            return health in (None, "healthy")
         try:
             return bool(self.tunnel_addresses(host.name))
         except LabError:  # it stopped between the two looks: wait_started asks alive()

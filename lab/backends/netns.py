@@ -32,7 +32,7 @@ from lab.backends.base import (
     Progress,
     run,
 )
-from lab.topology import SECRETS_DIR, Host
+from lab.topology import SECRETS_DIR, Host, Network
 from pgvpn import bootstrap
 
 PREFIX = f"{state.LAB_NAME}-"
@@ -101,30 +101,40 @@ class NetnsBackend(Backend):
 
     def create(self, progress: Progress) -> None:
         existing = set(self.existing_namespaces())
-        for host in self.topology.hosts:
-            ns = self.namespace(host)
+        for host in self.topology.hosts.values():
+            ns = self.namespace(host.name)
             if ns not in existing:
                 progress(f"namespace {ns}")
                 run(["ip", "netns", "add", ns]).check(f"creating namespace {ns}")
             run(["ip", "-n", ns, "link", "set", "lo", "up"]).check("loopback up")
+            for key, value in host.sysctls.items():  # as Docker applies compose's sysctls
+                run(["ip", "netns", "exec", ns, "sysctl", "-qw", f"{key}={value}"]).check(
+                    f"sysctl {key}={value} in {ns}")
         for network in self.topology.networks.values():
             members = [h for h in self.topology.hosts.values() if network.name in h.addresses]
+            if len(members) == 1:
+                continue  # linked once a larger topology brings its second host
             if len(members) != 2:
                 raise LabError(f"network {network.name} has {len(members)} hosts; the namespace "
                                "backend links exactly two hosts per network")
-            # Both ends are created directly inside their namespaces, so each can carry
-            # the network's own name and nothing is ever left in the root namespace.
-            ends = [network.name[:15]] * 2
-            first, second = (self.namespace(m.name) for m in members)
-            if run(["ip", "-n", first, "link", "show", ends[0]]).returncode != 0:
-                progress(f"link {members[0].name} <-> {members[1].name} ({network.subnet})")
-                run(["ip", "link", "add", ends[0], "netns", first, "type", "veth",
-                     "peer", "name", ends[1], "netns", second]).check("creating veth pair")
-                for member, end in zip(members, ends, strict=True):
-                    ns = self.namespace(member.name)
-                    address = f"{member.addresses[network.name]}/{network.subnet.prefixlen}"
-                    run(["ip", "-n", ns, "addr", "add", address, "dev", end]).check("address")
-                    run(["ip", "-n", ns, "link", "set", end, "up"]).check("link up")
+            self._link(network, members, progress)
+
+    def _link(self, network: Network, members: list[Host], progress: Progress) -> None:
+        """The network's veth pair, one end in each member's namespace, addressed."""
+        # Both ends are created directly inside their namespaces, so each can carry
+        # the network's own name and nothing is ever left in the root namespace.
+        ends = [network.name[:15]] * 2
+        first, second = (self.namespace(m.name) for m in members)
+        if run(["ip", "-n", first, "link", "show", ends[0]]).returncode == 0:
+            return
+        progress(f"link {members[0].name} <-> {members[1].name} ({network.subnet})")
+        run(["ip", "link", "add", ends[0], "netns", first, "type", "veth",
+             "peer", "name", ends[1], "netns", second]).check("creating veth pair")
+        for member, end in zip(members, ends, strict=True):
+            ns = self.namespace(member.name)
+            address = f"{member.addresses[network.name]}/{network.subnet.prefixlen}"
+            run(["ip", "-n", ns, "addr", "add", address, "dev", end]).check("address")
+            run(["ip", "-n", ns, "link", "set", end, "up"]).check("link up")
 
     # ----------------------------------------------------------------- start
     def start(self, host: Host, progress: Progress) -> None:
@@ -137,8 +147,10 @@ class NetnsBackend(Backend):
             return
         if host.role == "database":
             self._start_postgres(host, progress)
-        else:
+        elif host.role == "agent":
             self._start_agent(host, progress)
+        else:
+            self._start_plain_host(host, progress)
 
     def _spawn(self, host: str, argv: list[str], env: dict[str, str]) -> int:
         (self.root / "logs").mkdir(parents=True, exist_ok=True)
@@ -167,7 +179,9 @@ class NetnsBackend(Backend):
             run([*as_postgres, str(bindir / "initdb"), "-D", str(data), "-U", "postgres",
                  "-E", "UTF8", "--auth-local=trust", "--auth-host=scram-sha-256"],
                 timeout=120).check("initdb")
-            listen = ",".join(str(a) for a in host.addresses.values())
+            # every address of its namespace, which has only its links and loopback: a
+            # network a larger topology links later is listened on as it appears
+            listen = "*"
             with open(data / "postgresql.conf", "a") as conf:
                 conf.write(POSTGRES_SETTINGS + f"listen_addresses = '{listen}'\n"
                            f"unix_socket_directories = '{sockets}'\nport = {PG_PORT}\n")
@@ -252,6 +266,23 @@ class NetnsBackend(Backend):
                           alive=lambda: self._pid(host.name) is not None,
                           condition=f"bring its TUN device {TUN_DEVICE} up",
                           timeout=READY_TIMEOUT, poll=0.1)
+
+    def _start_plain_host(self, host: Host, progress: Progress) -> None:
+        """A plain host runs its topology command (as its container would) in its
+        namespace, and is ready when its healthcheck passes there."""
+        if not host.command:
+            raise LabError(f"{host.name}: a plain host needs a command (its entrypoint and "
+                           "command in the topology file)")
+        progress(f"starting {host.name}")
+        self._spawn(host.name, list(host.command), self.agent_environment(host))
+
+        def healthy() -> bool:
+            return not host.healthcheck or self.exec(host.name, host.healthcheck,
+                                                     timeout=10).returncode == 0
+
+        self.wait_started(host.name, ready=healthy,
+                          alive=lambda: self._pid(host.name) is not None,
+                          condition="pass its healthcheck", timeout=READY_TIMEOUT, poll=0.2)
 
     # ------------------------------------------------------------------ stop
     def _pid(self, host: str) -> int | None:
