@@ -15,11 +15,30 @@ from lab.bench import bench_profile, bench_profiles, bench_runs
 from lab.controller import BACKENDS, Lab, make_backend
 from lab.live import BenchDisplay
 from lab.output import err, progress
+from lab.pairs import EXAMPLE, bench_pairs, chosen_pairs, pairs_argument
+from lab.pairsreport import render_pairs_markdown, write_pairs_report
 from lab.report import build_report, render_markdown, run_label, write_report
 from lab.settingsargs import add_lab_settings, requested_settings
 from pgvpn.cliargs import output_dir, output_file, whole
 
 MAX_BENCH_SECONDS = 3600
+EPILOG = f"""\
+examples:
+  lab bench --duration 10                    # peer-a -> peer-b: tunnel, underlay, ceiling, RTT
+  lab bench --profile all --duration 5       # every transport profile in turn
+  lab bench --pairs peer-a:peer-b --duration 5
+  lab bench --pairs {EXAMPLE}    # two pairs at once (a fleet of four)
+  lab bench --all-pairs --out reports/fleet  # every agent, paired in topology order
+"""
+
+
+class ExamplesFormatter(argparse.HelpFormatter):
+    """Wraps the description as usual and keeps the examples' lines as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("examples:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
 
 
 def add_parser(commands: Any) -> None:
@@ -36,7 +55,10 @@ def add_parser(commands: Any) -> None:
         "settings, the agents restarted with it. The packet log (pgvpn.packets) is never "
         "emptied: rows are counted as a before/after difference; only the blog profiles' "
         "own tables (pgvpn.blog_v1_packets, pgvpn.blog_v2_packets) are emptied before "
-        "their run.")
+        "their run. With --pairs or --all-pairs, iperf3 runs on several disjoint pairs of "
+        "agents at the same time instead, and the report gives each pair's rate, their sum "
+        "and Jain's fairness index (underlay, ceiling and RTT are not measured then).",
+        epilog=EPILOG, formatter_class=ExamplesFormatter)
     bench.add_argument("--duration", type=whole(1, MAX_BENCH_SECONDS), default=10,
                        metavar="SECONDS", help="whole seconds per iperf3 run, "
                        f"1-{MAX_BENCH_SECONDS} (default 10)")
@@ -48,10 +70,24 @@ def add_parser(commands: Any) -> None:
     bench.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
                        help="backend to use if no lab is up yet")
     add_lab_settings(bench, several=True)
+    pairs = bench.add_mutually_exclusive_group()
+    pairs.add_argument("--pairs", type=pairs_argument, default=None,
+                       metavar="CLIENT:SERVER[,CLIENT:SERVER...]",
+                       help="iperf3 on these disjoint pairs of agents at the same time, from "
+                       "each CLIENT to its SERVER's tunnel address, e.g. --pairs "
+                       f"{EXAMPLE}; one profile only")
+    pairs.add_argument("--all-pairs", action="store_true",
+                       help="the same with every agent of the topology, paired in its order "
+                       "(a:b, c:d, ...); with an odd number the last is left out, and the "
+                       "report says so")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    in_pairs = args.pairs is not None or args.all_pairs
     profiles: list[str] = args.profile or []
+    if in_pairs and (len(profiles) > 1 or args.offload == "both"):
+        raise LabError("--pairs and --all-pairs run one profile with one offload setting: "
+                       "give at most one --profile, and --offload on or off")
     args.profile = profiles[0] if profiles else None  # the lab comes up with the first
     out = args.out or default_report_dir()
     settings = requested_settings(args)
@@ -59,7 +95,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       args.offload or ("on" if settings.offload else "off"))
     settings = dataclasses.replace(settings, offload=runs[0][1])
     lab = Lab(make_backend(settings.backend, settings), settings)
+    if in_pairs:  # checked against the topology this lab runs, before it starts
+        pairs, left_out = chosen_pairs(args.pairs, lab.topology)
     lab.up(progress)  # a no-op on a healthy lab with these settings
+    if in_pairs:
+        pairs_report = bench_pairs(lab, pairs, args.duration, progress, left_out=left_out,
+                                   raw_dir=out)
+        write_pairs_report(pairs_report, out)
+        emit(pairs_report, render_pairs_markdown(pairs_report), args.json_path, out)
+        return failed(pairs_report["failed"], "pair")
     if len(runs) > 1:
         with BenchDisplay(err, [run_label(*run) for run in runs]) as display:
             results = bench_profiles(lab, runs, args.duration, display.progress,
@@ -69,17 +113,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
         results = [bench_profile(lab, args.duration, progress, raw_dir=out)]
     report = build_report(results)
     write_report(report, out)
+    emit(report, render_markdown(report), args.json_path, out)
+    return failed(report["failed"], "profile")
+
+
+def emit(report: dict[str, Any], markdown: str, json_path: str | None, out: Path) -> None:
+    """The JSON on stdout with --json - (the table then on stderr), else the table."""
     text = json.dumps(report, indent=2)
-    if args.json_path == "-":
+    if json_path == "-":
         print(text)
-        sys.stderr.write(render_markdown(report))  # plain: no wrapping, no rich markup
+        sys.stderr.write(markdown)  # plain: no wrapping, no rich markup
     else:
-        if args.json_path:
-            Path(args.json_path).write_text(text + "\n")
-        print(render_markdown(report))
+        if json_path:
+            Path(json_path).write_text(text + "\n")
+        print(markdown)
     progress(f"report written to {out}/")
-    if report["failed"]:
-        err.print(f"[red]lab: failed profile(s):[/] {', '.join(report['failed'])}")
+
+
+def failed(names: list[str], what: str) -> int:
+    """Exit 1 naming the failed profiles or pairs (the report is written all the same)."""
+    if names:
+        err.print(f"[red]lab: failed {what}(s):[/] {', '.join(names)}")
         return 1
     return 0
 

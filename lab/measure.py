@@ -9,6 +9,7 @@ import json
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,18 +32,23 @@ class IperfResult:
 
 
 def iperf(backend: Backend, *, server: str, address: str, client: str, duration: float,
-          streams: int = 1, reverse: bool = False) -> IperfResult:
+          streams: int = 1, reverse: bool = False, port: int = IPERF_PORT,
+          started: Callable[[], object] | None = None) -> IperfResult:
     """iperf3 TCP from `client` to `address` on `server`; the server serves one test.
 
     `intervals` are the receiver's per-second rates (the server's report, fetched with
     --get-server-output): on a slow tunnel the sender's first seconds only fill buffers.
+    `port` lets several runs share a host; `started` is called once the server is up and
+    before the client starts, so that concurrent runs can start their clients together.
     """
     # -1: serve one test then exit; --idle-timeout: never outlive a client that failed;
     # -J: so that --get-server-output brings its report back as JSON
-    backend.exec(server, ["iperf3", "-s", "-1", "-D", "-J", "-B", address, "-p", str(IPERF_PORT),
+    backend.exec(server, ["iperf3", "-s", "-1", "-D", "-J", "-B", address, "-p", str(port),
                           "--idle-timeout", str(int(duration) + 30)]).check(
         f"starting iperf3 server on {server}")
-    argv = ["iperf3", "-c", address, "-p", str(IPERF_PORT), "-t", str(duration), "-J",
+    if started is not None:
+        started()
+    argv = ["iperf3", "-c", address, "-p", str(port), "-t", str(duration), "-J",
             "-P", str(streams), "--connect-timeout", "3000", "--get-server-output"]
     if reverse:
         argv.append("-R")

@@ -1,4 +1,5 @@
-"""throughput.png: every profile's per-second throughput on one log-scale chart.
+"""throughput.png: every profile's per-second throughput on one log-scale chart (or,
+for `lab bench --pairs`, every pair's on a linear one: plot_pairs).
 
 The chart is meant to be read without the table: each line's label carries the
 profile, its average rate and whether it logs; the blog's published 3.93 Mbit/s
@@ -63,6 +64,43 @@ def plot_throughput(report: dict[str, Any], path: Path) -> bool:
     axes.set_title(f"pgvpn: iperf3 TCP through PostgreSQL, per transport profile "
                    f"({report.get('backend', '?')} lab, receiver side)")
     axes.grid(True, which="both", alpha=0.3)
+    figure.legend(loc="outside lower center", ncols=2, fontsize="small")
+    figure.savefig(path)
+    return True
+
+
+def plot_pairs(report: dict[str, Any], path: Path) -> bool:
+    """The pairs bench's chart: one line per pair and their per-second sum, on a linear
+    scale (a log scale would flatten the differences that fairness is about); False (and
+    no file) when no pair has intervals."""
+    runs = [p for p in report["pairs"] if p.get("intervals")]
+    if not runs:
+        return False
+    figure = Figure(figsize=(9, 5.2), dpi=110, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    drawn = [steps(run["intervals"]) for run in runs]
+    for run, (edges, rates) in zip(runs, drawn, strict=True):
+        axes.stairs(rates, edges, linewidth=2, baseline=None,
+                    label=f"{run['client']} -> {run['server']}: "
+                          f"{run['receiver_mbps']:.1f} Mbit/s avg")
+    if len(runs) > 1:  # seconds that every pair measured, summed
+        seconds = min(len(rates) for _, rates in drawn)
+        edges = min((e for e, _ in drawn), key=len)[:seconds + 1]
+        total = [sum(rates[i] for _, rates in drawn) for i in range(seconds)]
+        aggregate = report.get("aggregate_mbps")
+        axes.stairs(total, edges, linewidth=1.5, linestyle="--", color="black", baseline=None,
+                    label="sum of the pairs" + (f": {aggregate:.1f} Mbit/s avg"
+                                                if aggregate is not None else ""))
+    fairness = report.get("fairness")
+    axes.set_ylim(bottom=0)
+    axes.set_xlim(left=0)
+    axes.set_xlabel("seconds into the iperf3 runs (all pairs started together)")
+    axes.set_ylabel("received, Mbit/s in each second")
+    axes.set_title(f"pgvpn: {len(report['pairs'])} iperf3 pair(s) at once through PostgreSQL "
+                   f"({report.get('backend', '?')} lab, {report.get('run', '?')}); Jain's index "
+                   + ("n/a" if fairness is None else f"{fairness:.3f}"), fontsize="medium")
+    axes.grid(True, alpha=0.3)
     figure.legend(loc="outside lower center", ncols=2, fontsize="small")
     figure.savefig(path)
     return True
