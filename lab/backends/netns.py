@@ -7,7 +7,6 @@ namespace they run in (`ip netns pids`), never by a name pattern.
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import os
 import pwd
@@ -22,6 +21,7 @@ from pathlib import Path
 import psycopg
 
 from lab import state
+from lab.backends import netnspg
 from lab.backends.base import (
     SCRATCH_HOST,
     TUN_DEVICE,
@@ -39,32 +39,6 @@ PREFIX = f"{state.LAB_NAME}-"
 PG_PORT = 5432
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
-POSTGRES_SETTINGS = """
-# pgvpn lab: tuned for a packet log on a small machine
-shared_buffers = 256MB
-wal_buffers = 16MB
-max_wal_size = 2GB
-checkpoint_timeout = 15min
-max_connections = 50
-synchronous_commit = on
-log_min_messages = warning
-# Dead clients noticed within seconds, not the kernel's 2 h: their sessions end and
-# release the sender's and receiver's advisory locks (README "Liveness").
-tcp_keepalives_idle = 10
-tcp_keepalives_interval = 5
-tcp_keepalives_count = 3
-tcp_user_timeout = 30s
-client_connection_check_interval = 5s
-"""
-
-
-def postgres_bindir() -> Path | None:
-    """The newest installed PostgreSQL server's bin directory."""
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"),
-                        key=lambda p: int(Path(p).parent.parent.name))
-    return Path(candidates[-1]).parent if candidates else None
-
-
 class NetnsBackend(Backend):
     name = "netns"
 
@@ -83,7 +57,7 @@ class NetnsBackend(Backend):
             return "the namespace backend needs root (network namespaces, TUN devices)"
         if shutil.which("ip") is None:
             return "iproute2 ('ip') is missing: apt-get install iproute2"
-        if postgres_bindir() is None:
+        if netnspg.postgres_bindir() is None:
             return "PostgreSQL server binaries are missing: apt-get install postgresql"
         if shutil.which("iperf3") is None:
             return "iperf3 is missing: apt-get install iperf3"
@@ -139,7 +113,8 @@ class NetnsBackend(Backend):
     # ----------------------------------------------------------------- start
     def start(self, host: Host, progress: Progress) -> None:
         if self._pid(host.name) is not None:
-            if host.role == "database" and self._configure_postgres(host):
+            data = self.root / "pgdata"
+            if host.role == "database" and netnspg.configure(data, host, self.topology):
                 progress("postgres: TLS or access settings changed, reloading them")
                 with psycopg.connect(self.admin_conninfo("postgres", superuser=True),
                                      connect_timeout=5, autocommit=True) as conn:
@@ -162,35 +137,23 @@ class NetnsBackend(Backend):
         return process.pid
 
     def _start_postgres(self, host: Host, progress: Progress) -> None:
-        bindir = postgres_bindir()
+        bindir = netnspg.postgres_bindir()
         assert bindir is not None
         data, sockets = self.root / "pgdata", self.root / "run"
         state.STATE_DIR.mkdir(parents=True, exist_ok=True)
         for directory in (state.STATE_DIR, self.root):
             directory.mkdir(parents=True, exist_ok=True)
             directory.chmod(0o755)  # the postgres user must reach its data below
-        as_postgres = ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", "--"]
         if not (data / "PG_VERSION").exists():
             progress("initdb (PostgreSQL data directory)")
-            for directory in (data, sockets):
-                directory.mkdir(parents=True, exist_ok=True)
-                shutil.chown(directory, "postgres", "postgres")
-                directory.chmod(0o700)  # sockets: only root and postgres may connect
-            run([*as_postgres, str(bindir / "initdb"), "-D", str(data), "-U", "postgres",
-                 "-E", "UTF8", "--auth-local=trust", "--auth-host=scram-sha-256"],
-                timeout=120).check("initdb")
-            # every address of its namespace, which has only its links and loopback: a
-            # network a larger topology links later is listened on as it appears
-            listen = "*"
-            with open(data / "postgresql.conf", "a") as conf:
-                conf.write(POSTGRES_SETTINGS + f"listen_addresses = '{listen}'\n"
-                           f"unix_socket_directories = '{sockets}'\nport = {PG_PORT}\n")
-        self._configure_postgres(host)
+            netnspg.initdb(bindir, data, sockets, PG_PORT)
+        netnspg.configure(data, host, self.topology)
         tls = ([] if host.environment.get("PGVPN_SSL", "off") == "off" else
                ["-c", "ssl=on", "-c", f"ssl_cert_file={data / 'server.crt'}",
                 "-c", f"ssl_key_file={data / 'server.key'}"])
         progress("starting postgres" + (" (TLS)" if tls else ""))
-        self._spawn(host.name, [*as_postgres, str(bindir / "postgres"), "-D", str(data), *tls],
+        self._spawn(host.name,
+                    [*netnspg.AS_POSTGRES, str(bindir / "postgres"), "-D", str(data), *tls],
                     {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"})
         self.wait_started(host.name, ready=self._accepts_connections,
                           alive=lambda: self._pid(host.name) is not None,
@@ -203,50 +166,6 @@ class NetnsBackend(Backend):
         except psycopg.OperationalError:
             return False
         return True
-
-    def _configure_postgres(self, host: Host) -> bool:
-        """Write pg_hba.conf and the TLS files as compose.yaml's environment says.
-
-        As the Docker image's entrypoint does: PGVPN_SSL=require accepts agents over
-        TLS only, `on` also in plaintext, `off` offers no TLS. Done at every start
-        (and on `lab up` of a running lab), so a changed setting takes effect.
-        Returns True if anything changed.
-        """
-        data = self.root / "pgdata"
-        ssl = host.environment.get("PGVPN_SSL", "off")
-        kinds = {"require": ["hostssl"], "on": ["hostssl", "hostnossl"], "off": ["host"]}
-        if ssl not in kinds:
-            raise LabError(f"PGVPN_SSL={ssl!r} in compose.yaml: use off, on or require")
-        subnets = [str(n.subnet) for n in self.topology.networks.values()]
-        hba = ["# written by the lab at every start (lab/backends/netns.py)", "local all all trust"]
-        hba += [f"{kind} pgvpn +pgvpn_agent {subnet} scram-sha-256"
-                for subnet in subnets for kind in kinds[ssl]]
-        files = {data / "pg_hba.conf": ("\n".join(hba) + "\n").encode()}
-        if ssl != "off":
-            for variable, target in (("PGVPN_SSL_CERT_FILE", "server.crt"),
-                                     ("PGVPN_SSL_KEY_FILE", "server.key")):
-                source = self.local_path(host.environment.get(variable, ""))
-                if not source.is_file():
-                    raise LabError(f"{variable}: {source} is missing; 'lab up' makes it")
-                files[data / target] = source.read_bytes()
-        changed = False
-        for path, content in files.items():
-            if path.exists() and path.read_bytes() == content:
-                continue
-            # postgres refuses a key that others may read: 0600 from the first byte
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(descriptor, "wb") as handle:
-                handle.write(content)
-            shutil.chown(path, "postgres", "postgres")
-            changed = True
-        return changed
-
-    @staticmethod
-    def local_path(value: str) -> Path:
-        """Where a compose secret (/run/secrets/NAME) is on this host: the lab's secrets."""
-        if value.startswith(SECRETS_DIR + "/"):
-            return state.secrets_dir() / value.removeprefix(SECRETS_DIR + "/")
-        return Path(value)
 
     def agent_environment(self, host: Host) -> dict[str, str]:
         """The host's compose environment, with secret paths pointing at the lab's files."""
