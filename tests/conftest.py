@@ -235,6 +235,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def docker_alone() -> None:
     """The Docker engine with no lab of this session's on it: compose.yaml's networks
     have fixed subnets, so a second lab could not start beside the session's."""
+    docker_engine_alone()
+
+
+def docker_engine_alone() -> None:
+    """docker_alone's work, for a fixture of a wider scope (a module's lab)."""
     reason = docker_ready() or netns_ready()
     if reason:
         pytest.skip(f"docker lab unavailable: {reason}")

@@ -24,7 +24,15 @@ import pytest
 import yaml
 
 from lab.measure import PingResult, ping
-from tests.conftest import ROOT, TEST_LAB, CliBackend, LabHandle, docker_ready, netns_ready
+from tests.conftest import (
+    ROOT,
+    TEST_LAB,
+    CliBackend,
+    LabHandle,
+    docker_engine_alone,
+    docker_ready,
+    netns_ready,
+)
 from tests.peerside import connect_as, wait_for
 from tests.test_load import exact_stream
 
@@ -56,7 +64,7 @@ def fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     """The fleet lab, grown from three peers to four; yields it and what the growth did."""
     backend = request.param
     if backend == "docker":
-        request.getfixturevalue("docker_alone")
+        docker_engine_alone()
     reason = netns_ready() if backend == "netns" else docker_ready() or netns_ready()
     if reason:
         pytest.skip(f"{backend} lab unavailable: {reason}")
