@@ -27,7 +27,9 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 ROOT = Path(__file__).resolve().parent.parent
-LAB_NAME = "pgvpn-red"  # its own lab: yours, and the test suite's, are never touched
+# its own lab: yours, and the test suite's, are never touched (PGVPN_SEEN_RED_LAB names
+# another, for two runs side by side)
+LAB_NAME = os.environ.get("PGVPN_SEEN_RED_LAB", "pgvpn-red")
 # What a broken build may leave behind (a break of the rollback leaves a whole lab):
 # the session's labs and tests/test_docker_lab.py's.
 LEFT_BEHIND = (LAB_NAME, f"{LAB_NAME}-d", f"{LAB_NAME}-l")
@@ -120,6 +122,17 @@ BREAKS = [
     Break("export-writes-rows-whole", "services/pgvpn/logs/cli.py",
           "            if args.super_packets:", "            if True:",
           "tests/test_offload_tunnel.py::test_the_log_tools_count_packets_on_the_wire"),
+    Break("remove-peer-deletes-the-peer", "services/pgvpn/admin.py",
+          "    return Removal(peer, routes, role_found, was_login, sessions)\n",
+          '    conn.execute("DELETE FROM pgvpn.peers WHERE name = %s", [peer])\n'
+          "    return Removal(peer, routes, role_found, was_login, sessions)\n",
+          "tests/test_remove_peer.py::"
+          "test_a_removed_peer_is_cut_off_at_once_and_its_log_stays"),
+    Break("remove-peer-leaves-its-sessions", "sql/init_peer_roles.sql",
+          "        IF pg_catalog.pg_terminate_backend(backend, 5000) THEN\n",
+          "        IF false THEN\n",
+          "tests/test_remove_peer.py::"
+          "test_a_removed_peer_is_cut_off_at_once_and_its_log_stays"),
     Break("no-rollback", "lab/controller.py",
           "            if first:\n", "            if first and False:\n",
           "tests/test_docker_lab.py::test_a_first_up_whose_agent_dies_is_rolled_back",

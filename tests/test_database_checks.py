@@ -171,7 +171,7 @@ def test_pgtap_files_are_there() -> None:
     assert [f.name for f in TAP_FILES] == [
         "01_ownership_and_roles.sql", "02_functions.sql", "03_privileges.sql",
         "04_attacks.sql", "05_peer_roles.sql", "06_plpgsql_check.sql", "07_locks.sql",
-        "08_show.sql", "09_routes.sql"]
+        "08_show.sql", "09_routes.sql", "10_remove_peer.sql"]
 
 
 def test_pgtap_suite_passes(database: Database) -> None:

@@ -5,6 +5,7 @@ applies each one inside the transaction of every pgTAP file)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,36 @@ END
 $$;
 """
 
+# sql/init_peer_roles.sql's functions, weakened where they stand, so that a weakening
+# keeps up with the function it breaks.
+INIT_PEER_ROLES = (Path(__file__).resolve().parent.parent / "sql" / "init_peer_roles.sql"
+                   ).read_text()
+
+
+def init_function(name: str, old: str, new: str) -> str:
+    """The CREATE OR REPLACE of pgvpn_admin.`name`, with `old` (there once) made `new`."""
+    start = INIT_PEER_ROLES.index(f"CREATE OR REPLACE FUNCTION pgvpn_admin.{name}(")
+    text = INIT_PEER_ROLES[start:INIT_PEER_ROLES.index("$$;\n", start) + 4]
+    assert text.count(old) == 1, (name, old)
+    return text.replace(old, new)
+
+
+# disable_peer_role without its exactly_a_peer_role check: `pgvpn db remove-peer`
+# (the owner) may then lock out and cut off any role a CREATEROLE role may alter.
+ANY_ROLE_DISABLE_PEER_ROLE = init_function(
+    "disable_peer_role", "IF NOT pgvpn_admin.exactly_a_peer_role(existing, removing => true) THEN",
+    "IF false THEN")
+# The peer-role check with the caller's pg_temp first and bare catalog names: the
+# owner's shadows decide what a peer's role is, and run as pgvpn_peermaker.
+SHADOWABLE_PEER_ROLE_CHECK = init_function(
+    "exactly_a_peer_role", "search_path = pg_catalog, pg_temp", "search_path = pg_temp, pg_catalog"
+).replace("pg_catalog.", "")
+OWNER_SHADOWS_DEFEATED = tuple(
+    "with its pg_temp shadows first in its search_path, the owner still cannot disable "
+    f"pgvpn_tap_{role}" for role in ("extra", "owns", "granted"))
+OTHER_ROLES_KEEP_LOGIN = ("no other role lost its login or password: pgvpn_owner, postgres, "
+                          "the lab's peers and the refused roles keep theirs")
+
 WEAKENINGS = [
     Weakening(
         "definer-search-path",
@@ -159,7 +190,10 @@ WEAKENINGS = [
             "pgvpn_tap_new is a member of pgvpn_agent only, without ADMIN OPTION",
             "pgvpn_tap_new's password is the verifier given, stored as it is",
             "re-passwords a role that is exactly a peer's (returns false: not new)",
-            "pgvpn_tap_new's password is now the second verifier")}),
+            "pgvpn_tap_new's password is now the second verifier"),
+         "10_remove_peer.sql": red(
+            "ensure_peer_role takes the removed peer's role back (not new)",
+            "pgvpn_tap_gone logs in again, with the new password only")}),
     Weakening(
         "peer-maker-for-agents",
         "GRANT USAGE ON SCHEMA pgvpn_admin TO pgvpn_agent; "
@@ -197,15 +231,17 @@ WEAKENINGS = [
             "no pgvpn role has SUPERUSER, CREATEROLE (but pgvpn_peermaker), CREATEDB, "
             "REPLICATION or BYPASSRLS"),
          # a superuser holds every privilege, CREATE on pgvpn_admin too
-         "03_privileges.sql": red("pgvpn_owner on schema pgvpn_admin: USAGE only")}),
+         "03_privileges.sql": red("pgvpn_owner on schema pgvpn_admin: USAGE only"),
+         "10_remove_peer.sql": red(
+            "the owner cannot call exactly_a_peer_role (only the peer maker's functions do)")}),
     Weakening(
         "peer-attribute",
         "ALTER ROLE pgvpn_peer_b CREATEDB;",
         {"01_ownership_and_roles.sql": red(
             "no pgvpn role has SUPERUSER, CREATEROLE (but pgvpn_peermaker), CREATEDB, "
             "REPLICATION or BYPASSRLS",
-            "every member of pgvpn_agent is a peer's LOGIN role: no attribute, no ADMIN "
-            "OPTION, no members")}),
+            "every member of pgvpn_agent is a peer's LOGIN role (or a removed peer's, with "
+            "no password): no attribute, no ADMIN OPTION, no members")}),
     Weakening(
         "log-readable-by-agents",
         "GRANT SELECT ON pgvpn.packets TO pgvpn_agent;",
@@ -302,6 +338,38 @@ WEAKENINGS = [
             "a peer cannot take another peer's route",
             "a peer removes no route",
             "a reader reads every route")}),  # the peer's DELETE went through
+    Weakening(
+        "remove-peer-any-role",  # disable_peer_role without its exactly-a-peer check
+        ANY_ROLE_DISABLE_PEER_ROLE,
+        {"10_remove_peer.sql": red(
+            # SUPERUSER and REPLICATION roles stay refused: PostgreSQL itself keeps
+            # CREATEROLE from altering those
+            *(f"refuses to disable the existing role pgvpn_tap_{role} ({why})"
+              for role, why in (("createrole", "CREATEROLE"), ("createdb", "CREATEDB"),
+                                ("bypassrls", "BYPASSRLS"), ("nogroup", "not in pgvpn_agent"),
+                                ("extra", "also in pg_read_all_data"),
+                                ("signal", "also in pg_signal_backend"),
+                                ("reader", "also in pgvpn_reader"),
+                                ("hasmember", "has a member"),
+                                ("admin", "pgvpn_agent WITH ADMIN OPTION"),
+                                ("owns", "owns a schema"),
+                                ("granted", "holds a privilege of its own"))),
+            *OWNER_SHADOWS_DEFEATED, OTHER_ROLES_KEEP_LOGIN)}),
+    Weakening(
+        "peer-role-check-shadowable",  # the owner's pg_temp decides, and runs as peermaker
+        SHADOWABLE_PEER_ROLE_CHECK,
+        {"02_functions.sql": red(
+            "pgvpn_admin.exactly_a_peer_role(oid,boolean) has search_path = pg_catalog, "
+            "pg_temp",
+            SEARCH_PATH_ANY),
+         "10_remove_peer.sql": red(
+            *OWNER_SHADOWS_DEFEATED, OTHER_ROLES_KEEP_LOGIN,
+            "no shadow of the owner's ran as anyone but the owner",
+            "no shadow ran as another role even in a call that failed (counter untouched)",
+            # its payload: pgvpn_peermaker's CREATEROLE gave the owner
+            # pg_execute_server_program
+            "no membership was left behind: pgvpn_peermaker's one-call membership of the "
+            "peer role is gone")}),
     Weakening(
         "plpgsql-bugs",
         BROKEN_TRIGGER,

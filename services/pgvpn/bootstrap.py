@@ -1,12 +1,12 @@
 """`pgvpn db init`: what a superuser does once, so that nothing else needs one.
 
 It makes the roles (the owner, the group roles pgvpn_agent and pgvpn_reader, and
-pgvpn_peermaker behind the one function that makes peer roles), the database
+pgvpn_peermaker behind the functions that make and disable peer roles), the database
 owned by the owner, and takes CONNECT, TEMPORARY and advisory locks in it away
 from PUBLIC (peers take their own locks through pgvpn.lock_own). A
 database that an earlier pgvpn made as a superuser is handed over to the owner,
-schema and all. Afterwards `pgvpn db migrate`, `add-peer`, `prune` and
-`retention` run as the owner, so a hole in any function the owner runs yields
+schema and all. Afterwards `pgvpn db migrate`, `add-peer`, `remove-peer`, `prune`
+and `retention` run as the owner, so a hole in any function the owner runs yields
 the owner's rights at most, never a superuser's (SECURITY.md, the roles).
 """
 
@@ -25,6 +25,11 @@ from pgvpn.errors import PgvpnError
 OWNER = "pgvpn_owner"
 PEER_MAKER = "pgvpn_peermaker"
 GROUP_ROLES = ("pgvpn_agent", "pgvpn_reader")
+# What schema pgvpn_admin holds (sql/init_peer_roles.sql): the two functions the owner
+# may call, and the check they share, which nobody else may call.
+OWNER_FUNCTIONS = ("pgvpn_admin.disable_peer_role(text)",
+                   "pgvpn_admin.ensure_peer_role(text,text)")
+PEER_MAKER_FUNCTIONS = (*OWNER_FUNCTIONS, "pgvpn_admin.exactly_a_peer_role(oid,boolean)")
 ROLE_NAME = re.compile(r"\A[a-z_][a-z0-9_]{0,62}\Z")
 DATABASE_NAME = re.compile(r"\A[a-z_][a-z0-9_-]{0,62}\Z")
 # Relations of the schema by kind, for handing them over; each partition is handed
@@ -98,10 +103,10 @@ def init_database(conninfo: str, database: str, owner: str, owner_password: str 
         conn.execute(sql.SQL(resources.files("pgvpn.migrations")
                              .joinpath("init_peer_roles.sql").read_text()))
         _check_peer_maker_schema(conn)
-        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA pgvpn_admin TO {}; "
-                             "GRANT EXECUTE ON FUNCTION pgvpn_admin.ensure_peer_role(text, "
-                             "text) TO {}").format(sql.Identifier(owner),
-                                                   sql.Identifier(owner)))
+        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA pgvpn_admin TO {owner}; "
+                             "GRANT EXECUTE ON FUNCTION {functions} TO {owner}").format(
+            owner=sql.Identifier(owner),
+            functions=sql.SQL(", ").join(map(sql.SQL, OWNER_FUNCTIONS))))
     progress(f"database {database} ready; its owner {owner} runs the rest")
 
 
@@ -176,9 +181,17 @@ def _ensure_roles(conn: psycopg.Connection, owner: str, password: str | None,
             conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(group)))
             progress(f"created group role {group}")
     if not _existing_role(conn, PEER_MAKER, maker=True):
-        conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN NOINHERIT CREATEROLE")
+        conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN INHERIT CREATEROLE")
                      .format(sql.Identifier(PEER_MAKER)))
-        progress(f"created {PEER_MAKER} (owns the function that makes peer roles)")
+        progress(f"created {PEER_MAKER} (owns the functions that make and disable peer "
+                 "roles)")
+    elif conn.execute("SELECT NOT rolinherit FROM pg_roles WHERE rolname = %s",
+                      [PEER_MAKER]).fetchone() == (True,):
+        # an earlier init's: disable_peer_role ends a peer's sessions through a
+        # membership it holds for one call, which a NOINHERIT role could not use
+        conn.execute(sql.SQL("ALTER ROLE {} INHERIT").format(sql.Identifier(PEER_MAKER)))
+        progress(f"{PEER_MAKER}: NOINHERIT -> INHERIT (it is a member of nothing; "
+                 "sql/init_peer_roles.sql says why)")
     found = _existing_role(conn, owner, login=True)
     password_clause = (sql.SQL(" PASSWORD {}").format(
         sql.Literal(verifier(conn, owner, password))) if password else sql.SQL(""))
@@ -207,19 +220,21 @@ def _ensure_database(conn: psycopg.Connection, database: str, owner: str,
 
 
 def _check_peer_maker_schema(conn: psycopg.Connection) -> None:
-    """pgvpn_admin must be pgvpn_peermaker's and hold its one function, nothing else.
+    """pgvpn_admin must be pgvpn_peermaker's and hold its functions, nothing else.
 
     The owner may create schemas in its database: one it made in advance under this
-    name would otherwise stay its own, beside the function that has CREATEROLE.
+    name would otherwise stay its own, beside the functions that have CREATEROLE.
     """
     row = conn.execute(
         "SELECT pg_get_userbyid(n.nspowner), "
+        "ARRAY(SELECT p.oid::regprocedure::text FROM pg_proc p "
+        "      WHERE p.pronamespace = n.oid), "
         "(SELECT count(*) FROM pg_class c WHERE c.relnamespace = n.oid) + "
-        "(SELECT count(*) FROM pg_proc p WHERE p.pronamespace = n.oid) + "
         "(SELECT count(*) FROM pg_type t WHERE t.typnamespace = n.oid) + "
         "(SELECT count(*) FROM pg_operator o WHERE o.oprnamespace = n.oid) "
         "FROM pg_namespace n WHERE n.nspname = 'pgvpn_admin'").fetchone()
-    if row != (PEER_MAKER, 1):
+    if row is None or (row[0], sorted(row[1]), row[2]) != (
+            PEER_MAKER, sorted(PEER_MAKER_FUNCTIONS), 0):
         raise PgvpnError(f"schema pgvpn_admin is not as pgvpn makes it (owner and objects: "
                          f"{row}): a superuser must drop it, then run 'pgvpn db init' again")
 

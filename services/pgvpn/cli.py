@@ -49,9 +49,33 @@ examples:
   pgvpn db add-peer peer-c --password-file /run/secrets/peer-c --address 10.230.0.3/24 \
       --route 192.168.50.0/24
   pgvpn db set-routes peer-c --address 10.230.0.3/24 --route 192.168.60.0/24
+  # remove it: routes gone, login refused, its sessions ended; its packets stay logged
+  pgvpn db remove-peer peer-c
 
 Passwords belong in a PGPASSFILE or the DATABASE_URL environment variable, not on
 the command line, where other users can read them.
+"""
+REMOVE_PEER = """\
+Remove a peer at once, as `wg set wg0 peer KEY remove` does, in one transaction:
+its routes are deleted (every agent that routes by the table drops them within a
+second), its login role can no longer log in (NOLOGIN, password cleared), and its
+sessions are ended, so an agent already connected is cut off.
+
+Nothing logged is deleted: its pgvpn.peers row, its cursors and every packet it sent
+or received stay, for the log tools ('pgvpn log --peer NAME'), and 'pgvpn show' lists
+it as removed. 'pgvpn db add-peer NAME --password-file FILE' brings it back with a new
+password; its packets are numbered on from where they stopped.
+
+Removing a peer that is already removed says so and exits 0 (a straggling session
+of its role is still ended). A name that is no peer is an error: 'pgvpn show' lists
+them. A role that is more than a peer's (an attribute, a membership beyond
+pgvpn_agent, a member, an object or privilege someone gave it) is refused, and then
+nothing changes; what a peer can make by itself (settings, large objects, default
+privileges) does not keep it from being removed.
+
+examples:
+  pgvpn db remove-peer peer-c
+  pgvpn db add-peer peer-c --password-file /run/secrets/peer-c --address 10.230.0.3/24
 """
 
 
@@ -80,10 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     init = db_commands.add_parser(
         "init", help="once, as a superuser: roles, database, and the owner that runs the rest",
         description="Create the owner role (no superuser, no CREATEROLE), pgvpn's group roles, "
-        "the database owned by the owner, and the one function through which the owner "
-        "makes peer roles; take CONNECT, TEMPORARY and advisory locks in the database from "
-        "PUBLIC (peers lock only their own names). A database an earlier pgvpn made is "
-        "handed over to the owner. Safe to run again.")
+        "the database owned by the owner, and the functions through which the owner "
+        "makes and disables peer roles; take CONNECT, TEMPORARY and advisory locks in the "
+        "database from PUBLIC (peers lock only their own names). A database an earlier "
+        "pgvpn made is handed over to the owner. Safe to run again.")
     init.add_argument("--owner", default=bootstrap.OWNER, metavar="ROLE",
                       type=checked(bootstrap.owner_role),
                       help=f"the owner's login role (default {bootstrap.OWNER})")
@@ -115,7 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     routes.add_route_arguments(set_routes)
     set_routes.add_argument("--none", action="store_true",
                             help="remove every route of the peer")
-    for sub in (*owners, add_peer, set_routes):
+    remove_peer = db_commands.add_parser(
+        "remove-peer", help="remove a peer at once: its routes, its login and its sessions",
+        description=REMOVE_PEER, formatter_class=argparse.RawDescriptionHelpFormatter)
+    remove_peer.add_argument("name", type=checked(peer_name), help="peer name, e.g. peer-c")
+    for sub in (*owners, add_peer, set_routes, remove_peer):
         sub.add_argument("--database-url", default=os.environ.get("DATABASE_URL", ""),
                          type=conninfo,
                          help="owner's connection string (default $DATABASE_URL or PG* vars)")
@@ -287,6 +315,9 @@ def run_db(args: argparse.Namespace) -> int:
                   f"{'created' if created else 'updated'}", file=sys.stderr)
             print(routes.describe(args.name, routes.peer_routes(conn).get(args.name, [])),
                   file=sys.stderr)
+        elif args.db_command == "remove-peer":
+            for line in admin.remove_peer(conn, args.name).report():
+                print(line, file=sys.stderr)
         elif args.db_command == "set-routes":
             routes.check_peer_exists(conn, args.name)
             routes.add_routes(conn, args.name, given, replace=True)

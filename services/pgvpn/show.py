@@ -32,7 +32,9 @@ SELECT name, tunnel_addr, tunnel_addr6,
        CASE WHEN last_seen BETWEEN %(first)s AND %(last)s THEN last_seen END,
        sent_packets, sent_bytes, received_packets, received_bytes, now(),
        ARRAY(SELECT r.prefix::text FROM pgvpn.routes r WHERE r.peer = p.name
-             ORDER BY r.address IS NULL, family(r.prefix), r.prefix)
+             ORDER BY r.address IS NULL, family(r.prefix), r.prefix),
+       NOT EXISTS (SELECT FROM pg_catalog.pg_roles o
+                   WHERE o.rolname = 'pgvpn_' || replace(p.name, '-', '_') AND o.rolcanlogin)
 FROM pgvpn.peers p ORDER BY name
 """
 TIMES = {"first": datetime(1, 1, 2, tzinfo=UTC), "last": datetime(9999, 12, 30, tzinfo=UTC)}
@@ -50,6 +52,7 @@ class PeerStatus:
     received_bytes: int
     now: datetime  # the database's clock, which also wrote last_seen
     routes: list[str]  # the owner's word (sql/011): its addresses' host routes, subnets
+    removed: bool = False  # its role cannot log in (`pgvpn db remove-peer`)
 
     @property
     def last_seen_seconds(self) -> float | None:
@@ -60,8 +63,11 @@ class PeerStatus:
 
     @property
     def state(self) -> str:
-        """connected, not responding (it stopped beating without saying so: killed,
-        cut off), stopped (it said so), or never connected."""
+        """removed (its role cannot log in), connected, not responding (it stopped
+        beating without saying so: killed, cut off), stopped (it said so), or never
+        connected."""
+        if self.removed:
+            return "removed"
         if self.last_seen is None:
             return "never connected"
         if self.agent_started is None:
@@ -84,9 +90,9 @@ def read_status(conn: psycopg.Connection) -> list[PeerStatus]:
     """Every peers row this connection may see."""
     return [PeerStatus(name, [str(a) for a in (v4, v6) if a is not None], started, seen,
                        sent_packets, sent_bytes, received_packets, received_bytes, now,
-                       list(routes))
+                       list(routes), removed)
             for name, v4, v6, started, seen, sent_packets, sent_bytes, received_packets,
-            received_bytes, now, routes in conn.execute(QUERY, TIMES).fetchall()]
+            received_bytes, now, routes, removed in conn.execute(QUERY, TIMES).fetchall()]
 
 
 def status_table(peers: list[PeerStatus], title: str) -> Table:

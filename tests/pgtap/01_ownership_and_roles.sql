@@ -1,6 +1,6 @@
 -- Who owns what, and what the roles are (SECURITY.md, "The roles"; `pgvpn db init`).
 \ir begin.inc
-SELECT plan(51);
+SELECT plan(53);
 
 -- ------------------------------------------------------------------ owners
 SELECT db_owner_is(current_database(), 'pgvpn_owner', 'the database is owned by pgvpn_owner');
@@ -29,7 +29,8 @@ SELECT set_eq(
           'pgvpn.lock_own(text)', 'pgvpn.partition_name(timestamp with time zone,timestamp with time zone)',
           'pgvpn.partition_ranges()', 'pgvpn.routes_changed()',
           'pgvpn.wire_packets(integer,bytea,bytea)',
-          'pgvpn_admin.ensure_peer_role(text,text)'],
+          'pgvpn_admin.disable_peer_role(text)', 'pgvpn_admin.ensure_peer_role(text,text)',
+          'pgvpn_admin.exactly_a_peer_role(oid,boolean)'],
     'schemas pgvpn and pgvpn_admin hold exactly the known functions');
 
 SELECT table_owner_is('pgvpn', t, 'pgvpn_owner', format('table pgvpn.%s is owned by pgvpn_owner', t))
@@ -56,7 +57,9 @@ FROM (VALUES
      'pgvpn_owner'),
     ('pgvpn', 'partition_ranges', '{}', 'pgvpn_owner'),
     ('pgvpn', 'routes_changed', '{}', 'pgvpn_owner'),
-    ('pgvpn_admin', 'ensure_peer_role', '{text,text}', 'pgvpn_peermaker')
+    ('pgvpn_admin', 'disable_peer_role', '{text}', 'pgvpn_peermaker'),
+    ('pgvpn_admin', 'ensure_peer_role', '{text,text}', 'pgvpn_peermaker'),
+    ('pgvpn_admin', 'exactly_a_peer_role', '{oid,boolean}', 'pgvpn_peermaker')
 ) AS f(schema, name, args, owner);
 
 -- Whatever else lives in the schemas: partitions, indexes, row types.
@@ -97,7 +100,10 @@ SELECT results_eq(
     format('role %s: %s', x.role, x.says))
 FROM (VALUES
     ('pgvpn_owner', true, false, true, 'LOGIN, no SUPERUSER, CREATEROLE, CREATEDB, REPLICATION, BYPASSRLS'),
-    ('pgvpn_peermaker', false, true, false, 'NOLOGIN NOINHERIT CREATEROLE and nothing else'),
+    -- INHERIT: a member of nothing (below), so it matters only inside
+    -- disable_peer_role, whose one-call membership of a peer role must confer the
+    -- right to end that role's sessions (sql/init_peer_roles.sql)
+    ('pgvpn_peermaker', true, true, false, 'NOLOGIN INHERIT CREATEROLE and nothing else'),
     ('pgvpn_agent', true, false, false, 'a NOLOGIN group with no attribute'),
     ('pgvpn_reader', true, false, false, 'a NOLOGIN group with no attribute')
 ) AS x(role, inherit, createrole, login, says);
@@ -128,7 +134,8 @@ SELECT is_empty(
              OR r.rolcreatedb)$$,
     'no pgvpn role has SUPERUSER, CREATEROLE (but pgvpn_peermaker), CREATEDB, REPLICATION or BYPASSRLS');
 
--- Peers: every member of pgvpn_agent is exactly a peer's role.
+-- Peers: every member of pgvpn_agent is exactly a peer's role, which logs in, or
+-- which `pgvpn db remove-peer` removed (NOLOGIN and no password: disable_peer_role).
 SELECT set_has(
     $$SELECT m.member::regrole::text FROM pg_catalog.pg_auth_members m
       WHERE m.roleid = 'pgvpn_agent'::regrole$$,
@@ -136,15 +143,16 @@ SELECT set_has(
     'the lab''s peers pgvpn_peer_a and pgvpn_peer_b are members of pgvpn_agent');
 SELECT is_empty(
     $$SELECT r.rolname::text FROM pg_catalog.pg_auth_members m
-      JOIN pg_catalog.pg_roles r ON r.oid = m.member
+      JOIN pg_catalog.pg_authid r ON r.oid = m.member
       WHERE m.roleid = 'pgvpn_agent'::regrole
         AND (r.rolsuper OR r.rolcreaterole OR r.rolcreatedb OR r.rolreplication
-             OR r.rolbypassrls OR NOT r.rolcanlogin OR m.admin_option
+             OR r.rolbypassrls OR (NOT r.rolcanlogin AND r.rolpassword IS NOT NULL)
+             OR m.admin_option
              OR r.rolname !~ '^pgvpn_[a-z0-9][a-z0-9_]{0,56}$'
              OR r.rolname IN ('pgvpn_owner', 'pgvpn_peermaker', 'pgvpn_agent', 'pgvpn_reader')
              OR EXISTS (SELECT FROM pg_catalog.pg_auth_members o
                         WHERE o.roleid = r.oid))$$,
-    'every member of pgvpn_agent is a peer''s LOGIN role: no attribute, no ADMIN OPTION, no members');
+    'every member of pgvpn_agent is a peer''s LOGIN role (or a removed peer''s, with no password): no attribute, no ADMIN OPTION, no members');
 SELECT is_empty(
     $$SELECT r.rolname::text FROM pg_catalog.pg_auth_members m
       JOIN pg_catalog.pg_roles r ON r.oid = m.member

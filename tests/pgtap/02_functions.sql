@@ -2,7 +2,7 @@
 -- search_path (or a SQL-standard body), and EXECUTE for exactly the roles that
 -- call it (sql/005_trust.sql, sql/init_peer_roles.sql).
 \ir begin.inc
-SELECT plan(69);
+SELECT plan(80);
 
 -- The intended state, one row per function.  `callers`: the roles granted EXECUTE
 -- besides the function's owner (who always has it).
@@ -14,6 +14,8 @@ INSERT INTO intended VALUES
     ('pgvpn', 'last_sent_seq', '{}', true, '{pgvpn_agent}'),
     ('pgvpn', 'lock_own', '{text}', true, '{pgvpn_agent}'),
     ('pgvpn_admin', 'ensure_peer_role', '{text,text}', true, '{pgvpn_owner}'),
+    ('pgvpn_admin', 'disable_peer_role', '{text}', true, '{pgvpn_owner}'),
+    ('pgvpn_admin', 'exactly_a_peer_role', '{oid,boolean}', false, '{}'),
     ('pgvpn', 'current_peer', '{}', false, '{pgvpn_agent,pgvpn_reader}'),
     ('pgvpn', 'partition_ranges', '{}', false, '{pgvpn_reader}'),
     ('pgvpn', 'decode_headers', '{bytea}', false, '{pgvpn_reader}'),
@@ -24,7 +26,7 @@ INSERT INTO intended VALUES
     ('pgvpn', 'blog_v1_notify', '{}', false, '{}'),
     ('pgvpn', 'routes_changed', '{}', false, '{}');
 
-SELECT is(count(*)::integer, 12, 'the intended list names the 12 functions of the two schemas')
+SELECT is(count(*)::integer, 14, 'the intended list names the 14 functions of the two schemas')
 FROM intended;
 
 -- --------------------------------------------------------- SECURITY DEFINER

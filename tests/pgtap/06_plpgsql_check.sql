@@ -7,7 +7,7 @@
 \ir begin.inc
 CREATE SCHEMA plpgsql_check_ext;
 CREATE EXTENSION plpgsql_check SCHEMA plpgsql_check_ext;
-SELECT plan(11);
+SELECT plan(12);
 
 CREATE TEMPORARY TABLE checked ON COMMIT DROP AS
 SELECT p.oid::regprocedure::text AS fn, t.tgrelid::regclass::text AS trigger_relation
@@ -48,8 +48,9 @@ SELECT set_eq(
     $$SELECT fn FROM checked$$,
     ARRAY['pgvpn.blog_v1_notify()', 'pgvpn.decode_headers(bytea)',
           'pgvpn.ensure_partitions(integer)', 'pgvpn.lock_own(text)',
-          'pgvpn.routes_changed()', 'pgvpn_admin.ensure_peer_role(text,text)'],
-    'plpgsql_check checks all six PL/pgSQL functions of pgvpn and pgvpn_admin');
+          'pgvpn.routes_changed()', 'pgvpn_admin.disable_peer_role(text)',
+          'pgvpn_admin.ensure_peer_role(text,text)'],
+    'plpgsql_check checks all seven PL/pgSQL functions of pgvpn and pgvpn_admin');
 SELECT is_empty(
     $$SELECT p.oid::regprocedure::text FROM pg_catalog.pg_proc p
       WHERE p.pronamespace IN ('pgvpn'::regnamespace, 'pgvpn_admin'::regnamespace)
@@ -77,6 +78,7 @@ SELECT is_empty(
 FROM unnest(ARRAY['pgvpn.blog_v1_notify()',
                   'pgvpn.decode_headers(bytea)', 'pgvpn.ensure_partitions(integer)',
                   'pgvpn.lock_own(text)', 'pgvpn.routes_changed()',
+                  'pgvpn_admin.disable_peer_role(text)',
                   'pgvpn_admin.ensure_peer_role(text,text)']) AS f;
 
 SELECT is_empty(
