@@ -50,9 +50,12 @@ def bench_profile(lab: Lab, duration: float, progress: Progress,
     and the database's ceiling (unless given), after the tunnel so that its writes
     cannot slow the tunnel's run (a checkpoint, say)."""
     topology = lab.topology
+    if len(topology.agents) < 2:
+        raise LabError(f"{topology.path.name} has one agent: the bench needs two (iperf3 "
+                       "from the first agent to the second)")
     client, server = topology.agents[0], topology.agents[1]
     if server.tunnel_address is None:
-        raise LabError(f"{server.name} has no TUN_IP in compose.yaml")
+        raise LabError(f"{server.name} has no TUN_IP in {topology.path.name}")
     own_underlay = underlay is None
     if underlay is None:
         underlay = measure_underlay(lab, duration, progress)

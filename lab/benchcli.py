@@ -18,8 +18,14 @@ from lab.output import err, progress
 from lab.pairs import EXAMPLE, bench_pairs, chosen_pairs, pairs_argument
 from lab.pairsreport import render_pairs_markdown, write_pairs_report
 from lab.report import build_report, render_markdown, run_label, write_report
-from lab.settingsargs import add_lab_settings, requested_settings
+from lab.settingsargs import (
+    add_lab_settings,
+    requested_settings,
+    requested_topology,
+    routes_by_table,
+)
 from pgvpn.cliargs import output_dir, output_file, whole
+from pgvpn.transports import PROFILES
 
 MAX_BENCH_SECONDS = 3600
 EPILOG = f"""\
@@ -45,8 +51,9 @@ def add_parser(commands: Any) -> None:
     bench = commands.add_parser(
         "bench", help="iperf3 through the tunnel and over the underlay; writes a report",
         description="Measure the running lab (starting it first if needed): iperf3 "
-        "peer-a -> peer-b over the tunnel, the same over the underlay (peer-a -> postgres "
-        "host) for the tunnel's cost as a ratio, the database's ceiling (what it ingests "
+        "from its first agent to its second (peer-a -> peer-b) over the tunnel, the same "
+        "over the underlay (peer-a -> postgres host) for the tunnel's cost as a ratio, the "
+        "database's ceiling (what it ingests "
         "with no tunnel: `pgvpn ceiling` from peer-a into a scratch table of the log's "
         "shape, made and dropped for the run), and ping RTT percentiles idle and under "
         "load. Writes report.json, "
@@ -88,6 +95,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if in_pairs and (len(profiles) > 1 or args.offload == "both"):
         raise LabError("--pairs and --all-pairs run one profile with one offload setting: "
                        "give at most one --profile, and --offload on or off")
+    if profiles and routes_by_table(requested_topology(args)):
+        skipped = [p for p in profiles if not PROFILES[p].routes_by_table]
+        profiles = [p for p in profiles if PROFILES[p].routes_by_table]
+        if not profiles:
+            raise LabError(f"profile {', '.join(skipped)} carries one fixed pair of peers, and "
+                           "this topology routes by the owner's table: choose batched or "
+                           "batched-jumbo")
+        if skipped:
+            progress(f"skipping {', '.join(skipped)}: one fixed pair of peers each, and this "
+                     "topology routes by the owner's table")
     args.profile = profiles[0] if profiles else None  # the lab comes up with the first
     out = args.out or default_report_dir()
     settings = requested_settings(args)

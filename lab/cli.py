@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -14,11 +15,11 @@ from rich.table import Table
 
 from lab import benchcli, logtools, state
 from lab.backends.base import SCRATCH_HOST, LabError
-from lab.controller import BACKENDS, Lab, make_backend, static_topology
+from lab.controller import BACKENDS, Lab, make_backend, running_topology, static_topology
 from lab.matrix import ping_matrix, render
 from lab.output import err, progress
 from lab.settingsargs import add_lab_settings, requested_settings
-from lab.topology import Host, TopologyError
+from lab.topology import COMPOSE_FILE, Host, TopologyError
 from pgvpn.cliargs import OneLineParser, one_line, whole
 from pgvpn.errors import PgvpnError
 
@@ -71,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Run CMD inside HOST; its exit code is passed "
                                 "through. Example: lab exec peer-a -- ip addr")
     exec_.add_argument("host", type=host_name(SCRATCH_HOST),
-                       help=f"postgres, peer-a, peer-b, or {SCRATCH_HOST} (lab replay's "
-                       "scratch host)")
+                       help=f"a host of the lab's topology (postgres, peer-a, ...), or "
+                       f"{SCRATCH_HOST} (lab replay's scratch host)")
     exec_.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ...")
 
     logs = commands.add_parser("logs", help="a host's service log")
@@ -107,9 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def host_name(*extra: str) -> Callable[[str], str]:
-    """An argparse type: a host of compose.yaml's topology (or one of `extra`)."""
+    """An argparse type: a host of the lab's topology (or one of `extra`)."""
     def parse(text: str) -> str:
-        hosts = [*static_topology().hosts, *extra]
+        try:
+            hosts = [*static_topology().hosts, *extra]
+        except TopologyError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
         if text not in hosts:
             raise argparse.ArgumentTypeError(f"no host {text!r}; hosts: {', '.join(hosts)}")
         return text
@@ -133,7 +137,13 @@ def cmd_down(args: argparse.Namespace) -> int:
     removed_any = False
     for name in BACKENDS:  # after a crash the state file may be gone: try every backend
         try:
-            backend = make_backend(name, settings)
+            try:
+                backend = make_backend(name, settings, running_topology(settings))
+            except TopologyError as exc:  # what is left is found by label or tag anyway
+                progress(f"the lab's topology cannot be read ({exc}); removing what carries "
+                         "the lab's name")
+                backend = make_backend(name, dataclasses.replace(
+                    settings, topology=str(COMPOSE_FILE)))
         except LabError as exc:
             progress(f"skipping the {name} backend: {exc}")
             continue

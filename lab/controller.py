@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,20 +60,30 @@ def scratch_tables(profile: str) -> list[str]:
     return [t for t in PROFILES[profile].tables if t not in PACKET_LOG_TABLES]
 
 
+def running_topology(settings: state.LabSettings) -> Path:
+    """The topology file of the lab that is up: its saved copy (see state), else (a lab
+    made by an older version) the file its settings name."""
+    saved = state.saved_topology_path()
+    return saved if saved.is_file() else Path(settings.topology)
+
+
 def static_topology() -> topology.Topology:
     """The hosts and roles of the lab that is up, else of compose.yaml: to check names
     given on a command line before the lab itself is looked at."""
-    current = state.load_settings() or state.LabSettings("netns", 1500, "batched")
-    return topology.load(lab_environment(current), Path(current.topology))
+    current = state.load_settings()
+    if current is None:
+        return topology.load(lab_environment(state.LabSettings("netns", 1500, "batched")))
+    return topology.load(lab_environment(current), running_topology(current))
 
 
-def make_backend(name: str, settings: state.LabSettings) -> Backend:
-    """The backend called `name`, or the first available one for 'auto'."""
+def make_backend(name: str, settings: state.LabSettings, path: Path | None = None) -> Backend:
+    """The backend called `name`, or the first available one for 'auto', for the
+    topology file `path` (by default the one the settings name)."""
     env = lab_environment(settings)
-    topo = topology.load(env, Path(settings.topology))
+    topo = topology.load(env, path or Path(settings.topology))
     if name == "auto":
         for candidate in BACKENDS:
-            backend = make_backend(candidate, settings)
+            backend = make_backend(candidate, settings, path)
             if backend.available() is None:
                 return backend
         raise LabError("no lab backend can run here; see 'lab check'")
@@ -91,7 +102,7 @@ def make_backend(name: str, settings: state.LabSettings) -> Backend:
 
 
 class Lab:
-    """A pgvpn lab on one backend: a postgres host and two agents."""
+    """A pgvpn lab on one backend: a topology's database, agents and plain hosts."""
 
     def __init__(self, backend: Backend, settings: state.LabSettings) -> None:
         self.backend = backend
@@ -104,7 +115,8 @@ class Lab:
         settings = state.load_settings()
         if settings is None:
             raise LabError("no lab is up; start one with 'lab up'")
-        return cls(make_backend(settings.backend, settings), settings)
+        return cls(make_backend(settings.backend, settings, running_topology(settings)),
+                   settings)
 
     @property
     def effective_mtu(self) -> int:
@@ -132,6 +144,8 @@ class Lab:
                            "blog's posts): choose batched or batched-jumbo")
         try:
             state.save_settings(self.settings)
+            if self.topology.path != state.saved_topology_path():
+                shutil.copyfile(self.topology.path, state.saved_topology_path())
             passwords = self._ensure_secrets()
             self.backend.create(progress)
             self.backend.start(self.topology.database, progress)
@@ -155,23 +169,24 @@ class Lab:
             raise
 
     def check_topology_change(self, previous: state.LabSettings) -> None:
-        """A running lab may only grow: every host it has must stay exactly as it is
-        (same service in the new file), so that nothing running is restarted."""
-        if previous.topology == self.settings.topology:
-            return
-        old_path, env = Path(previous.topology), lab_environment(self.settings)
+        """A running lab may only grow: every host, network, volume and secret it has
+        must stay exactly as it is in the new file (compared with the copy the lab was
+        made from, so an edit of the same file counts too): nothing running restarts."""
+        old_path, env = running_topology(previous), lab_environment(self.settings)
         try:
-            old = topology.services(env, old_path)
-        except topology.TopologyError:
-            old = None  # the old file is gone: nothing can be compared
-        new = topology.services(env, self.topology.path)
-        changed = (["(its file is gone)"] if old is None else
-                   [name for name, spec in old.items() if new.get(name) != spec])
+            old = topology.sections(env, old_path)
+        except topology.TopologyError as exc:
+            raise LabError(f"the running lab's topology cannot be read ({exc}); run 'lab "
+                           "down' first") from None
+        new = topology.sections(env, self.topology.path)
+        changed = [name for section, entries in old.items()
+                   for name, spec in entries.items()
+                   if new.get(section, {}).get(name) != spec]
         if changed:
-            raise LabError(f"a lab is up with topology {old_path}; {self.topology.path} does "
-                           f"not keep {', '.join(changed)} as it is. Run 'lab down' first "
-                           "(a running lab only grows: a topology with every host it has, "
-                           "unchanged, adds the others)")
+            raise LabError(f"the lab that is up (topology {previous.topology}) has "
+                           f"{', '.join(changed)}, which {self.topology.path} does not keep "
+                           "as it is. Run 'lab down' first (a running lab only grows: a "
+                           "topology with everything it has, unchanged, adds the rest)")
 
     def wait_for_tunnel(self, progress: Progress) -> None:
         for agent in self.topology.agents:

@@ -26,6 +26,7 @@ from collections import Counter
 
 from lab.backends.base import SCRATCH_HOST
 from lab.controller import Lab, static_topology
+from lab.topology import TopologyError
 from pgvpn.cliargs import OneLineParser
 from pgvpn.logs import args as logargs
 from pgvpn.logs import cli as logcli
@@ -89,7 +90,10 @@ def add_parsers(commands: argparse._SubParsersAction[OneLineParser]) -> None:
 
 def replay_target(text: str) -> str:
     """An argparse type for --into: the scratch host or one of the topology's agents."""
-    agents = [a.name for a in static_topology().agents]
+    try:
+        agents = [a.name for a in static_topology().agents]
+    except TopologyError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     if text != SCRATCH_HOST and text not in agents:
         raise argparse.ArgumentTypeError(f"{text!r}: use {SCRATCH_HOST} (the scratch host) "
                                           f"or a peer ({', '.join(agents)})")

@@ -174,7 +174,7 @@ def run_pairs(lab: Lab, runs: Sequence[PairRun], duration: float, progress: Prog
                              started=barrier.wait)
         except threading.BrokenBarrierError:
             return "not started: another pair's iperf3 server did not start in time"
-        except LabError as exc:
+        except Exception as exc:  # LabError, or the engine's own: said, not raised
             barrier.abort()  # the others stop waiting for this one's server
             progress(f"pairs: {run.label} failed: {exc}")
             return str(exc)
@@ -247,7 +247,9 @@ def chosen_pairs(given: list[Pair] | None, topology: Topology) -> tuple[list[Pai
     None), with the agents left out; LabError, before anything starts, if unfit."""
     try:
         if given is None:
-            return all_pairs(topology)
+            pairs, left_out = all_pairs(topology)
+            check_pairs(pairs, topology)  # e.g. an agent without a tunnel address
+            return pairs, left_out
         check_pairs(given, topology)
     except PairsError as exc:
         raise LabError(f"argument --pairs: {exc}" if given is not None else str(exc)) from None

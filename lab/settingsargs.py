@@ -68,6 +68,18 @@ def profile_list(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def requested_topology(args: argparse.Namespace) -> str:
+    """The topology file asked for (--topology), else the lab's, else compose.yaml."""
+    current = state.load_settings()
+    return str(args.topology or (current.topology if current else topology.COMPOSE_FILE))
+
+
+def routes_by_table(path: str) -> bool:
+    """Whether the topology's agents have no fixed peer (a fleet)."""
+    return topology.load(lab_environment(state.LabSettings("netns", 1500, "batched")),
+                         Path(path)).routes_by_table
+
+
 def requested_settings(args: argparse.Namespace) -> state.LabSettings:
     """Settings from the command line, falling back to the lab that is up, then defaults."""
     current = state.load_settings()
@@ -82,10 +94,9 @@ def requested_settings(args: argparse.Namespace) -> state.LabSettings:
     offload = current.offload if current else True
     if getattr(args, "offload", None) in ("on", "off"):
         offload = args.offload == "on"
-    path = args.topology or (current.topology if current else str(topology.COMPOSE_FILE))
+    path = requested_topology(args)
     routing = args.routing or (current.routing if current else "peer")
-    fleet = topology.load(lab_environment(state.LabSettings(backend, mtu, profile)),
-                          Path(path)).routes_by_table
+    fleet = routes_by_table(path)
     if fleet:  # its agents have no fixed peer: the table is the only way they can route
         if args.routing == "peer":
             raise LabError(f"{Path(path).name}'s agents have no fixed peer (PGVPN_PEER): "

@@ -48,6 +48,12 @@ def settings_path() -> Path:
     return STATE_DIR / "lab.json"
 
 
+def saved_topology_path() -> Path:
+    """The copy of the topology file the running lab was made from: what every later
+    command reads, so that editing, moving or deleting the file changes no running lab."""
+    return STATE_DIR / "topology.yaml"
+
+
 def load_settings() -> LabSettings | None:
     try:
         return LabSettings(**json.loads(settings_path().read_text()))

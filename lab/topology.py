@@ -26,6 +26,7 @@ ROUTES_LABEL = "io.pgvpn.routes"
 ROLES = ("database", "agent", "host")  # host: a plain machine, no agent, no database
 TOPOLOGIES_DIR = ROOT / "topologies"
 SECRETS_DIR = "/run/secrets"
+SCRATCH_NAME = "replay"  # the lab's scratch host (lab.backends.base.SCRATCH_HOST)
 
 _VARIABLE = re.compile(r"\$\{(?P<name>[A-Z0-9_]+)(?::-(?P<default>[^}]*))?\}|\$\$")
 
@@ -118,7 +119,8 @@ class Topology:
 def resolve(text: str) -> Path:
     """A topology file given on the command line: a path, or a name in topologies/
     ('fleet' is topologies/fleet.yaml)."""
-    for candidate in (Path(text), TOPOLOGIES_DIR / text, TOPOLOGIES_DIR / f"{text}.yaml"):
+    for candidate in (Path(text), ROOT / text, ROOT / f"{text}.yaml",
+                      TOPOLOGIES_DIR / text, TOPOLOGIES_DIR / f"{text}.yaml"):
         if candidate.is_file():
             return candidate.resolve()
     shipped = sorted(p.stem for p in TOPOLOGIES_DIR.glob("*.yaml"))
@@ -138,9 +140,12 @@ def command_of(spec: Mapping[str, Any]) -> tuple[str, ...]:
 
 
 def healthcheck_of(spec: Mapping[str, Any]) -> tuple[str, ...]:
-    """The healthcheck's test as an argv (CMD ... or CMD-SHELL '...'), or ()."""
+    """The healthcheck's test as an argv (CMD ..., CMD-SHELL '...' or a string, which
+    Compose runs with a shell), or () for none."""
     check = spec.get("healthcheck") or {}
     test = check.get("test", []) if isinstance(check, dict) else []
+    if isinstance(test, str):
+        return ("sh", "-c", test)
     if isinstance(test, list) and test and test[0] == "CMD":
         return tuple(map(str, test[1:]))
     if isinstance(test, list) and len(test) == 2 and test[0] == "CMD-SHELL":
@@ -159,9 +164,10 @@ def document_of(env: Mapping[str, str], path: Path) -> dict[str, Any]:
     return document
 
 
-def services(env: Mapping[str, str], path: Path) -> dict[str, Any]:
-    """A topology file's services as Compose sees them, to compare two files' hosts
-    (scalars as text: 1500 and "1500", false and "false" are one setting to Compose)."""
+def sections(env: Mapping[str, str], path: Path) -> dict[str, dict[str, Any]]:
+    """A topology file's services, networks, volumes and secrets as Compose sees them,
+    to compare two files (scalars as text: 1500 and "1500", false and "false" are one
+    setting to Compose)."""
     def text(value: Any) -> Any:
         if isinstance(value, dict):
             return {str(k): text(v) for k, v in value.items()}
@@ -169,21 +175,29 @@ def services(env: Mapping[str, str], path: Path) -> dict[str, Any]:
             return [text(v) for v in value]
         return str(value).lower() if isinstance(value, bool) else str(value)
 
-    return dict(text(document_of(env, path)["services"]))
+    document = document_of(env, path)
+    return {section: dict(text(entries)) if isinstance(entries, dict) else {}
+            for section in ("services", "networks", "volumes", "secrets")
+            for entries in [document.get(section) or {}]}
 
 
 def load(env: Mapping[str, str], path: Path = COMPOSE_FILE) -> Topology:
     """Parse a topology file with `env` substituted as Compose would."""
     document = document_of(env, path)
+    lab = env.get("PGVPN_LAB_NAME") or PROJECT
     try:
-        networks = {
-            name: Network(name, ipaddress.IPv4Network(spec["ipam"]["config"][0]["subnet"]))
-            for name, spec in (document.get("networks") or {}).items()
-        }
-        hosts = {name: host_of(name, spec) for name, spec in document["services"].items()}
-    except (KeyError, TypeError, ValueError) as exc:
+        networks = {name: network_of(name, spec, lab)
+                    for name, spec in mapping(document.get("networks"), "networks",
+                                              pairs=False).items()}
+        hosts = {name: host_of(name, spec, lab) for name, spec in document["services"].items()}
+        for name, spec in mapping(document.get("volumes"), "volumes", pairs=False).items():
+            labelled(f"volume {name}", spec, lab)
+        secret_files = {name: str(spec["file"]) for name, spec
+                        in mapping(document.get("secrets"), "secrets", pairs=False).items()}
+    except TopologyError as exc:
+        raise TopologyError(f"{path}: {exc}") from None
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise TopologyError(f"{path}: {type(exc).__name__}: {exc}") from None
-    secret_files = {name: spec["file"] for name, spec in (document.get("secrets") or {}).items()}
     topology = Topology(hosts, networks, secret_files, path)
     if sum(h.role == "database" for h in hosts.values()) != 1 or not topology.agents:
         raise TopologyError(f"{path}: the lab needs exactly one database host and at least "
@@ -191,17 +205,68 @@ def load(env: Mapping[str, str], path: Path = COMPOSE_FILE) -> Topology:
     return topology
 
 
-def host_of(name: str, spec: dict[str, Any]) -> Host:
-    labels = spec.get("labels") or {}
+def mapping(value: Any, what: str, *, pairs: bool = True) -> dict[str, Any]:
+    """A compose mapping; with `pairs`, its list form (["KEY=VALUE", ...]) too."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return value
+    if pairs and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return dict(v.split("=", 1) if "=" in v else (v, "") for v in value)
+    raise TopologyError(f"{what}: give a mapping, not {value!r}")
+
+
+def labelled(what: str, spec: Any, lab: str) -> dict[str, Any]:
+    """The labels of a service, network or volume, which must carry the lab's name: the
+    Docker backend finds, and `lab down` removes, only what carries it."""
+    labels = mapping((spec or {}).get("labels") if isinstance(spec, dict) else None,
+                     f"{what}'s labels")
+    if labels.get(LABEL) != lab:
+        raise TopologyError(f"{what} needs label {LABEL}: ${{PGVPN_LAB_NAME:-{PROJECT}}} "
+                            "(what the lab finds and removes it by)")
+    return labels
+
+
+def network_of(name: str, spec: Any, lab: str) -> Network:
+    if not re.fullmatch(r"[a-z][a-z0-9-]{0,14}", name) or name in ("lo", "pgvpn0"):
+        raise TopologyError(f"network {name!r}: use 1-15 of a-z, 0-9 and '-' (a network's "
+                            "name is its link's name in each host), not lo or pgvpn0")
+    labelled(f"network {name}", spec, lab)
+    return Network(name, ipaddress.IPv4Network(spec["ipam"]["config"][0]["subnet"]))
+
+
+def host_of(name: str, spec: Any, lab: str) -> Host:
+    if not isinstance(spec, dict):
+        raise TopologyError(f"service {name}: give a mapping, not {spec!r}")
+    if name == SCRATCH_NAME:
+        raise TopologyError(f"service {name!r}: that name is the lab's scratch host's")
+    labels = labelled(f"service {name}", spec, lab)
     role = labels.get(ROLE_LABEL)
     if role not in ROLES:
         raise TopologyError(f"service {name} needs label {ROLE_LABEL}: {'|'.join(ROLES)}")
-    addresses = {net: ipaddress.IPv4Address(cfg["ipv4_address"])
-                 for net, cfg in (spec.get("networks") or {}).items()}
-    return Host(name, role, addresses,
-                {k: str(v) for k, v in (spec.get("environment") or {}).items()},
-                tuple(spec.get("secrets") or ()),
-                sysctls={k: str(v) for k, v in (spec.get("sysctls") or {}).items()},
-                routes=tuple(str(labels.get(ROUTES_LABEL, "")).split()),
-                command=command_of(spec) if role == "host" else (),
-                healthcheck=healthcheck_of(spec) if role == "host" else ())
+    networks = spec.get("networks") or {}
+    if not isinstance(networks, dict) or not all(
+            isinstance(cfg, dict) and "ipv4_address" in cfg for cfg in networks.values()):
+        raise TopologyError(f"service {name}: give each of its networks an ipv4_address "
+                            "(the lab's addresses are fixed)")
+    sysctls = {k: str(v) for k, v in mapping(spec.get("sysctls"), f"{name}'s sysctls").items()}
+    for key in sysctls:  # others would change the host itself on the netns backend
+        if not re.fullmatch(r"net\.[A-Za-z0-9_.-]+", key):
+            raise TopologyError(f"service {name}: sysctl {key!r}: only net.* settings, which "
+                                "belong to the host's network namespace")
+    routes = tuple(str(labels.get(ROUTES_LABEL, "")).split())
+    for route in routes:
+        try:
+            ipaddress.ip_network(route)
+        except ValueError as exc:
+            raise TopologyError(f"service {name}: label {ROUTES_LABEL}: {exc}") from None
+    command = command_of(spec) if role == "host" else ()
+    if role == "host" and not command:
+        raise TopologyError(f"service {name}: a plain host needs its command (entrypoint "
+                            "and command, list form): it runs no agent")
+    return Host(name, role,
+                {net: ipaddress.IPv4Address(cfg["ipv4_address"]) for net, cfg in networks.items()},
+                {k: str(v) for k, v in mapping(spec.get("environment"),
+                                               f"{name}'s environment").items()},
+                tuple(spec.get("secrets") or ()), sysctls=sysctls, routes=routes,
+                command=command, healthcheck=healthcheck_of(spec) if role == "host" else ())

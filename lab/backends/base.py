@@ -14,14 +14,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from lab.topology import Host, Topology
+from lab.topology import SCRATCH_NAME, Host, Topology
 
 Progress = Callable[[str], None]
 COPY_CHUNK = 96 * 1024  # base64 characters per exec: under Linux's 128 kB per argument
 TUN_DEVICE = "pgvpn0"  # the agents' default tun_name
 # A host with no links at all, made on demand by `lab replay` and removed by `lab down`:
 # whatever a replay makes its stack answer cannot leave it.
-SCRATCH_HOST = "replay"
+SCRATCH_HOST = SCRATCH_NAME
 # Seconds each host may take to come up, instead of the backend's own default: for a
 # machine slower than the defaults allow for (or a test that wants a timeout now).
 START_TIMEOUT_VARIABLE = "PGVPN_START_TIMEOUT"

@@ -237,9 +237,9 @@ class DockerBackend(Backend):
         container = self._container(host.name)
         if container is None or container.status != "running":
             return False
-        if host.role != "agent":  # its healthcheck, if it has one, says it is ready
-            health = container.attrs["State"].get("Health", {}).get("Status")
-            return health in (None, "healthy")
+        if host.role != "agent":  # its healthcheck says it is ready (a plain host may
+            health = container.attrs["State"].get("Health", {}).get("Status")  # have none)
+            return health == "healthy" or (health is None and host.role == "host")
         try:
             return bool(self.tunnel_addresses(host.name))
         except LabError:  # it stopped between the two looks: wait_started asks alive()

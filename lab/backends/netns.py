@@ -36,6 +36,7 @@ from lab.topology import SECRETS_DIR, Host, Network
 from pgvpn import bootstrap
 
 PREFIX = f"{state.LAB_NAME}-"
+TAG = f"io.pgvpn.project={state.LAB_NAME}"  # on each namespace's loopback (ifalias)
 PG_PORT = 5432
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
@@ -67,11 +68,26 @@ class NetnsBackend(Backend):
 
     # ---------------------------------------------------------------- create
     def existing_namespaces(self) -> list[str]:
-        """This lab's namespaces: exactly <lab name>-<host>, never another lab's."""
+        """This lab's namespaces, never another lab's: exactly <lab name>-<host> for the
+        topology's hosts, and any other that carries this lab's tag (a host of a larger
+        topology the lab once had, even if its file is gone)."""
         listing = run(["ip", "-j", "netns", "list"]).stdout.strip()
         present = {entry["name"] for entry in json.loads(listing or "[]")}
-        return [PREFIX + host for host in (*self.topology.hosts, SCRATCH_HOST)
-                if PREFIX + host in present]
+        found = [PREFIX + host for host in (*self.topology.hosts, SCRATCH_HOST)
+                 if PREFIX + host in present]
+        return found + sorted(ns for ns in present - set(found)
+                              if ns.startswith(PREFIX) and self._tagged(ns))
+
+    @staticmethod
+    def _tag(ns: str) -> None:
+        """Mark a namespace as this lab's, in the kernel itself (loopback's alias)."""
+        run(["ip", "-n", ns, "link", "set", "lo", "alias", TAG]).check(f"tagging {ns}")
+
+    @staticmethod
+    def _tagged(ns: str) -> bool:
+        shown = run(["ip", "-j", "-n", ns, "link", "show", "lo"])
+        links = json.loads(shown.stdout or "[]") if shown.returncode == 0 else []
+        return any(link.get("ifalias") == TAG for link in links)
 
     def create(self, progress: Progress) -> None:
         existing = set(self.existing_namespaces())
@@ -81,13 +97,16 @@ class NetnsBackend(Backend):
                 progress(f"namespace {ns}")
                 run(["ip", "netns", "add", ns]).check(f"creating namespace {ns}")
             run(["ip", "-n", ns, "link", "set", "lo", "up"]).check("loopback up")
+            self._tag(ns)
             for key, value in host.sysctls.items():  # as Docker applies compose's sysctls
                 run(["ip", "netns", "exec", ns, "sysctl", "-qw", f"{key}={value}"]).check(
                     f"sysctl {key}={value} in {ns}")
         for network in self.topology.networks.values():
             members = [h for h in self.topology.hosts.values() if network.name in h.addresses]
-            if len(members) == 1:
-                continue  # linked once a larger topology brings its second host
+            if len(members) == 1:  # linked once a larger topology brings its second host
+                progress(f"network {network.name}: only {members[0].name} is on it (not "
+                         "linked until a second host is)")
+                continue
             if len(members) != 2:
                 raise LabError(f"network {network.name} has {len(members)} hosts; the namespace "
                                "backend links exactly two hosts per network")
@@ -152,8 +171,11 @@ class NetnsBackend(Backend):
                ["-c", "ssl=on", "-c", f"ssl_cert_file={data / 'server.crt'}",
                 "-c", f"ssl_key_file={data / 'server.key'}"])
         progress("starting postgres" + (" (TLS)" if tls else ""))
+        # every address of its namespace (only its links and loopback), also for a data
+        # directory made before that was the setting: a network linked later is served
         self._spawn(host.name,
-                    [*netnspg.AS_POSTGRES, str(bindir / "postgres"), "-D", str(data), *tls],
+                    [*netnspg.AS_POSTGRES, str(bindir / "postgres"), "-D", str(data),
+                     "-c", "listen_addresses=*", *tls],
                     {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"})
         self.wait_started(host.name, ready=self._accepts_connections,
                           alive=lambda: self._pid(host.name) is not None,
@@ -299,6 +321,7 @@ class NetnsBackend(Backend):
             progress(f"namespace {ns} (scratch host for replays, no links)")
             run(["ip", "netns", "add", ns]).check(f"creating namespace {ns}")
             run(["ip", "-n", ns, "link", "set", "lo", "up"]).check("loopback up")
+            self._tag(ns)
         return SCRATCH_HOST
 
     def exists(self) -> bool:

@@ -68,7 +68,9 @@ def configure(data: Path, host: Host, topology: Topology) -> bool:
     kinds = {"require": ["hostssl"], "on": ["hostssl", "hostnossl"], "off": ["host"]}
     if ssl not in kinds:
         raise LabError(f"PGVPN_SSL={ssl!r} in compose.yaml: use off, on or require")
-    subnets = [str(n.subnet) for n in topology.networks.values()]
+    # the networks the file lets agents connect from, as the image's entrypoint reads them
+    subnets = (host.environment.get("PGVPN_HBA_CIDRS", "").split()
+               or [str(n.subnet) for n in topology.networks.values()])
     hba = ["# written by the lab at every start (lab/backends/netnspg.py)", "local all all trust"]
     hba += [f"{kind} pgvpn +pgvpn_agent {subnet} scram-sha-256"
             for subnet in subnets for kind in kinds[ssl]]
