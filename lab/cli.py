@@ -8,6 +8,7 @@ import json
 import shutil
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -125,7 +126,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     settings = requested_settings(args)
     lab = Lab(make_backend(settings.backend, settings), settings)
     lab.up(progress)
-    progress(f"lab is up on the {settings.backend} backend (mtu {lab.effective_mtu}, "
+    progress(f"lab is up on the {settings.backend} backend ({lab.topology.path.name}, "
+             f"mtu {lab.effective_mtu}, "
              f"profile {settings.profile}, offload {'on' if settings.offload else 'off'}, "
              + ("" if settings.routing == "peer" else "routing by table, ")
              + ("TLS verify-full)" if settings.tls else "agents WITHOUT TLS)"))
@@ -162,8 +164,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    table = Table(title=f"pgvpn lab ({report['backend']}, mtu {report['mtu']}, "
-                  f"profile {report['profile']}, "
+    topology_name = Path(report.get("topology", "compose.yaml")).name
+    table = Table(title=f"pgvpn lab ({report['backend']}, {topology_name}, "
+                  f"mtu {report['mtu']}, profile {report['profile']}, "
+                  + ("routing by table, " if report.get("routing") == "table" else "")
+                  +
                   f"offload {'on' if report.get('offload', True) else 'off'}, "
                   f"{'TLS' if report.get('tls', True) else 'NO TLS'})")
     for column in ("host", "role", "running", "underlay", "tunnel", "detail"):

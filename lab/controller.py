@@ -286,7 +286,7 @@ class Lab:
             "backend": self.backend.name, "mtu": self.effective_mtu,
             "profile": self.settings.profile, "tls": self.settings.tls,
             "offload": self.settings.offload, "routing": self.settings.routing,
-            "topology": str(self.topology.path),
+            "topology": self.settings.topology,  # the file it was made from
             "hosts": [vars(h) for h in hosts]}
         for host in report["hosts"]:
             known = self.topology.hosts.get(host["name"])

@@ -194,9 +194,8 @@ class NetnsBackend(Backend):
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8",
                "PYTHONUNBUFFERED": "1"}
         for key, value in host.environment.items():
-            if value.startswith(SECRETS_DIR + "/"):
-                value = str(state.secrets_dir() / value.removeprefix(SECRETS_DIR + "/"))
-            env[key] = value
+            secret = value.startswith(SECRETS_DIR + "/")
+            env[key] = str(netnspg.local_path(value)) if secret else value
         return env
 
     def _start_agent(self, host: Host, progress: Progress) -> None:
