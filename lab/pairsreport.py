@@ -6,9 +6,10 @@ lab.report is for the single bench, whose report this leaves alone.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from lab.report import write_report_files
 
 
 def _cell(value: float | None, template: str) -> str:
@@ -81,7 +82,4 @@ def write_pairs_report(report: dict[str, Any], out_dir: Path) -> None:
     """report.json, throughput.png (one line per pair) and report.md in `out_dir`."""
     from lab.plot import plot_pairs  # late: matplotlib is slow to import
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    chart = "throughput.png" if plot_pairs(report, out_dir / "throughput.png") else None
-    (out_dir / "report.md").write_text(render_pairs_markdown(report, chart=chart))
+    write_report_files(report, out_dir, plot_pairs, render_pairs_markdown)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -199,9 +200,15 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
     """report.json, throughput.png and report.md (which shows the chart) in `out_dir`."""
     from lab.plot import plot_throughput  # late: matplotlib is slow to import
 
+    write_report_files(report, out_dir, plot_throughput, render_markdown)
+
+
+def write_report_files(report: dict[str, Any], out_dir: Path,
+                       plot: Callable[[dict[str, Any], Path], bool],
+                       render: Callable[..., str]) -> None:
+    """report.json, throughput.png (`plot`'s, if it could draw one) and report.md
+    (`render`'s, showing the chart) in `out_dir`: one layout for every kind of bench."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    chart: str | None = "throughput.png"
-    if not plot_throughput(report, out_dir / "throughput.png"):
-        chart = None
-    (out_dir / "report.md").write_text(render_markdown(report, chart=chart))
+    chart = "throughput.png" if plot(report, out_dir / "throughput.png") else None
+    (out_dir / "report.md").write_text(render(report, chart=chart))
