@@ -31,7 +31,20 @@
 # PGVPN_SSL, PGVPN_HBA_CIDRS and the certificate files are applied at every start:
 # pg_hba.conf is rewritten from them, so changing them needs only a restart.
 #
-# Usage: entrypoint.sh [postgres [-c name=value ...]] | entrypoint.sh CMD ...
+# Usage: entrypoint.sh [postgres [-c name=value ...]] | etcd [FLAG ...] | patroni
+#        | entrypoint.sh CMD ...
+#
+# Mode etcd (the HA lab's consensus store, docs/ha-plan.md): etcd configured by its
+# ETCD_* variables alone (ETCD_DATA_DIR is required), run as postgres.
+#
+# Mode patroni (a node of the replicated cluster): as root,
+# /usr/local/lib/pgvpn/patroni_config.py renders /run/pgvpn/patroni.d from the
+# PGVPN_* variables above plus PGVPN_REPLICATION_PASSWORD_FILE,
+# PGVPN_REWIND_PASSWORD_FILE, PGVPN_PATRONI_API_PASSWORD_FILE, PGVPN_SSL_CA_FILE and
+# PGVPN_REPLICATION_CIDR (see that script); then Patroni runs as PID 1, as postgres,
+# with its PATRONI_* variables. Patroni runs initdb, writes pg_hba.conf and starts
+# postgres itself: nothing of the postgres mode's first-start work applies.
+# Stop it with SIGTERM (as PID 1, Patroni ignores the image's SIGINT).
 set -euo pipefail
 
 PGDATA=${PGDATA:-/var/lib/pgvpn/data}
@@ -51,6 +64,48 @@ if [[ $# -eq 0 ]]; then
 elif [[ $1 == -* ]]; then
     set -- postgres "$@"
 fi
+
+POSTGRES_HOME=/var/lib/postgresql
+as_postgres=(setpriv --reuid=postgres --regid=postgres --init-groups
+             env HOME=$POSTGRES_HOME USER=postgres LOGNAME=postgres)
+
+if [[ $1 == etcd ]]; then
+    shift
+    [[ -n ${ETCD_DATA_DIR:-} ]] || die "the etcd mode needs ETCD_DATA_DIR (etcd reads its ETCD_* variables)"
+    # Its parent is handed to postgres: never / itself.
+    [[ $ETCD_DATA_DIR == /?*/?* ]] \
+        || die "ETCD_DATA_DIR must be an absolute path inside a directory (got '$ETCD_DATA_DIR')"
+    if [[ $(id -u) -ne 0 ]]; then
+        exec etcd "$@"
+    fi
+    # A fresh volume may be root's: etcd creates its data directory (0700) itself.
+    mkdir -p "$(dirname "$ETCD_DATA_DIR")"
+    chown postgres:postgres "$(dirname "$ETCD_DATA_DIR")"
+    log "starting etcd as postgres (data in $ETCD_DATA_DIR)"
+    exec "${as_postgres[@]}" etcd "$@"
+fi
+
+if [[ $1 == patroni ]]; then
+    [[ $# -eq 1 ]] || die "the patroni mode takes no arguments (PATRONI_* and PGVPN_* variables configure it)"
+    [[ $(id -u) -eq 0 ]] || die "the patroni mode starts as root (it reads root-only secrets, then runs as postgres)"
+    export PATRONI_POSTGRESQL_DATA_DIR=${PATRONI_POSTGRESQL_DATA_DIR:-$PGDATA}
+    [[ $PATRONI_POSTGRESQL_DATA_DIR == /?*/?* ]] \
+        || die "PATRONI_POSTGRESQL_DATA_DIR must be an absolute path inside a directory (got '$PATRONI_POSTGRESQL_DATA_DIR')"
+    # Patroni creates the data directory (0700) itself; its parent must be postgres'.
+    data_parent=$(dirname "$PATRONI_POSTGRESQL_DATA_DIR")
+    mkdir -p "$data_parent"
+    chown postgres:postgres "$data_parent"
+    if [[ -d $PATRONI_POSTGRESQL_DATA_DIR ]]; then
+        chown postgres:postgres "$PATRONI_POSTGRESQL_DATA_DIR"
+        chmod 700 "$PATRONI_POSTGRESQL_DATA_DIR"
+    fi
+    confdir=/run/pgvpn/patroni.d
+    python3 /usr/local/lib/pgvpn/patroni_config.py --out "$confdir" --owner postgres \
+        || die "cannot write Patroni's configuration (see above)"
+    log "starting patroni as postgres (configuration in $confdir)"
+    exec "${as_postgres[@]}" patroni "$confdir"
+fi
+
 if [[ $1 != postgres ]]; then
     exec "$@"
 fi
