@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING
 
 import psycopg
 
-from pgvpn import db, locks, migrate, tlspolicy
+from pgvpn import db, dbhosts, locks, migrate, tlspolicy
 from pgvpn.admin import role_name
 from pgvpn.badinput import BadInputLog
-from pgvpn.config import HEARTBEAT_SECONDS, AgentConfig
+from pgvpn.config import HEARTBEAT_SECONDS, AgentConfig, check_database_hosts
 from pgvpn.errors import PgvpnError
 from pgvpn.packets import packet_problem
 from pgvpn.routing import ROUTES_MIN_INTERVAL, RouteFollower, RoutingTable, destination
@@ -47,6 +47,7 @@ class Agent:
     control: psycopg.Connection  # heartbeat and maintenance; replaced after a loss
 
     def __init__(self, config: AgentConfig) -> None:
+        check_database_hosts(config)
         self.config = config
         self.profile = PROFILES[config.profile]
         self.mtu = self.profile.default_mtu(config.mtu)
@@ -108,8 +109,10 @@ class Agent:
                     addresses.append(self.config.tun_ip6)
                 tun.configure(addresses)
                 if self.config.routing == "table":
-                    self.routes = RouteFollower(self.config.name, tun, addresses,
-                                                db.server_address(control))
+                    databases, problems = dbhosts.addresses(self.config.database_url)
+                    for problem in problems:
+                        log.warning("routes: %s: no route guards it", problem)
+                    self.routes = RouteFollower(self.config.name, tun, addresses, databases)
                     self.routes.follow(control)  # read before any packet is
                 self.session.offload = tun.offload
                 uplink = self.profile.open_uplink(self.session)

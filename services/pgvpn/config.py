@@ -16,6 +16,7 @@ import psycopg
 import yaml
 from psycopg.conninfo import conninfo_to_dict
 
+from pgvpn.dbhosts import HostList
 from pgvpn.errors import ConfigError
 
 # A peer's database role is "pgvpn_" + its name with '-' as '_' (pgvpn.admin.role_name),
@@ -338,6 +339,25 @@ def load_config(
         hints = ", ".join(f"{k} (${by_key[k].env})" for k in missing)
         raise ConfigError(f"missing setting: {hints}; see 'pgvpn run --help'")
     return AgentConfig(**values)
+
+
+def check_database_hosts(config: AgentConfig, environ: Mapping[str, str] | None = None
+                         ) -> None:
+    """Refuse a host list libpq could not pair, and asynchronous commit with several
+    hosts: a failover then loses acknowledged rows, whose packets were delivered
+    (a commit returns before the standby has it), and the next primary repeats seqs."""
+    try:
+        hosts = HostList.of(config.database_url, environ)
+    except (ValueError, psycopg.Error) as exc:
+        raise ConfigError(f"database_url / PG* variables: {exc}") from None
+    if len(hosts) > 1 and not config.synchronous_commit:
+        listed = ", ".join(hosts.describe(i) for i in range(len(hosts)))
+        raise ConfigError(
+            f"synchronous_commit is off ($PGVPN_SYNCHRONOUS_COMMIT) but the database has "
+            f"{len(hosts)} hosts ({listed}): after a failover the new primary may lack rows "
+            "whose packets were already delivered, since a commit would return before the "
+            "standby has it; set PGVPN_SYNCHRONOUS_COMMIT=true (the default), or name one "
+            "host")
 
 
 def _read_yaml(path: Path, by_key: Mapping[str, Setting]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import TypeVar
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from pgvpn import dbhosts
 from pgvpn.errors import DatabaseError
 
 log = logging.getLogger(__name__)
@@ -46,19 +47,45 @@ _LIBPQ_PREFIX = re.compile(r'^(connection failed: |connection is bad: )?'
                            r'failed: )?')
 
 
+# psycopg's report when every host of a list failed: one "- host: ..." line per attempt,
+# each followed by libpq's tab-indented hints.
+_ATTEMPTS = "Multiple connection attempts failed. All failures were:"
+_ATTEMPT = re.compile(r"- host: (?:'(?P<host>[^']*)'|None), port: (?:'(?P<port>[^']*)'|None), "
+                      r"hostaddr: (?:'[^']*'|None): (?P<error>.*)")
+
+
+def _attempts(message: str) -> str | None:
+    """`host:port: error; ...` of a multi-host failure, or None for any other message."""
+    if _ATTEMPTS not in message:
+        return None
+    failures = []
+    for line in message.split(_ATTEMPTS, 1)[1].splitlines():
+        found = _ATTEMPT.fullmatch(line)
+        if found:  # libpq's indented hint lines say what the caller's hint says
+            error = _LIBPQ_PREFIX.sub("", " ".join(found["error"].split()))
+            failures.append(f"{found['host']}:{found['port'] or '5432'}: {error}")
+    return f"every host failed: {'; '.join(failures)}" if failures else None
+
+
 def explain(exc: psycopg.Error) -> str:
     """One line on what went wrong and what to check."""
     # the server's own message, without the CONTEXT lines of the function that raised it
-    text = " ".join((exc.diag.message_primary or str(exc)).split()) or type(exc).__name__
+    text = (_attempts(str(exc)) or " ".join((exc.diag.message_primary or str(exc)).split())
+            or type(exc).__name__)
     text = _LIBPQ_PREFIX.sub("", text) or text
     lowered = str(exc).lower()
+    if (exc.sqlstate == "25006" or "session is read-only" in lowered
+            or "server is in hot standby mode" in lowered):  # libpq's target_session_attrs
+        return (f"{text} (a read-only server such as a hot standby: the agent writes, so it "
+                "needs the primary; name every node in PGHOST)")
     if "password authentication failed" in lowered or "no password supplied" in lowered:
         return f"{text} (check the user name and password / PGPASSFILE)"
     if "does not exist" in lowered and "database" in lowered:
         return f"{text} (check the database name)"
     if "timed out" in lowered:  # an established connection: keepalive or user timeout
         return f"{text} (the server stopped answering: check the network path to it)"
-    if "unexpected eof" in lowered or "server closed the connection" in lowered:
+    if any(cut in lowered for cut in ("unexpected eof", "server closed the connection",
+                                      "closed unexpectedly", "eof detected")):
         return text  # cut, not misconfigured: TLS and the address were fine until now
     if exc.sqlstate is None and ("connection refused" in lowered or "timeout" in lowered
                                  or "no route" in lowered):
@@ -71,20 +98,38 @@ def explain(exc: psycopg.Error) -> str:
 
 
 def connect(conninfo: str, *, autocommit: bool = True, attempts: int = 1,
-            application_name: str = "pgvpn", libpq: Mapping[str, int] | None = None
-            ) -> psycopg.Connection:
+            application_name: str = "pgvpn", libpq: Mapping[str, int] | None = None,
+            hosts: dbhosts.HostOrder | None = None) -> psycopg.Connection:
     """Connect, retrying with backoff; raise DatabaseError after the last attempt.
 
     `libpq` adds connection parameters (the agent's TCP keepalives and user timeout).
+    The user's connect_timeout (conninfo or PGCONNECT_TIMEOUT) holds for each host,
+    DEFAULT_CONNECT_TIMEOUT if none. `hosts` orders a list of hosts (dbhosts.HostOrder).
     """
     if libpq:
         conninfo = make_conninfo(conninfo, **libpq)
     target = describe_target(conninfo)
+    try:
+        given = dbhosts.connect_timeout(conninfo)
+        dbhosts.HostList.of(conninfo)  # lists libpq could not pair: said once, not retried
+    except ValueError as exc:
+        raise DatabaseError(f"cannot connect to {target}: {exc}") from None
+    if given is None:
+        conninfo = make_conninfo(conninfo, connect_timeout=dbhosts.DEFAULT_CONNECT_TIMEOUT)
+    # Several hosts (a replicated database): the new primary is wanted the moment it is
+    # promoted, and a dead host's connect_timeout already paces the attempts.
+    longest = BACKOFF_FIRST if len(dbhosts.HostList.of(conninfo)) > 1 else BACKOFF_MAX
     delay = BACKOFF_FIRST
     for attempt in range(1, attempts + 1):
         try:
-            return psycopg.connect(conninfo, autocommit=autocommit, connect_timeout=5,
-                                   application_name=application_name)
+            if hosts is None:
+                return psycopg.connect(conninfo, autocommit=autocommit,
+                                       application_name=application_name)
+            arranged, listed = hosts.arrange(conninfo)
+            conn = dbhosts.AgentConnection.connect(arranged, autocommit=autocommit,
+                                                   application_name=application_name)
+            hosts.connected(conn, listed)
+            return conn
         except psycopg.OperationalError as exc:
             reason = explain(exc)
             if attempt == attempts:
@@ -93,7 +138,7 @@ def connect(conninfo: str, *, autocommit: bool = True, attempts: int = 1,
             log.warning("cannot connect to %s (attempt %d/%d): %s; retrying in %.1fs",
                         target, attempt, attempts, reason, delay)
             time.sleep(delay)
-            delay = min(delay * 2, BACKOFF_MAX)
+            delay = min(delay * 2, longest)
     raise AssertionError("unreachable")
 
 
@@ -108,8 +153,10 @@ class Outcome(enum.Enum):
 
 # SQLSTATEs (Appendix A of the PostgreSQL manual) that end the session server-side:
 # admin_shutdown, crash_shutdown, cannot_connect_now, idle_session_timeout,
-# idle_in_transaction_session_timeout.
-_SESSION_ENDED = frozenset({"57P01", "57P02", "57P03", "57P05", "25P03"})
+# idle_in_transaction_session_timeout; and read_only_sql_transaction: a write on a hot
+# standby (a demoted primary, or a host reached without target_session_attrs), which
+# only a connection to the primary cures.
+_SESSION_ENDED = frozenset({"57P01", "57P02", "57P03", "57P05", "25P03", "25006"})
 # query_canceled (a statement or lock bound of ours, or a cancel), serialization
 # failure, deadlock, lock_not_available (lock_timeout): the same statement may succeed.
 _TRANSIENT = frozenset({"57014", "40001", "40P01", "55P03"})

@@ -27,6 +27,7 @@ log = logging.getLogger("pgvpn.agent")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 #: The channel sql/011's trigger notifies when the routes change.
 ROUTES_CHANNEL = "pgvpn_routes"
@@ -118,6 +119,27 @@ def _address(packet: bytes | memoryview, v4_start: int, v6_start: int) -> str:
     return "none (not an IP packet)"  # a logged row can be anything
 
 
+def routable(prefixes: Iterable[Network], tun_name: str, addresses: Iterable[Interface],
+             databases: Iterable[Address]) -> tuple[set[Network], list[str]]:
+    """The prefixes that may go into the TUN, and why each other one may not: it holds
+    an address of the database, or the TUN has no address of its family."""
+    families = {address.version for address in addresses}
+    wanted, problems = set(), []
+    for prefix in sorted(prefixes, key=str):
+        held = sorted((d for d in databases if d in prefix), key=str)
+        if held:
+            problems.append(f"{prefix} not routed into {tun_name}: it holds the database's "
+                            f"address {', '.join(map(str, held))}, which this agent reaches "
+                            "outside the tunnel")
+        elif prefix.version not in families:
+            setting = "TUN_IP6" if prefix.version == 6 else "TUN_IP"
+            problems.append(f"{prefix} not routed into {tun_name}: it has no "
+                            f"IPv{prefix.version} address ({setting})")
+        else:
+            wanted.add(prefix)
+    return wanted, problems
+
+
 def describe(prefixes: Iterable[Network]) -> str:
     shown = sorted(map(str, prefixes))
     return ", ".join(shown) if shown else "none"
@@ -128,16 +150,19 @@ class RouteFollower:
     read at start, again after each NOTIFY pgvpn_routes, and on a new control
     connection (which may have missed one).
 
-    Never routed into the TUN, with a warning: a prefix that holds the database's
-    address (the agent's own connections would go into the tunnel they carry, and
-    the whole fleet would go dark), or one of a family the TUN has no address of."""
+    Never routed into the TUN, with a warning: a prefix that holds an address of the
+    database (the agent's own connections would go into the tunnel they carry, and
+    the whole fleet would go dark), or one of a family the TUN has no address of.
+    The database's addresses are every host of its connection string (a replicated
+    database: the standby is the next primary) and the one each new control
+    connection reached."""
 
     def __init__(self, me: str, tun: TunDevice, addresses: list[Interface],
-                 database: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> None:
+                 databases: Iterable[Address]) -> None:
         self.me = me
         self.tun = tun
         self.addresses = addresses
-        self.database = database
+        self.databases = set(databases)
         self.table = RoutingTable(me)
         self.listener: psycopg.Connection | None = None  # the one LISTENing
         self.read_at = 0.0  # time.monotonic() of the last read
@@ -148,6 +173,9 @@ class RouteFollower:
         if self.listener is not control:
             control.execute(f'LISTEN "{ROUTES_CHANNEL}"')  # before reading: none missed
             self.listener = control
+            reached = db.server_address(control)
+            if reached is not None:
+                self.databases.add(reached)
         elif not db.notified(control, wait):
             return
         first, self.read_at = self.read_at == 0.0, time.monotonic()
@@ -164,20 +192,7 @@ class RouteFollower:
                 log.warning("routes: %s", problem)
 
     def _routable(self, prefixes: set[Network]) -> tuple[set[Network], list[str]]:
-        families = {address.version for address in self.addresses}
-        wanted, problems = set(), []
-        for prefix in sorted(prefixes, key=str):
-            if self.database is not None and self.database in prefix:
-                problems.append(f"{prefix} not routed into {self.tun.name}: it holds the "
-                                f"database's address {self.database}, which this agent "
-                                "reaches outside the tunnel")
-            elif prefix.version not in families:
-                setting = "TUN_IP6" if prefix.version == 6 else "TUN_IP"
-                problems.append(f"{prefix} not routed into {self.tun.name}: it has no "
-                                f"IPv{prefix.version} address ({setting})")
-            else:
-                wanted.add(prefix)
-        return wanted, problems
+        return routable(prefixes, self.tun.name, self.addresses, self.databases)
 
     def _own_addresses(self, table: RoutingTable) -> list[str]:
         """Whether the owner routes this peer's addresses to it: if not, no other peer

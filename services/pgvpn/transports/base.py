@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import psycopg
 
-from pgvpn import db, tlspolicy
+from pgvpn import db, dbhosts, tlspolicy
 from pgvpn.config import AgentConfig
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,9 @@ class Session:
     #: the agent from its device before the links open, for a profile that
     #: `carries_offload`.
     offload: bool = False
+    #: The order in which every connection of this process tries the database's hosts,
+    #: when it has several (a replicated database): lost ones last (pgvpn.dbhosts).
+    hosts: dbhosts.HostOrder = field(default_factory=dbhosts.HostOrder)
 
     def connect(self, role: str, *, autocommit: bool = True, attempts: int | None = None,
                 bounded: bool = True, statements: bool = False) -> psycopg.Connection:
@@ -128,11 +131,13 @@ class Session:
 
         TCP keepalives and a user timeout make a silently dead path an error within
         seconds; `bounded` also bounds its lock waits, `statements` its statements
-        (see `bound`).
+        (see `bound`). Every connection writes, so it goes to a read-write server
+        unless the user chose other target_session_attrs.
         """
         config = self.config
-        conninfo = tlspolicy.agent_conninfo(config.database_url, config.allow_plaintext)
-        conn = db.connect(conninfo, autocommit=autocommit,
+        conninfo = dbhosts.read_write(
+            tlspolicy.agent_conninfo(config.database_url, config.allow_plaintext))
+        conn = db.connect(conninfo, autocommit=autocommit, hosts=self.hosts,
                           attempts=config.connect_attempts if attempts is None else attempts,
                           application_name=application_name(config.name, role, self.instance),
                           libpq={"keepalives": 1, "keepalives_idle": config.keepalive_idle,

@@ -154,8 +154,12 @@ class BatchedUplink(Uplink):
 
     def _open(self) -> psycopg.Connection:
         conn = self.session.connect("uplink")
-        take_own_lock(conn, "sender", self.config.name)
-        row = conn.execute("SELECT pgvpn.last_sent_seq()").fetchone()
+        try:  # refused (another agent, our lost session still committing): not left open
+            take_own_lock(conn, "sender", self.config.name)
+            row = conn.execute("SELECT pgvpn.last_sent_seq()").fetchone()
+        except BaseException:
+            conn.close()
+            raise
         self.committed_seq = int(row[0]) if row else 0
         if not 0 <= self.committed_seq < MAX_SEQ:
             conn.close()
