@@ -7,6 +7,7 @@ import dataclasses
 import json
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     start = commands.add_parser("start", help="start a host's service stopped by 'lab stop'")
     start.add_argument("host", type=host_name())
 
+    failover = commands.add_parser(
+        "failover", help="a planned switchover of a replicated database (Patroni)",
+        description="Ask Patroni to hand the primary's role to a synchronous standby "
+        "(lab up --topology ha), and wait until the new primary runs and the old one "
+        "follows it as a synchronous standby again. The agents reconnect by themselves "
+        "(their PGHOST lists every node). For an unplanned failover, crash the primary "
+        "instead: lab stop --kill postgres-1.")
+    failover.add_argument("--to", metavar="NODE", type=host_name(),
+                          help="the node to promote (default: the synchronous standby)")
     matrix = commands.add_parser(
         "ping-matrix", help="every host pings every other one over the tunnel",
         description="Ping every agent's tunnel addresses (IPv4 and IPv6, from the topology "
@@ -273,6 +283,15 @@ def cmd_start(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_failover(args: argparse.Namespace) -> int:
+    lab = Lab.current()
+    started = time.monotonic()
+    old, new = lab.cluster().switchover(progress, args.to)
+    print(f"{new} is the primary now, {old} its synchronous standby "
+          f"({time.monotonic() - started:.1f} s)")
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     settings = state.LabSettings("auto", 1500, "batched")
     usable = 0
@@ -293,6 +312,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 COMMANDS = {"check": cmd_check, "up": cmd_up, "down": cmd_down, "status": cmd_status,
             "exec": cmd_exec, "logs": cmd_logs, "restart": cmd_restart, "bench": benchcli.cmd_bench,
             "stop": cmd_stop, "start": cmd_start, "ping-matrix": cmd_ping_matrix,
+            "failover": cmd_failover,
             "packets": logtools.cmd_packets, "stats": logtools.cmd_stats,
             "export": logtools.cmd_export,
             "replay": logtools.cmd_replay}

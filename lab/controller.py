@@ -17,6 +17,7 @@ import psycopg
 
 from lab import state, tls, topology
 from lab.backends.base import Backend, HostState, LabError, Progress
+from lab.cluster import Cluster
 from lab.measure import scrape_metrics, wait_for_ping
 from pgvpn import admin, bootstrap, migrate, routes
 from pgvpn.errors import PgvpnError
@@ -138,6 +139,11 @@ class Lab:
         # a larger topology adds hosts and leaves the running ones be
         changed = previous is not None and dataclasses.replace(
             previous, topology=self.settings.topology) != self.settings
+        if self.topology.replicated and not PROFILES[self.settings.profile].routes_by_table:
+            raise LabError(f"{self.topology.path.name} replicates pgvpn.packets, and profile "
+                           f"{self.settings.profile} logs elsewhere (as in the blog's posts; "
+                           "v3's table is unlogged, which no standby receives): choose "
+                           "batched or batched-jumbo")
         if self.topology.routes_by_table and not PROFILES[self.settings.profile].routes_by_table:
             raise LabError(f"{self.topology.path.name} routes by the owner's table, and profile "
                            f"{self.settings.profile} carries one fixed pair of peers (as in the "
@@ -148,7 +154,7 @@ class Lab:
                 shutil.copyfile(self.topology.path, state.saved_topology_path())
             passwords = self._ensure_secrets()
             self.backend.create(progress)
-            self.backend.start(self.topology.database, progress)
+            self._start_database(progress)
             self._prepare_database(passwords, progress)
             for host in self.topology.plain_hosts:
                 self.backend.start(host, progress)
@@ -167,6 +173,19 @@ class Lab:
                 progress("lab up failed: rolling back")
                 self.down(progress, keep_build_log=True)
             raise
+
+    def _start_database(self, progress: Progress) -> None:
+        """The database; of a replicated one, etcd first, then the nodes in file order
+        (the first to start initialises the cluster, the others copy it), ready once a
+        leader runs with a synchronous standby."""
+        for host in [*self.topology.dcs, *self.topology.databases]:
+            self.backend.start(host, progress)
+        if self.topology.replicated:
+            Cluster(self.backend, self.topology).wait_healthy(progress)
+
+    def cluster(self) -> Cluster:
+        """The replicated database's Patroni cluster (LabError for a lone database)."""
+        return Cluster(self.backend, self.topology)
 
     def check_topology_change(self, previous: state.LabSettings) -> None:
         """A running lab may only grow: every host, network, volume and secret it has
@@ -204,10 +223,13 @@ class Lab:
         pgpass_users = {a.name: a.environment["PGUSER"] for a in self.topology.agents}
         passwords = state.ensure_secrets([*self._password_secrets(), state.OWNER_SECRET],
                                          pgpass_users)
-        database = self.topology.database
+        # one certificate for every node of the database: whichever leads, agents and
+        # the nodes' own replication verify it (production would give each its own)
+        nodes = self.topology.databases
         tls.ensure_certificates(state.secrets_dir(), lab_name=state.LAB_NAME,
-                                names=[database.name, "localhost"],
-                                addresses=[*map(str, database.addresses.values()),
+                                names=[*(node.name for node in nodes), "localhost"],
+                                addresses=[*(str(address) for node in nodes
+                                             for address in node.addresses.values()),
                                            "127.0.0.1"])
         return passwords
 
@@ -296,6 +318,8 @@ class Lab:
                     host["metrics"] = scrape_metrics(self.backend, host["name"], listen)
                 except LabError as exc:
                     host["metrics"] = {"error": str(exc)}
+        if self.topology.replicated:
+            self._cluster_status(report)
         try:
             report["log"] = self.log_totals()
             if PROFILES[self.settings.profile].log_table == "pgvpn.packets":
@@ -303,6 +327,30 @@ class Lab:
         except (LabError, psycopg.Error) as exc:
             report["log"] = {"error": str(exc).strip()}
         return report
+
+    def _cluster_status(self, report: dict[str, Any]) -> None:
+        """Each node's role, state and timeline (Patroni), and each standby's
+        replication as the primary sees it (exact lag, not Patroni's sample)."""
+        try:
+            members = self.cluster().members()
+        except LabError as exc:
+            report["cluster"] = {"error": str(exc)}
+            return
+        try:
+            replication = self.cluster().replication(
+                self.backend.admin_conninfo("postgres", superuser=True))
+        except psycopg.Error as exc:
+            replication = {}
+            report["replication_error"] = str(exc).strip()
+        report["cluster"] = [vars(m) for m in members]
+        roles = {m.name: m for m in members}
+        for host in report["hosts"]:
+            member = roles.get(host["name"])
+            if member is not None:
+                host["detail"] = ", ".join(filter(None, [
+                    member.role.replace("_", " "), member.state,
+                    f"timeline {member.timeline}" if member.timeline else "",
+                    replication.get(member.name, ""), host["detail"]]))
 
     def log_storage(self) -> dict[str, Any]:
         """pgvpn.packets on disk: its partitions' size, their number, the time span logged."""

@@ -23,7 +23,12 @@ ROLE_LABEL = "io.pgvpn.role"
 # Subnets an agent routes besides its own tunnel addresses (space-separated prefixes):
 # `lab up` registers them in the owner's routing table (pgvpn.routes).
 ROUTES_LABEL = "io.pgvpn.routes"
-ROLES = ("database", "agent", "host")  # host: a plain machine, no agent, no database
+# host: a plain machine, no agent, no database; dcs: the consensus store (etcd) of a
+# replicated database, whose nodes are all `database` hosts run by Patroni
+ROLES = ("database", "agent", "host", "dcs")
+# A database host with this variable in its environment runs under Patroni (its
+# cluster's name): a replicated topology has two or more such nodes and one dcs host.
+PATRONI_SCOPE = "PATRONI_SCOPE"
 TOPOLOGIES_DIR = ROOT / "topologies"
 SECRETS_DIR = "/run/secrets"
 SCRATCH_NAME = "replay"  # the lab's scratch host (lab.backends.base.SCRATCH_HOST)
@@ -68,6 +73,12 @@ class Host:
     routes: tuple[str, ...] = ()
     command: tuple[str, ...] = ()
     healthcheck: tuple[str, ...] = ()
+    volumes: dict[str, str] = field(default_factory=dict)  # named volume -> mount point
+
+    @property
+    def patroni(self) -> bool:
+        """A database node run by Patroni (a replicated topology), not a lone postgres."""
+        return self.role == "database" and bool(self.environment.get(PATRONI_SCOPE))
 
     @property
     def tunnel_address(self) -> str | None:
@@ -97,8 +108,23 @@ class Topology:
         return any(not a.environment.get("PGVPN_PEER") for a in self.agents)
 
     @property
+    def databases(self) -> list[Host]:
+        """The database hosts: one, or a replicated cluster's nodes (in file order)."""
+        return [h for h in self.hosts.values() if h.role == "database"]
+
+    @property
     def database(self) -> Host:
-        return next(h for h in self.hosts.values() if h.role == "database")
+        """The database host; of a replicated cluster the first node (which is the
+        primary only at first: ask the lab which node leads now)."""
+        return self.databases[0]
+
+    @property
+    def replicated(self) -> bool:
+        return len(self.databases) > 1
+
+    @property
+    def dcs(self) -> list[Host]:
+        return [h for h in self.hosts.values() if h.role == "dcs"]
 
     @property
     def agents(self) -> list[Host]:
@@ -108,12 +134,24 @@ class Topology:
     def plain_hosts(self) -> list[Host]:
         return [h for h in self.hosts.values() if h.role == "host"]
 
-    def database_address_for(self, host: Host) -> ipaddress.IPv4Address:
-        """The database's address on a network that `host` shares with it."""
-        for network, address in self.database.addresses.items():
+    def database_address_for(self, host: Host, node: Host | None = None) -> ipaddress.IPv4Address:
+        """The address of the database (or of the node `node`) on a network that `host`
+        shares with it."""
+        node = node or self.database
+        for network, address in node.addresses.items():
             if network in host.addresses:
                 return address
-        raise TopologyError(f"{host.name} shares no network with {self.database.name}")
+        raise TopologyError(f"{host.name} shares no network with {node.name}")
+
+
+def session_attrs(topology: Topology, replica: bool) -> str:
+    """What a conninfo listing every node of a replicated database adds, so that libpq
+    keeps the primary (or a standby); nothing for a lone database."""
+    if replica and not topology.replicated:
+        raise TopologyError(f"{topology.path.name} has one database and no standby to read")
+    if not topology.replicated:
+        return ""
+    return " target_session_attrs=" + ("standby" if replica else "read-write")
 
 
 def resolve(text: str) -> Path:
@@ -199,10 +237,31 @@ def load(env: Mapping[str, str], path: Path = COMPOSE_FILE) -> Topology:
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise TopologyError(f"{path}: {type(exc).__name__}: {exc}") from None
     topology = Topology(hosts, networks, secret_files, path)
-    if sum(h.role == "database" for h in hosts.values()) != 1 or not topology.agents:
-        raise TopologyError(f"{path}: the lab needs exactly one database host and at least "
-                            "one agent")
+    check_database_hosts(topology)
     return topology
+
+
+def check_database_hosts(topology: Topology) -> None:
+    """One lone database, or a Patroni cluster of two or more nodes with one dcs host."""
+    where, databases = topology.path, topology.databases
+    if not databases or not topology.agents:
+        raise TopologyError(f"{where}: the lab needs a database host and at least one agent")
+    if len(databases) == 1 and not databases[0].patroni:
+        if topology.dcs:
+            raise TopologyError(f"{where}: a dcs host serves a replicated database (two or "
+                                f"more database hosts with {PATRONI_SCOPE}); this has one")
+        return
+    lone = [h.name for h in databases if not h.patroni]
+    if lone or len(databases) < 2:
+        raise TopologyError(f"{where}: a replicated database needs two or more database "
+                            f"hosts, each with {PATRONI_SCOPE} in its environment"
+                            + (f" ({', '.join(lone)} has none)" if lone else ""))
+    if len({h.environment[PATRONI_SCOPE] for h in databases}) != 1:
+        raise TopologyError(f"{where}: the database hosts name different clusters "
+                            f"({PATRONI_SCOPE}); give them one")
+    if len(topology.dcs) != 1:
+        raise TopologyError(f"{where}: a replicated database needs exactly one dcs host "
+                            f"(etcd, role dcs); this has {len(topology.dcs)}")
 
 
 def mapping(value: Any, what: str, *, pairs: bool = True) -> dict[str, Any]:
@@ -260,7 +319,7 @@ def host_of(name: str, spec: Any, lab: str) -> Host:
             ipaddress.ip_network(route)
         except ValueError as exc:
             raise TopologyError(f"service {name}: label {ROUTES_LABEL}: {exc}") from None
-    command = command_of(spec) if role == "host" else ()
+    command = command_of(spec) if role in ("host", "dcs", "database") else ()
     if role == "host" and not command:
         raise TopologyError(f"service {name}: a plain host needs its command (entrypoint "
                             "and command, list form): it runs no agent")
@@ -269,4 +328,20 @@ def host_of(name: str, spec: Any, lab: str) -> Host:
                 {k: str(v) for k, v in mapping(spec.get("environment"),
                                                f"{name}'s environment").items()},
                 tuple(spec.get("secrets") or ()), sysctls=sysctls, routes=routes,
-                command=command, healthcheck=healthcheck_of(spec) if role == "host" else ())
+                command=command,
+                healthcheck=healthcheck_of(spec) if role in ("host", "dcs") else (),
+                volumes=volumes_of(name, spec))
+
+
+def volumes_of(name: str, spec: Mapping[str, Any]) -> dict[str, str]:
+    """A service's named volumes (short form VOLUME:/path) as volume -> mount point;
+    the netns backend keeps each in a directory of the lab's state."""
+    mounts: dict[str, str] = {}
+    for entry in spec.get("volumes") or []:
+        volume, _, target = str(entry).partition(":")
+        target = target.split(":")[0]
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", volume) or not target.startswith("/"):
+            raise TopologyError(f"service {name}: volume {entry!r}: give NAME:/path (a named "
+                                "volume of the file)")
+        mounts[volume] = target
+    return mounts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -72,13 +73,33 @@ class LabHandle:
         hosts = [*static_topology().hosts, SCRATCH_HOST]  # the replay scratch host's too
         ours = {self.namespace(h) for h in hosts}
         return {n["name"]: os.stat(f"/run/netns/{n['name']}").st_ino
-                for n in json.loads(listing or "[]") if n["name"] in ours}
+                for n in json.loads(listing or "[]")
+                if n["name"] in ours or self.tagged(n["name"])}
+
+    def tagged(self, namespace: str) -> bool:
+        """The namespace carries this lab's tag (lab.backends.netns.TAG): its networks'
+        bridges, hosts of a topology it once had. A bare `<lab>-` prefix would also match
+        another lab's (pgvpn-test-f- starts with pgvpn-test-)."""
+        if not namespace.startswith(f"{self.name}-"):
+            return False
+        shown = subprocess.run(["ip", "-j", "-n", namespace, "link", "show", "lo"],
+                               capture_output=True, text=True, check=False)
+        return shown.returncode == 0 and any(
+            link.get("ifalias") == f"io.pgvpn.project={self.name}"
+            for link in json.loads(shown.stdout or "[]"))
 
     def processes(self, namespaces: Iterable[int] = ()) -> list[str]:
         """Processes of this lab's: in one of its `namespaces` (inodes, which outlive a
         removed namespace's name), or naming its state directory (postgres's data
         directory, the agents' password files)."""
         inodes = {f"net:[{inode}]" for inode in namespaces}
+        # A process of ours keeps its removed namespace, and so its inode, alive: an
+        # inode that another lab's named namespace has now was freed and reused.
+        ours = set(self.namespaces())
+        for name in os.listdir("/run/netns") if os.path.isdir("/run/netns") else []:
+            if name not in ours:
+                with contextlib.suppress(OSError):  # removed meanwhile
+                    inodes.discard(f"net:[{os.stat(f'/run/netns/{name}').st_ino}]")
         mine = f"{self.state_dir}/".encode()
         found = []
         for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -94,7 +115,7 @@ class LabHandle:
 
     def leftovers(self, namespaces: Iterable[int] = ()) -> list[str]:
         """Anything of this lab's that still exists: namespaces (the replay scratch
-        host's too), processes (see `processes`), Docker objects, state."""
+        host's and network bridges' too), processes (see `processes`), Docker objects, state."""
         found = list(self.namespaces())
         found += self.processes(namespaces)
         if shutil.which("docker") and self.backend == "docker":

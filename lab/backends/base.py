@@ -93,12 +93,20 @@ class Backend(ABC):
     def logs(self, host: str, tail: int = 100) -> str: ...
 
     @abstractmethod
-    def admin_conninfo(self, dbname: str = "pgvpn", *, superuser: bool = False) -> str:
+    def admin_conninfo(self, dbname: str = "pgvpn", *, superuser: bool = False,
+                       replica: bool = False) -> str:
         """How the operator (the controller itself) reaches the database.
 
         As the owner of pgvpn (bootstrap.OWNER, no superuser) for everything but
         `pgvpn db init`'s work and the server's own administration (superuser=True).
+        Of a replicated database: every node, and libpq keeps the primary (or with
+        `replica` a standby, which the log tools may read instead).
         """
+
+    def path_in_host(self, host: str, path: str) -> str:
+        """Where a file the topology names (e.g. a /run/secrets path) is as seen from
+        inside `host`: the same path in a container."""
+        return path
 
     @abstractmethod
     def exists(self) -> bool:

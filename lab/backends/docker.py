@@ -25,7 +25,7 @@ from lab.backends.base import (
     Progress,
     run,
 )
-from lab.topology import LABEL, ROOT, Host, Topology
+from lab.topology import LABEL, ROOT, Host, Topology, session_attrs
 from pgvpn import bootstrap
 
 PUBLIC_BASE = "debian:bookworm-slim"
@@ -33,6 +33,7 @@ LOCAL_BASE = "pgvpn/debian:bookworm"
 BUILD_ERROR_LINES = 15  # of the build log, in the error of a failed build
 READY_TIMEOUT = 90.0
 STOP_TIMEOUT = 10
+PATRONI_STOP_TIMEOUT = 30
 
 
 IMAGE_SOURCES = ("pyproject.toml", "services", "sql", "images")
@@ -172,8 +173,8 @@ class DockerBackend(Backend):
         import docker
 
         for service in self.topology.hosts:
-            name = "pgvpn-postgres" if self.topology.hosts[service].role == "database" \
-                else "pgvpn-agent"
+            name = "pgvpn-agent" if self.topology.hosts[service].role in ("agent", "host") \
+                else "pgvpn-postgres"  # the database image runs etcd too
             try:
                 self.client.images.get(f"{name}:{self.env['PGVPN_IMAGE_TAG']}")
             except docker.errors.ImageNotFound:
@@ -246,7 +247,9 @@ class DockerBackend(Backend):
             return False
 
     def stop(self, host: Host) -> None:
-        self.compose("stop", "-t", str(STOP_TIMEOUT), host.name).check(f"stopping {host.name}")
+        # Patroni stops postgres with a checkpoint, and hands the lead over first
+        grace = PATRONI_STOP_TIMEOUT if host.patroni else STOP_TIMEOUT
+        self.compose("stop", "-t", str(grace), host.name).check(f"stopping {host.name}")
 
     def kill(self, host: Host) -> None:
         container = self._container(host.name)
@@ -318,16 +321,22 @@ class DockerBackend(Backend):
             return ""
         return str(container.logs(tail=tail).decode(errors="replace"))
 
-    def admin_conninfo(self, dbname: str = "pgvpn", *, superuser: bool = False) -> str:
-        address = next(iter(self.topology.database.addresses.values()))
+    def admin_conninfo(self, dbname: str = "pgvpn", *, superuser: bool = False,
+                       replica: bool = False) -> str:
+        # every node's address on the first agent's network: the host reaches it (as
+        # that network's gateway), and the node admits clients from it as it does agents
+        first_agent = self.topology.agents[0]
+        addresses = ",".join(str(self.topology.database_address_for(first_agent, node))
+                             for node in self.topology.databases)
         # compose.yaml's secret "owner" is the server's superuser (postgres) password.
         user, secret = (("postgres", "owner") if superuser
                         else (bootstrap.OWNER, state.OWNER_SECRET))
         password = (state.secrets_dir() / secret).read_text().strip()
         # The operator's connection crosses the lab's network too: TLS, verified.
-        return (f"host={address} port=5432 user={user} dbname={dbname} "
+        return (f"host={addresses} port=5432 user={user} dbname={dbname} "
                 f"password={password} sslmode=verify-full "
-                f"sslrootcert={state.secrets_dir() / tls.CA_CERT}")
+                f"sslrootcert={state.secrets_dir() / tls.CA_CERT}"
+                + session_attrs(self.topology, replica))
 
     def exists(self) -> bool:
         label = {"label": f"{LABEL}={state.LAB_NAME}"}

@@ -21,7 +21,7 @@ from pathlib import Path
 import psycopg
 
 from lab import state
-from lab.backends import netnspg
+from lab.backends import netnsbridge, netnsha, netnspg
 from lab.backends.base import (
     SCRATCH_HOST,
     TUN_DEVICE,
@@ -32,7 +32,7 @@ from lab.backends.base import (
     Progress,
     run,
 )
-from lab.topology import SECRETS_DIR, Host, Network
+from lab.topology import SECRETS_DIR, Host, Network, session_attrs
 from pgvpn import bootstrap
 
 PREFIX = f"{state.LAB_NAME}-"
@@ -90,6 +90,8 @@ class NetnsBackend(Backend):
         return any(link.get("ifalias") == TAG for link in links)
 
     def create(self, progress: Progress) -> None:
+        bridges = netnsbridge.plan(self.topology, PREFIX)  # networks of 3 or more hosts
+        netnsbridge.refuse_rewiring(bridges)  # before anything is made
         existing = set(self.existing_namespaces())
         for host in self.topology.hosts.values():
             ns = self.namespace(host.name)
@@ -107,10 +109,13 @@ class NetnsBackend(Backend):
                 progress(f"network {network.name}: only {members[0].name} is on it (not "
                          "linked until a second host is)")
                 continue
-            if len(members) != 2:
-                raise LabError(f"network {network.name} has {len(members)} hosts; the namespace "
-                               "backend links exactly two hosts per network")
-            self._link(network, members, progress)
+            if network.name in bridges:
+                netnsbridge.build(bridges[network.name], TAG, progress)
+            elif not members:
+                raise LabError(f"network {network.name} has no hosts; the namespace backend "
+                               "links the hosts that share a network")
+            else:
+                self._link(network, members, progress)
 
     def _link(self, network: Network, members: list[Host], progress: Progress) -> None:
         """The network's veth pair, one end in each member's namespace, addressed."""
@@ -131,22 +136,26 @@ class NetnsBackend(Backend):
 
     # ----------------------------------------------------------------- start
     def start(self, host: Host, progress: Progress) -> None:
-        if self._pid(host.name) is not None:
+        if self.service_pid(host.name) is not None:
             data = self.root / "pgdata"
-            if host.role == "database" and netnspg.configure(data, host, self.topology):
+            if host.role == "database" and not host.patroni \
+                    and netnspg.configure(data, host, self.topology):
                 progress("postgres: TLS or access settings changed, reloading them")
                 with psycopg.connect(self.admin_conninfo("postgres", superuser=True),
                                      connect_timeout=5, autocommit=True) as conn:
                     conn.execute("SELECT pg_reload_conf()")
             return
-        if host.role == "database":
+        netnsha.prepare_volumes(self, host)
+        if host.patroni:
+            netnsha.start_node(self, host, progress)
+        elif host.role == "database":
             self._start_postgres(host, progress)
         elif host.role == "agent":
             self._start_agent(host, progress)
         else:
             self._start_plain_host(host, progress)
 
-    def _spawn(self, host: str, argv: list[str], env: dict[str, str]) -> int:
+    def spawn(self, host: str, argv: list[str], env: dict[str, str]) -> int:
         (self.root / "logs").mkdir(parents=True, exist_ok=True)
         with open(self.root / "logs" / f"{host}.log", "ab") as log:
             process = subprocess.Popen(
@@ -173,12 +182,12 @@ class NetnsBackend(Backend):
         progress("starting postgres" + (" (TLS)" if tls else ""))
         # every address of its namespace (only its links and loopback), also for a data
         # directory made before that was the setting: a network linked later is served
-        self._spawn(host.name,
+        self.spawn(host.name,
                     [*netnspg.AS_POSTGRES, str(bindir / "postgres"), "-D", str(data),
                      "-c", "listen_addresses=*", *tls],
                     {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"})
         self.wait_started(host.name, ready=self._accepts_connections,
-                          alive=lambda: self._pid(host.name) is not None,
+                          alive=lambda: self.service_pid(host.name) is not None,
                           condition="accept connections", timeout=READY_TIMEOUT, poll=0.2)
 
     def _accepts_connections(self) -> bool:
@@ -195,15 +204,20 @@ class NetnsBackend(Backend):
                "PYTHONUNBUFFERED": "1"}
         for key, value in host.environment.items():
             secret = value.startswith(SECRETS_DIR + "/")
-            env[key] = str(netnspg.local_path(value)) if secret else value
+            env[key] = str(netnspg.local_path(value)) if secret else \
+                netnsha.volume_path(self, host, value)
         return env
+
+    def path_in_host(self, host: str, path: str) -> str:
+        self.namespace(host)  # namespaces share the file system: only secrets are elsewhere
+        return str(netnspg.local_path(path))
 
     def _start_agent(self, host: Host, progress: Progress) -> None:
         progress(f"starting agent {host.name}")
-        self._spawn(host.name, [sys.executable, "-m", "pgvpn.cli", "run"],
+        self.spawn(host.name, [sys.executable, "-m", "pgvpn.cli", "run"],
                     self.agent_environment(host))
         self.wait_started(host.name, ready=lambda: bool(self.tunnel_addresses(host.name)),
-                          alive=lambda: self._pid(host.name) is not None,
+                          alive=lambda: self.service_pid(host.name) is not None,
                           condition=f"bring its TUN device {TUN_DEVICE} up",
                           timeout=READY_TIMEOUT, poll=0.1)
 
@@ -214,18 +228,18 @@ class NetnsBackend(Backend):
             raise LabError(f"{host.name}: a plain host needs a command (its entrypoint and "
                            "command in the topology file)")
         progress(f"starting {host.name}")
-        self._spawn(host.name, list(host.command), self.agent_environment(host))
+        self.spawn(host.name, list(host.command), self.agent_environment(host))
 
         def healthy() -> bool:
             return not host.healthcheck or self.exec(host.name, host.healthcheck,
                                                      timeout=10).returncode == 0
 
         self.wait_started(host.name, ready=healthy,
-                          alive=lambda: self._pid(host.name) is not None,
+                          alive=lambda: self.service_pid(host.name) is not None,
                           condition="pass its healthcheck", timeout=READY_TIMEOUT, poll=0.2)
 
     # ------------------------------------------------------------------ stop
-    def _pid(self, host: str) -> int | None:
+    def service_pid(self, host: str) -> int | None:
         """The pid of the host's service if it is alive (and not a zombie)."""
         try:
             pid = int((self.root / f"{host}.pid").read_text())
@@ -238,20 +252,26 @@ class NetnsBackend(Backend):
             return None
 
     def stop(self, host: Host) -> None:
-        pid = self._pid(host.name)
+        if host.patroni:
+            netnsha.stop_node(self, host, kill=False)
+            return
+        pid = self.service_pid(host.name)
         if pid is None:
             return
         # postgres: SIGINT is its fast shutdown; the agent treats SIGTERM as "stop cleanly"
         os.kill(pid, signal.SIGINT if host.role == "database" else signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT
-        while self._pid(host.name) is not None and time.monotonic() < deadline:
+        while self.service_pid(host.name) is not None and time.monotonic() < deadline:
             time.sleep(0.1)
-        if self._pid(host.name) is not None:
+        if self.service_pid(host.name) is not None:
             os.kill(pid, signal.SIGKILL)
         (self.root / f"{host.name}.pid").unlink(missing_ok=True)
 
     def kill(self, host: Host) -> None:
-        pid = self._pid(host.name)
+        if host.patroni:
+            netnsha.stop_node(self, host, kill=True)
+            return
+        pid = self.service_pid(host.name)
         if pid is None:
             return
         os.kill(pid, signal.SIGKILL)
@@ -298,10 +318,15 @@ class NetnsBackend(Backend):
             return ""
         return "\n".join(lines[-tail:])
 
-    def admin_conninfo(self, dbname: str = "pgvpn", *, superuser: bool = False) -> str:
+    def admin_conninfo(self, dbname: str = "pgvpn", *, superuser: bool = False,
+                       replica: bool = False) -> str:
         # The socket directory is root's and postgres's only, so local trust is safe.
         user = "postgres" if superuser else bootstrap.OWNER
-        return f"host={self.root / 'run'} port={PG_PORT} user={user} dbname={dbname}"
+        nodes = self.topology.databases
+        sockets = ([netnsha.socket_directory(self, node) for node in nodes]
+                   if self.topology.replicated else [self.root / "run"])
+        return (f"host={','.join(map(str, sockets))} port={','.join([str(PG_PORT)] * len(nodes))} "
+                f"user={user} dbname={dbname}" + session_attrs(self.topology, replica))
 
     # ------------------------------------------------- log tools (lab replay)
     def pgvpn_command(self) -> list[str]:
@@ -331,7 +356,7 @@ class NetnsBackend(Backend):
         result = []
         for host in self.topology.hosts.values():
             exists = self.namespace(host.name) in present
-            running = exists and self._pid(host.name) is not None
+            running = exists and self.service_pid(host.name) is not None
             result.append(HostState(
                 host.name, host.role, running,
                 {net: str(addr) for net, addr in host.addresses.items()},

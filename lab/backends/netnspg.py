@@ -33,9 +33,9 @@ client_connection_check_interval = 5s
 """
 
 
-def postgres_bindir() -> Path | None:
-    """The newest installed PostgreSQL server's bin directory."""
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"),
+def postgres_bindir(version: int | None = None) -> Path | None:
+    """The newest installed PostgreSQL server's bin directory (or that of `version`)."""
+    candidates = sorted(glob.glob(f"/usr/lib/postgresql/{version or '*'}/bin/postgres"),
                         key=lambda p: int(Path(p).parent.parent.name))
     return Path(candidates[-1]).parent if candidates else None
 
