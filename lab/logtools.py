@@ -17,19 +17,25 @@ and runs `pgvpn replay` there, in a TUN device of its own:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import inspect
 import ipaddress
 import json
 import math
 import os
 import sys
 from collections import Counter
+from collections.abc import Iterator
 
-from lab.backends.base import SCRATCH_HOST
+import psycopg
+
+from lab.backends.base import SCRATCH_HOST, Backend
 from lab.controller import Lab, static_topology
 from lab.topology import TopologyError
 from pgvpn.cliargs import OneLineParser
 from pgvpn.logs import args as logargs
 from pgvpn.logs import cli as logcli
+from pgvpn.logs import replica
 from pgvpn.logs.filter import add_filter_arguments
 from pgvpn.logs.replay import DEFAULT_TUN, Timed, destination
 
@@ -39,6 +45,7 @@ examples:
   lab packets                               # the newest 20 packets of the lab's log
   lab packets -f --proto icmp               # follow pings as they cross
   lab packets --peer peer-a --since 1m --json
+  lab packets --replica --since 5m -n 0     # read the lab's standby (lab up --topology ha)
 """
 EXPORT_EPILOG = """\
 examples:
@@ -62,12 +69,14 @@ def add_parsers(commands: argparse._SubParsersAction[OneLineParser]) -> None:
         description="Show or follow the lab's packet log with the operator's rights; the "
         "options are those of 'pgvpn log'.", epilog=PACKETS_EPILOG, formatter_class=RAW)
     logargs.add_log_arguments(packets)
+    logargs.add_replica_argument(packets, logargs.LAB_REPLICA_HELP)
 
     stats = commands.add_parser(
         "stats", help="per-flow totals and top talkers of the lab's log (pgvpn stats)",
         description="Totals over a window of the lab's log (default: the last hour).",
         epilog=logargs.STATS_EPILOG.replace("pgvpn stats", "lab stats"), formatter_class=RAW)
     logargs.add_stats_arguments(stats)
+    logargs.add_replica_argument(stats, logargs.LAB_REPLICA_HELP)
 
     export = commands.add_parser(
         "export", help="the lab's log as a pcap file (pgvpn export)",
@@ -75,6 +84,7 @@ def add_parsers(commands: argparse._SubParsersAction[OneLineParser]) -> None:
         "logged, as a pcap file, with the operator's rights.", epilog=EXPORT_EPILOG,
         formatter_class=RAW)
     logargs.add_export_arguments(export)
+    logargs.add_replica_argument(export, logargs.LAB_REPLICA_HELP)
 
     replay = commands.add_parser(
         "replay", help="re-inject logged packets into the scratch host or a peer",
@@ -86,6 +96,7 @@ def add_parsers(commands: argparse._SubParsersAction[OneLineParser]) -> None:
                         help="replay (default): the scratch host, answering as the peer the "
                         "packets went to; or peer-a / peer-b: a live peer's own stack")
     logargs.add_replay_arguments(replay, in_lab=True)
+    logargs.add_replica_argument(replay, logargs.LAB_REPLICA_HELP)
 
 
 def replay_target(text: str) -> str:
@@ -100,21 +111,46 @@ def replay_target(text: str) -> str:
     return text
 
 
+def standby_conninfo(backend: Backend) -> str:
+    """The operator's connection to the lab's standby: admin_conninfo(replica=True) where
+    the backend knows about standbys (the HA lab), else its one database asked for a
+    standby, which then fails with the hosts tried (a lab without one has none)."""
+    if "replica" in inspect.signature(backend.admin_conninfo).parameters:
+        conninfo = backend.admin_conninfo(replica=True)
+    else:
+        conninfo = backend.admin_conninfo() + " target_session_attrs=standby"
+    return replica.standby_conninfo(conninfo)  # standby whatever the backend chose
+
+
+@contextlib.contextmanager
+def reader(lab: Lab, args: argparse.Namespace, command: str) -> Iterator[psycopg.Connection]:
+    """The operator's connection to the lab's primary, or with --replica its standby."""
+    if not getattr(args, "replica", False):
+        with lab.admin() as conn:
+            yield conn
+        return
+    conn = replica.connect_standby(standby_conninfo(lab.backend), command)
+    with conn:
+        with logcli.database_errors():
+            replica.report(conn, command)
+        yield conn
+
+
 def cmd_packets(args: argparse.Namespace) -> int:
     logargs.validate(args)
-    with Lab.current().admin() as conn:
+    with reader(Lab.current(), args, "lab packets") as conn:
         return logcli.guarded(lambda: logcli.cmd_log(conn, args))
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
     logargs.validate(args)
-    with Lab.current().admin() as conn:
+    with reader(Lab.current(), args, "lab stats") as conn:
         return logcli.guarded(lambda: logcli.cmd_stats(conn, args))
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     logargs.validate(args)
-    with Lab.current().admin() as conn:
+    with reader(Lab.current(), args, "lab export") as conn:
         return logcli.guarded(lambda: logcli.cmd_export(conn, args))
 
 
@@ -143,7 +179,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     args.input = None
     logargs.validate(args)  # typos are reported before anything is selected or made
     lab = Lab.current()
-    with lab.admin() as conn, logcli.database_errors():
+    with reader(lab, args, "lab replay") as conn, logcli.database_errors():
         packets = logcli.selection_for_replay(conn, args)
     if args.into == SCRATCH_HOST:
         plays, addresses = scratch_addresses(lab, packets)

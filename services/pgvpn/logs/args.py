@@ -18,6 +18,7 @@ from pgvpn.errors import PgvpnError
 from pgvpn.logs import stats as logstats
 from pgvpn.logs.filter import add_filter_arguments, filter_from_args
 from pgvpn.logs.replay import DEFAULT_TUN
+from pgvpn.logs.replica import REPLICA_URL, refusal
 from pgvpn.timespec import TimeSpecError, format_duration, parse_duration, parse_positive_duration
 
 RAW = argparse.RawDescriptionHelpFormatter
@@ -37,6 +38,7 @@ examples:
   pgvpn log --peer peer-a --since 10m -n 0  # everything peer-a sent or got in 10 min
   pgvpn log --host 10.230.0.2 --proto icmp --json | jq .icmp_type
   pgvpn log --since 2025-11-25T14:00 --until 2025-11-25T14:05 --json --data > slice.jsonl
+  pgvpn log --replica --since 1h -n 0       # the last hour, read from a hot standby
 """
 STATS_EPILOG = """\
 examples:
@@ -44,12 +46,14 @@ examples:
   pgvpn stats --by host --top 5     # top talkers: bytes sent and received per address
   pgvpn stats --by peer --since 1d  # per peer pair, over a day
   pgvpn stats --proto udp --json    # JSON lines, one flow each
+  pgvpn stats --replica --since 1d  # read a hot standby: the primary is not loaded
 """
 EXPORT_EPILOG = """\
 examples:
   pgvpn export --pcap last-hour.pcap --since 1h
   pgvpn export --pcap - --proto tcp --port 5201 | tshark -r - -q -z conv,tcp
   wireshark <(pgvpn export --pcap - --peer peer-b --since 5m)
+  pgvpn export --replica --pcap day.pcap --since 1d   # from a hot standby
 """
 REPLAY_EPILOG = """\
 examples:
@@ -94,10 +98,43 @@ drops a day only once all of it is 12h old.
 """
 
 
+class _Typed(argparse.Action):
+    """Stores the value and notes that it was typed: a --database-url on the command
+    line outranks $PGVPN_REPLICA_URL for --replica (replica.replica_url)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.database_url_given = True
+
+
 def add_database_argument(parser: argparse.ArgumentParser, who: str) -> None:
     parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL", ""),
-                        type=conninfo,
+                        type=conninfo, action=_Typed,
                         help=f"{who} connection string (default $DATABASE_URL or PG* vars)")
+
+
+REPLICA_HELP = (
+    "read from a hot standby, not the primary: connect with target_session_attrs=standby "
+    f"to ${REPLICA_URL} if set, else to the database URL (one that lists every node finds "
+    "the standby among them); fail if no standby answers. One line on stderr names the "
+    "standby read and how far behind it is. A long read there can be cancelled when the "
+    "primary's 'pgvpn prune' drops a partition it reads (after the standby's "
+    "max_standby_streaming_delay)")
+LAB_REPLICA_HELP = (
+    "read from the lab's hot standby, not its primary (the operator's connection with "
+    "target_session_attrs=standby); fail if no standby answers. One line on stderr names "
+    "the standby read and how far behind it is")
+
+
+def add_replica_argument(parser: argparse.ArgumentParser, text: str = REPLICA_HELP) -> None:
+    parser.add_argument("--replica", action="store_true", help=text)
+
+
+def add_refused_replica(parser: argparse.ArgumentParser) -> None:
+    """--replica on a command that writes: accepted by the parser so that validate()
+    can say why it is refused, rather than 'unrecognized arguments'."""
+    parser.add_argument("--replica", action="store_true", help=argparse.SUPPRESS)
 
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
@@ -147,6 +184,7 @@ def add_parsers(commands: argparse._SubParsersAction[OneLineParser]) -> None:
         epilog=LOG_EPILOG, formatter_class=RAW)
     add_log_arguments(log)
     add_database_argument(log, "a reader's")
+    add_replica_argument(log)
 
     stats = commands.add_parser(
         "stats", help="bytes and packets per flow, top talkers, per peer",
@@ -154,6 +192,7 @@ def add_parsers(commands: argparse._SubParsersAction[OneLineParser]) -> None:
         "first.", epilog=STATS_EPILOG, formatter_class=RAW)
     add_stats_arguments(stats)
     add_database_argument(stats, "a reader's")
+    add_replica_argument(stats)
 
     export = commands.add_parser(
         "export", help="write selected packets as a pcap file for tshark/Wireshark",
@@ -162,6 +201,7 @@ def add_parsers(commands: argparse._SubParsersAction[OneLineParser]) -> None:
         formatter_class=RAW)
     add_export_arguments(export)
     add_database_argument(export, "the operator's")
+    add_replica_argument(export)
 
     rep = commands.add_parser(
         "replay", help="re-inject logged packets into a new TUN device",
@@ -171,6 +211,7 @@ def add_parsers(commands: argparse._SubParsersAction[OneLineParser]) -> None:
     add_filter_arguments(rep)
     add_replay_arguments(rep)
     add_database_argument(rep, "the operator's")
+    add_replica_argument(rep)
 
     prune = commands.add_parser(
         "prune", help="drop whole partitions older than a duration (as the owner)",
@@ -181,6 +222,7 @@ def add_parsers(commands: argparse._SubParsersAction[OneLineParser]) -> None:
                        help="e.g. 7d, 12h, 30m (default: the retention policy)")
     prune.add_argument("--dry-run", action="store_true", help="list, drop nothing")
     add_database_argument(prune, "the owner's")
+    add_refused_replica(prune)
 
     keep = commands.add_parser(
         "retention", help="show or set the retention policy and partition size",
@@ -195,6 +237,8 @@ def add_parsers(commands: argparse._SubParsersAction[OneLineParser]) -> None:
     keep.add_argument("--ahead", metavar="DURATION", type=duration_check(MIN_AHEAD, MAX_AHEAD),
                       help="how far ahead partitions exist (default 3d; 2h-31d)")
     add_database_argument(keep, "the owner's (to change it)")
+    add_replica_argument(keep, "show the policy as a hot standby has it (refused with the "
+                         "options that change it: they write)")
 
 
 def add_replay_arguments(parser: argparse.ArgumentParser, *, in_lab: bool = False) -> None:
@@ -228,6 +272,9 @@ def validate(args: argparse.Namespace) -> None:
         raise PgvpnError("--follow shows packets as they come: it cannot have --until")
     if getattr(args, "data", False) and not args.json:
         raise PgvpnError("--data needs --json (a table has no room for packet bytes)")
+    refused = refusal(args)
+    if refused:
+        raise PgvpnError(refused)
     step, ahead = getattr(args, "partition_step", None), getattr(args, "ahead", None)
     if step and ahead and parse_duration(ahead) < parse_duration(step):
         raise PgvpnError(f"--ahead {ahead} is shorter than --partition-step {step}")

@@ -22,7 +22,7 @@ from pgvpn import db
 from pgvpn.errors import PgvpnError
 from pgvpn.logs import query as logquery
 from pgvpn.logs import render as logrender
-from pgvpn.logs import retention
+from pgvpn.logs import replica, retention
 from pgvpn.logs import stats as logstats
 from pgvpn.logs.args import FOREVER, validate
 from pgvpn.logs.filter import LogFilter, filter_from_args
@@ -228,7 +228,6 @@ HANDLERS: dict[str, Handler] = {"log": cmd_log, "stats": cmd_stats, "export": cm
                                 "retention": cmd_retention}
 
 
-
 def run(args: argparse.Namespace) -> int:
     """Run one log command with its own connection; errors become one line."""
     validate(args)
@@ -237,7 +236,13 @@ def run(args: argparse.Namespace) -> int:
     name = f"pgvpn {args.command}"
 
     def go() -> int:
-        with db.connect(args.database_url, attempts=3, application_name=name) as conn:
+        if args.replica:
+            conn = replica.connect_standby(replica.replica_url(args), name)
+        else:
+            conn = db.connect(args.database_url, attempts=3, application_name=name)
+        with conn:
+            if args.replica:
+                replica.report(conn, name)
             return HANDLERS[args.command](conn, args)
 
     return guarded(go)
@@ -266,4 +271,6 @@ def database_errors() -> Iterator[None]:
         raise PgvpnError(f"{exc.diag.message_primary}: use the owner, or a role that is a "
                          "member of pgvpn_reader") from None
     except psycopg.Error as exc:
+        if replica.is_recovery_conflict(exc):
+            raise PgvpnError(replica.CANCELLED) from None
         raise PgvpnError(db.explain(exc)) from None
