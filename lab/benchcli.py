@@ -13,6 +13,13 @@ from typing import Any
 from lab.backends.base import LabError
 from lab.bench import bench_profile, bench_profiles, bench_runs
 from lab.controller import BACKENDS, Lab, make_backend
+from lab.failover import (
+    KILL_EVERY,
+    MAX_KILLS,
+    bench_failover,
+    render_failover_markdown,
+    write_failover_report,
+)
 from lab.live import BenchDisplay
 from lab.output import err, progress
 from lab.pairs import EXAMPLE, bench_pairs, chosen_pairs, pairs_argument
@@ -24,6 +31,7 @@ from lab.settingsargs import (
     requested_topology,
     routes_by_table,
 )
+from lab.standbycost import bench_primary_alone, standby_cost
 from pgvpn.cliargs import output_dir, output_file, whole
 from pgvpn.transports import PROFILES
 
@@ -35,6 +43,7 @@ examples:
   lab bench --pairs peer-a:peer-b --duration 5
   lab bench --pairs {EXAMPLE}    # two pairs at once (a fleet of four)
   lab bench --all-pairs --out reports/fleet  # every agent, paired in topology order
+  lab bench --failover --kills 10            # a replicated database (topology ha)
 """
 
 
@@ -64,7 +73,10 @@ def add_parser(commands: Any) -> None:
         "own tables (pgvpn.blog_v1_packets, pgvpn.blog_v2_packets) are emptied before "
         "their run. With --pairs or --all-pairs, iperf3 runs on several disjoint pairs of "
         "agents at the same time instead, and the report gives each pair's rate, their sum "
-        "and Jain's fairness index (underlay, ceiling and RTT are not measured then).",
+        "and Jain's fairness index (underlay, ceiling and RTT are not measured then). On a "
+        "replicated database (topology ha) one profile runs twice, with its synchronous "
+        "standby and with the standby stopped, and the report gives the ratio; "
+        "--failover measures failovers instead.",
         epilog=EPILOG, formatter_class=ExamplesFormatter)
     bench.add_argument("--duration", type=whole(1, MAX_BENCH_SECONDS), default=10,
                        metavar="SECONDS", help="whole seconds per iperf3 run, "
@@ -83,13 +95,26 @@ def add_parser(commands: Any) -> None:
                        help="iperf3 on these disjoint pairs of agents at the same time, from "
                        "each CLIENT to its SERVER's tunnel address, e.g. --pairs "
                        f"{EXAMPLE}; one profile only")
+    pairs.add_argument("--failover", action="store_true",
+                       help="a replicated database (lab up --topology ha): iperf3 from the "
+                       f"first agent to its peer while the primary is killed (SIGKILL) every "
+                       f"{KILL_EVERY:g} s; reports how long the tunnel carried nothing after "
+                       "each kill, and any row lost or logged twice")
     pairs.add_argument("--all-pairs", action="store_true",
                        help="the same with every agent of the topology, paired in its order "
                        "(a:b, c:d, ...); with an odd number the last is left out, and the "
                        "report says so")
 
 
+    bench.add_argument("--kills", type=whole(1, MAX_KILLS), default=1, metavar="N",
+                       help=f"with --failover: how many times, 1-{MAX_KILLS} (default 1)")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.kills != 1 and not args.failover:
+        raise LabError("--kills counts the primary's kills of --failover: give --failover")
+    if args.failover:
+        return failover_bench(args)
     in_pairs = args.pairs is not None or args.all_pairs
     profiles: list[str] = args.profile or []
     if in_pairs and (len(profiles) > 1 or args.offload == "both"):
@@ -128,10 +153,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
         progress(f"the lab stays up with profile {run_label(*runs[-1])}")
     else:
         results = [bench_profile(lab, args.duration, progress, raw_dir=out)]
+        if lab.topology.replicated:  # what the synchronous standby costs, same run
+            results[0]["standby"] = "sync"
+            results.append(bench_primary_alone(lab, args.duration, progress,
+                                               out / "standby-stopped", underlay=None))
     report = build_report(results)
+    if lab.topology.replicated:
+        report["standby_cost"] = standby_cost(results)
     write_report(report, out)
     emit(report, render_markdown(report), args.json_path, out)
     return failed(report["failed"], "profile")
+
+
+def failover_bench(args: argparse.Namespace) -> int:
+    """--failover: one profile, the replicated topology the lab runs (or is given)."""
+    profiles: list[str] = args.profile or []
+    if len(profiles) > 1 or args.offload == "both":
+        raise LabError("--failover runs one profile with one offload setting")
+    args.profile = profiles[0] if profiles else None
+    out = args.out or default_report_dir()
+    settings = requested_settings(args)
+    lab = Lab(make_backend(settings.backend, settings), settings)
+    if not lab.topology.replicated:
+        raise LabError(f"--failover needs a replicated database; {lab.topology.path.name} has "
+                       "one: lab up --topology ha (or give --topology ha here)")
+    lab.up(progress)
+    report = bench_failover(lab, args.kills, progress)
+    write_failover_report(report, out)
+    emit(report, render_failover_markdown(report), args.json_path, out)
+    return failed(report["failed"], "check")
 
 
 def emit(report: dict[str, Any], markdown: str, json_path: str | None, out: Path) -> None:

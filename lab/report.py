@@ -187,6 +187,13 @@ def render_markdown(report: dict[str, Any], *, chart: str | None = None) -> str:
     if any(p in PUBLISHED for p in (r["profile"] for r in results)):
         lines += ["Published figures are the blog posts' own, measured by their author on his "
                   "machine; only the measured columns come from this run.", ""]
+    cost = report.get("standby_cost")
+    if cost:
+        lines += [f"With the synchronous standby the tunnel carried {cost['ratio']:.0%} of "
+                  f"what it carried with the primary alone ({cost['with_sync_standby_mbps']:.1f}"
+                  f" vs {cost['primary_alone_mbps']:.1f} Mbit/s, same run): each commit "
+                  "waits for the standby's flush, and the standby's replay shares the "
+                  "machine.", ""]
     notes = expectations(report) + offload_gain(results)
     if notes:
         lines += [*notes, ""]
