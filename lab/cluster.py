@@ -38,6 +38,8 @@ try:
         status, text = answer.status, answer.read().decode()
 except urllib.error.HTTPError as error:
     status, text = error.code, error.read().decode()
+except Exception as error:  # refused, reset, timed out: said in one line by the lab
+    status, text = 0, f"{type(error).__name__}: {error}"
 print(json.dumps({"status": status, "body": text}))
 """
 # Exact figures from the primary: Patroni's own `lag` is sampled once per HA loop.
@@ -96,11 +98,16 @@ class Cluster:
                 errors.append(f"{node.name}: {(done.stderr or done.stdout).strip()[-200:]}")
                 continue
             answer = json.loads(done.stdout)
+            if answer["status"] == 0:
+                errors.append(f"{node.name}: Patroni did not answer ({answer['body']})")
+                continue
             try:
                 return answer["status"], json.loads(answer["body"])
             except json.JSONDecodeError:
                 return answer["status"], answer["body"]
-        raise LabError(f"no database node answered {method} {path}: {'; '.join(errors)}")
+        raise LabError(f"no database node answered {method} {path}: {'; '.join(errors)}. "
+                       "See 'lab status': is each node's Patroni running, and etcd (the dcs "
+                       "host)? A switchover needs both nodes and etcd")
 
     def members(self) -> list[Member]:
         _, cluster = self.request("/cluster")

@@ -29,6 +29,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pgvpn import db, dbhosts
 from pgvpn.errors import DatabaseError
 from pgvpn.locks import take_own_lock
+from pgvpn.transports.base import WAIT_FOR_FLUSH
 from tests.conftest import LabHandle
 from tests.peerside import wait_for
 
@@ -187,3 +188,17 @@ def test_the_host_a_connection_was_lost_from_is_tried_last(netns_lab: LabHandle,
         fifth, took = timed_connect(conninfo, order)
         fifth.close()
         assert took < 1.5, took
+
+
+@pytest.mark.parametrize(("given", "kept"), [("off", "on"), ("local", "on"),
+                                             ("remote_write", "on"), ("on", "on"),
+                                             ("remote_apply", "remote_apply")])
+def test_an_agent_session_waits_for_the_flush_whatever_its_default(
+        netns_lab: LabHandle, given: str, kept: str) -> None:
+    """A weaker synchronous_commit from PGOPTIONS or the role's defaults does not win
+    unseen: the agent's sessions commit at least as `on` promises (a stronger one is
+    kept)."""
+    conninfo = make_conninfo(netns_lab.conninfo(), options=f"-c synchronous_commit={given}")
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(WAIT_FOR_FLUSH)
+        assert conn.execute("SHOW synchronous_commit").fetchone() == (kept,)

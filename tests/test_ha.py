@@ -128,6 +128,33 @@ def test_the_cluster_has_a_primary_and_a_synchronous_standby(ha: LabHandle) -> N
         assert ping(CliBackend(ha), host, address, count=3).received == 3
 
 
+# Run in peer-a: an unauthenticated switchover request to a node's REST API, reached
+# through the node's link to net-a; prints the HTTP status.
+SWITCHOVER = ("import urllib.request, urllib.error\n"
+              "r = urllib.request.Request('http://10.232.0.11:8008/switchover', method='POST',"
+              " data=b'{}')\n"
+              "try:\n    print(urllib.request.urlopen(r, timeout=5).status)\n"
+              "except urllib.error.HTTPError as e:\n    print(e.code)")
+
+
+def test_a_peer_can_neither_steer_patroni_nor_route_through_a_node(ha: LabHandle) -> None:
+    """A peer routes net-db and the other peer's network through the node it shares a
+    network with: Patroni refuses it by address before any password (403, not 401),
+    and the node forwards nothing."""
+    routes = [("peer-a", "10.232.0.0/24", "10.232.1.10"),
+              ("peer-a", "10.232.2.0/24", "10.232.1.10"),
+              ("peer-b", "10.232.1.0/24", "10.232.2.10")]  # the echo's way back
+    for host, prefix, via in routes:
+        ha.exec(host, "ip", "route", "replace", prefix, "via", via)
+    try:
+        assert ha.exec("peer-a", "python3", "-c", SWITCHOVER).stdout.strip() == "403"
+        assert ping(CliBackend(ha), "peer-a", "10.232.2.11", count=3).received == 0
+    finally:
+        for host, prefix, _ in routes:
+            ha.exec(host, "ip", "route", "del", prefix)
+    assert wait_healthy(ha)
+
+
 def test_a_planned_switchover_during_a_stream_loses_nothing(ha: LabHandle) -> None:
     old = leader_of(wait_healthy(ha))
     before = quiet_snapshot(ha)
@@ -168,3 +195,24 @@ def test_bench_failover_reports_the_outage_and_no_loss(ha: LabHandle, tmp_path: 
     assert kill["promoted"] != kill["killed"]
     assert (tmp_path / "report.md").read_text().count("| 1 |") == 1
     wait_healthy(ha)
+
+
+def test_log_tools_on_the_standby_return_the_primarys_rows(ha: LabHandle) -> None:
+    """For a window that is over, `--replica` reads the standby and prints exactly
+    what the primary does, once the standby has replayed (a commit waits for its flush,
+    not its replay: so the comparison may take a moment)."""
+    wait_healthy(ha)
+    assert ping(CliBackend(ha), "peer-a", PEER_B, count=5).received == 5
+    ha.wait_settled()
+    (until,), = ha.sql("SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US')")
+    window = ["--since", "1h", "--until", f"{until}+00:00"]
+    commands = [["packets", *window, "-n", "0", "--json"], ["stats", *window, "--json"]]
+    for command in commands:
+        primary = ha.cli(*command).stdout
+        assert primary.strip(), command  # the window holds the echoes
+        deadline = time.monotonic() + 20
+        while (replica := ha.cli(*command, "--replica")).stdout != primary:
+            assert time.monotonic() < deadline, (command, replica.stdout, primary)
+            time.sleep(0.5)
+        assert "reading standby" in replica.stderr, replica.stderr
+

@@ -192,3 +192,22 @@ def test_secrets_stay_out_of_logs_status_and_the_server(any_lab: LabHandle) -> N
     for peer in ("peer-a", "peer-b"):  # the key and the passwords are 0600
         assert (secrets / peer).stat().st_mode & 0o077 == 0
     assert (secrets / "server-key").stat().st_mode & 0o077 == 0
+
+
+def test_the_database_host_routes_nothing_between_the_peers(any_lab: LabHandle) -> None:
+    """A peer that routes the other peer's network through the postgres host gets
+    nothing across: the database is the only path (ip_forward is off there, whatever
+    the kernel's default for a new namespace, 1 on this machine)."""
+    # both peers route the other's network through postgres (two peers that would
+    # rather not be logged): the echo and its reply would both be forwarded
+    routes = {"peer-a": ("10.231.2.0/24", "10.231.1.10"),
+              "peer-b": ("10.231.1.0/24", "10.231.2.10")}
+    for host, (prefix, via) in routes.items():
+        any_lab.exec(host, "ip", "route", "replace", prefix, "via", via)
+    try:
+        assert ping(CliBackend(any_lab), "peer-a", "10.231.2.11", count=3).received == 0
+        assert any_lab.exec("postgres", "cat", "/proc/sys/net/ipv4/ip_forward"
+                            ).stdout.strip() == "0"
+    finally:
+        for host, (prefix, _) in routes.items():
+            any_lab.exec(host, "ip", "route", "del", prefix)

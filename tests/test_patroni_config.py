@@ -146,7 +146,7 @@ def test_tls_copies_and_verify_full_for_the_nodes_own_connections(
         for role, user, secret in (("superuser", "postgres", "owner"),
                                    ("replication", "replicator", "replication"),
                                    ("rewind", "rewind", "rewind"))}
-    assert api == {"authentication": {"username": "patroni", "password": PASSWORDS["patroni-api"]}}
+    assert api["authentication"] == {"username": "patroni", "password": PASSWORDS["patroni-api"]}
     assert postgresql["pgpass"] == str(out / "pgpass")
 
 
@@ -160,7 +160,8 @@ def test_ssl_off_leaves_no_tls_behind(secrets: Path, workdir: Path) -> None:
     assert config["postgresql"]["parameters"]["ssl"] == "off"  # type: ignore[index]
     assert all("sslmode" not in auth
                for auth in config["postgresql"]["authentication"].values())  # type: ignore[attr-defined]
-    assert sorted(p.name for p in out.iterdir()) == ["00-pgvpn.yml", "10-node.yml", "pgpass"]
+    assert sorted(p.name for p in out.iterdir()) == [".pgvpn-patroni", "00-pgvpn.yml",
+                                                     "10-node.yml", "pgpass"]
     assert (out / "00-pgvpn.yml").read_bytes() == SCRIPT.with_name("patroni.yml").read_bytes()
 
 
@@ -170,7 +171,7 @@ def test_every_file_is_private_to_the_owner(secrets: Path, workdir: Path) -> Non
     uid = pwd.getpwnam(OWNER).pw_uid
     assert (out.stat().st_uid, stat.S_IMODE(out.stat().st_mode)) == (uid, 0o700)
     assert sorted(p.name for p in out.iterdir()) == [
-        "00-pgvpn.yml", "10-node.yml", "ca.crt", "server.crt", "server.key"]
+        ".pgvpn-patroni", "00-pgvpn.yml", "10-node.yml", "ca.crt", "server.crt", "server.key"]
     for path in out.iterdir():
         assert (path.stat().st_uid, stat.S_IMODE(path.stat().st_mode)) == (uid, 0o600), path
     assert (socket_dir.stat().st_uid, stat.S_IMODE(socket_dir.stat().st_mode)) == (uid, 0o2775)
@@ -184,17 +185,31 @@ def test_a_directory_of_someone_else_is_not_taken_over(secrets: Path, workdir: P
     os.chown(taken, 0, 0)
     result = render(base_env(secrets, PGVPN_SOCKET_DIR=str(taken)), workdir / "conf")
     assert result.returncode == 2
-    assert f"{taken} belongs to uid 0 and is not empty" in result.stderr
+    assert f"{taken} is not empty and was not made by this script" in result.stderr
     assert taken.stat().st_uid == 0 and stat.S_IMODE(taken.stat().st_mode) == 0o755
+
+
+def test_the_owners_own_directory_is_not_cleaned_either(secrets: Path, workdir: Path) -> None:
+    """--out mistyped as a directory the owner already has (think --owner root --out
+    /etc): refused, its files kept and its mode unchanged."""
+    mine = workdir / "mine"
+    mine.mkdir(mode=0o755)
+    (mine / "important.yml").write_text("keep\n")
+    shutil.chown(mine, OWNER, OWNER)
+    result = render(base_env(secrets, PGVPN_SOCKET_DIR=str(workdir / "run")), mine)
+    assert result.returncode == 2 and "was not made by this script" in result.stderr
+    assert (mine / "important.yml").read_text() == "keep\n"
+    assert stat.S_IMODE(mine.stat().st_mode) == 0o755
 
 
 def test_a_planted_symlink_is_replaced_not_followed(secrets: Path, workdir: Path) -> None:
     out, victim = workdir / "conf", workdir / "victim"
-    out.mkdir()
-    shutil.chown(out, OWNER, OWNER)  # the owner's own directory, where it could plant one
+    env = base_env(secrets, PGVPN_SOCKET_DIR=str(workdir / "run"))
+    rendered(env, out)  # the owner's own directory now, where it could plant one
     victim.write_text("untouched\n")
+    (out / "10-node.yml").unlink()
     (out / "10-node.yml").symlink_to(victim)
-    rendered(base_env(secrets, PGVPN_SOCKET_DIR=str(workdir / "run")), out)
+    rendered(env, out)
     assert victim.read_text() == "untouched\n"
     assert not (out / "10-node.yml").is_symlink()
 
@@ -400,3 +415,13 @@ def test_patroni_bootstraps_a_leader_from_the_rendered_directory(
         stop(etcd)
         log.close()
     assert patroni.returncode == 0
+
+
+def test_unsafe_rest_requests_only_from_the_nodes_network(secrets: Path, workdir: Path
+                                                          ) -> None:
+    """A peer can reach a node's REST address through its own link to the node: a
+    switchover needs an address of net-db besides the password."""
+    config = rendered(base_env(secrets, PGVPN_SOCKET_DIR=str(workdir / "run")),
+                      workdir / "conf")
+    restapi = config["restapi"]
+    assert restapi["allowlist"] == [NODES] and restapi["allowlist_include_members"] is True

@@ -50,6 +50,7 @@ from pathlib import Path
 
 TEMPLATE = Path(__file__).resolve().with_name("patroni.yml")
 SHARED = "00-pgvpn.yml"
+MARKER = ".pgvpn-patroni"  # in every directory this script made or took over
 NODE = "10-node.yml"
 TLS_FILES = {"ca.crt": "PGVPN_SSL_CA_FILE", "server.crt": "PGVPN_SSL_CERT_FILE",
              "server.key": "PGVPN_SSL_KEY_FILE"}
@@ -184,7 +185,12 @@ def node_config(env: dict[str, str], out: Path) -> tuple[dict[str, object], dict
     authentication = {role: {"username": USERS[role], "password": passwords[role], **client_tls}
                       for role in ("superuser", "replication", "rewind")}
     config: dict[str, object] = {
-        "restapi": {"authentication": {"username": USERS["api"], "password": passwords["api"]}},
+        # Unsafe requests (switchover, restart, config) also need an address on the
+        # nodes' own network: a peer can send to a node's net-db address through the
+        # node's link to it (Linux answers for any of its addresses on any link).
+        "restapi": {"authentication": {"username": USERS["api"], "password": passwords["api"]},
+                    **({"allowlist": replication_cidrs, "allowlist_include_members": True}
+                       if replication_cidrs else {})},
         "postgresql": {
             "authentication": authentication,
             "pgpass": str(out / "pgpass"),
@@ -206,8 +212,10 @@ def owner_ids(owner: str) -> tuple[int, int]:
 def own_directory(path: Path, uid: int, gid: int, mode: int) -> None:
     """Create path (missing parents 0755) or take over an existing directory.
 
-    An existing directory of someone else's is taken over only while it is empty (or
-    holds a stale socket): a mistyped path such as / or /etc is refused, not chowned.
+    An existing directory is taken over only if this script made it before (its
+    marker file is there) or while it is empty (or holds a stale socket): a mistyped
+    path such as / or /etc is refused, never chowned, chmodded or cleaned, whoever
+    owns it.
     """
     path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     try:
@@ -215,12 +223,13 @@ def own_directory(path: Path, uid: int, gid: int, mode: int) -> None:
     except FileExistsError:
         if path.is_symlink() or not path.is_dir():
             raise ConfigError(f"{path} exists and is not a directory") from None
-        owner = path.stat().st_uid
-        if owner != uid and any(not e.name.startswith(".s.PGSQL.") for e in path.iterdir()):
-            raise ConfigError(f"{path} belongs to uid {owner} and is not empty: "
-                              "refusing to take it over") from None
+        ours = (path / MARKER).is_file()
+        if not ours and any(not e.name.startswith(".s.PGSQL.") for e in path.iterdir()):
+            raise ConfigError(f"{path} is not empty and was not made by this script (no "
+                              f"{MARKER}): refusing to take it over") from None
     os.chown(path, uid, gid, follow_symlinks=False)
     os.chmod(path, mode)
+    write_private(path / MARKER, b"made by pgvpn's patroni_config.py\n", uid, gid)
 
 
 def write_private(path: Path, data: bytes, uid: int, gid: int) -> None:

@@ -23,6 +23,10 @@ from pgvpn import db, dbhosts, tlspolicy
 from pgvpn.config import AgentConfig
 
 log = logging.getLogger(__name__)
+# Synchronous commit as the agent promises it (a commit is flushed, and on a synchronous
+# standby too), unless the session already asks for more (remote_apply).
+WAIT_FOR_FLUSH = ("SELECT set_config('synchronous_commit', 'on', false) WHERE "
+                  "current_setting('synchronous_commit') IN ('off', 'local', 'remote_write')")
 T = TypeVar("T")
 
 
@@ -148,6 +152,8 @@ class Session:
             tlspolicy.check(conn, config.allow_plaintext)
             if not config.synchronous_commit:
                 conn.execute("SET synchronous_commit = off")
+            else:  # a weaker default (the role's, PGOPTIONS) must not win unseen
+                conn.execute(WAIT_FOR_FLUSH)
             if bounded:
                 self.bound(conn, statements=statements)
         except BaseException:
