@@ -14,8 +14,8 @@ from lab.backends.base import LabError
 from lab.bench import bench_profile, bench_profiles, bench_runs
 from lab.controller import BACKENDS, Lab, make_backend
 from lab.failover import (
-    KILL_EVERY,
     MAX_KILLS,
+    WINDOW,
     bench_failover,
     render_failover_markdown,
     write_failover_report,
@@ -96,10 +96,11 @@ def add_parser(commands: Any) -> None:
                        "each CLIENT to its SERVER's tunnel address, e.g. --pairs "
                        f"{EXAMPLE}; one profile only")
     pairs.add_argument("--failover", action="store_true",
-                       help="a replicated database (lab up --topology ha): iperf3 from the "
-                       f"first agent to its peer while the primary is killed (SIGKILL) every "
-                       f"{KILL_EVERY:g} s; reports how long the tunnel carried nothing after "
-                       "each kill, and any row lost or logged twice")
+                       help="a replicated database (lab up --topology ha): the primary killed "
+                       f"(SIGKILL) during {WINDOW:g} s of iperf3 from the first agent to its "
+                       "peer, and the old primary brought back before the next kill; reports "
+                       "how long the tunnel carried nothing after each kill, and any row lost "
+                       "or logged twice")
     pairs.add_argument("--all-pairs", action="store_true",
                        help="the same with every agent of the topology, paired in its order "
                        "(a:b, c:d, ...); with an odd number the last is left out, and the "
