@@ -17,6 +17,7 @@ import threading
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -59,6 +60,20 @@ def assert_whole_streams(lab: LabHandle) -> None:
         assert rows == distinct == last - first + 1, (sender, rows, distinct, first, last)
 
 
+def assert_nothing_lost(lab: LabHandle, before: tuple[Any, ...]) -> None:
+    """Since `before` (a quiet_snapshot): every packet an uplink read from its TUN was
+    committed once, outage or not, and no logged packet reached a TUN twice (a batch
+    read as the connection died may be lost: the cursor moved with it; TCP resent it)."""
+    tun_a0, tun_b0, logged0 = before
+    tun_a1, tun_b1, logged1 = quiet_snapshot(lab)
+    rows = logged_between(lab, logged0, logged1)
+    assert rows["peer-a"] == tun_a1["tx"] - tun_a0["tx"]
+    assert rows["peer-b"] == tun_b1["tx"] - tun_b0["tx"]
+    assert_whole_streams(lab)
+    assert tun_b1["rx"] - tun_b0["rx"] <= rows["peer-a"]
+    assert tun_a1["rx"] - tun_a0["rx"] <= rows["peer-b"]
+
+
 def test_unreachable_database_at_start_retries_then_says_what_to_check() -> None:
     with socket.socket() as probe:  # a loopback port where nothing listens
         probe.bind(("127.0.0.1", 0))
@@ -90,7 +105,7 @@ def test_postgres_restarted_during_a_transfer(any_lab: LabHandle, how: str) -> N
     it did: its log is read from where it stood before the restart, not the lines
     earlier tests left there.
     """
-    tun_a0, tun_b0, logged0 = quiet_snapshot(any_lab)
+    before = quiet_snapshot(any_lab)
     started = postmaster_started(any_lab)
     marks = {host: log_mark(any_lab, host) for host in AGENTS}
     restart = ["restart", "postgres"] + (["--kill"] if how == "crash" else [])
@@ -103,16 +118,7 @@ def test_postgres_restarted_during_a_transfer(any_lab: LabHandle, how: str) -> N
         assert re.search(r"database connection lost .*; reconnecting (at once|in)",
                          log_since(any_lab, host, marks[host])), host
 
-    tun_a1, tun_b1, logged1 = quiet_snapshot(any_lab)
-    # every packet an uplink read from its TUN was committed once, outage or not ...
-    rows = logged_between(any_lab, logged0, logged1)
-    assert rows["peer-a"] == tun_a1["tx"] - tun_a0["tx"]
-    assert rows["peer-b"] == tun_b1["tx"] - tun_b0["tx"]
-    assert_whole_streams(any_lab)
-    # ... and no logged packet reached a TUN twice (a batch read as the connection
-    # died may be lost: the cursor moved with it; TCP resent those)
-    assert tun_b1["rx"] - tun_b0["rx"] <= rows["peer-a"]
-    assert tun_a1["rx"] - tun_a0["rx"] <= rows["peer-b"]
+    assert_nothing_lost(any_lab, before)
 
 
 def test_receiver_killed_resumes_from_its_cursor_and_writes_nothing_twice(

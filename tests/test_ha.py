@@ -28,8 +28,8 @@ from tests.conftest import (
     docker_ready,
     netns_ready,
 )
-from tests.test_faults import assert_whole_streams
-from tests.test_tunnel import logged_between, quiet_snapshot, stream_transfer
+from tests.test_faults import assert_nothing_lost
+from tests.test_tunnel import quiet_snapshot, stream_transfer
 
 PEER_A, PEER_B = "10.230.0.1", "10.230.0.2"
 STREAM_BYTES = 30_000_000
@@ -98,19 +98,6 @@ def stream_during(lab: LabHandle, action: Any, after: float = 1.5) -> bool:
     if failure:
         raise failure[0]
     return exact
-
-
-def assert_nothing_lost(lab: LabHandle, before: tuple[Any, ...]) -> None:
-    """Every packet an uplink read from its TUN is logged exactly once; none delivered
-    twice (the same assertions as a restart of a lone database: tests/test_faults.py)."""
-    tun_a0, tun_b0, logged0 = before
-    tun_a1, tun_b1, logged1 = quiet_snapshot(lab)
-    rows = logged_between(lab, logged0, logged1)
-    assert rows["peer-a"] == tun_a1["tx"] - tun_a0["tx"]
-    assert rows["peer-b"] == tun_b1["tx"] - tun_b0["tx"]
-    assert_whole_streams(lab)
-    assert tun_b1["rx"] - tun_b0["rx"] <= rows["peer-a"]
-    assert tun_a1["rx"] - tun_a0["rx"] <= rows["peer-b"]
 
 
 def test_the_cluster_has_a_primary_and_a_synchronous_standby(ha: LabHandle) -> None:
