@@ -12,17 +12,14 @@ import yaml
 from lab import topology
 from lab.topology import TopologyError
 from tests.conftest import ROOT
+from tests.test_topology import topology_with
 
 ENV = {"PGVPN_LAB_NAME": "pgvpn"}
 HA = ROOT / "topologies" / "ha.yaml"
 
 
 def ha_with(tmp_path: Path, change: object) -> Path:
-    document = yaml.safe_load(HA.read_text())
-    change(document)  # type: ignore[operator]
-    path = tmp_path / "changed.yaml"
-    path.write_text(yaml.safe_dump(document, sort_keys=False))
-    return path
+    return topology_with(HA, tmp_path, change)
 
 
 def test_the_ha_topology_loads() -> None:

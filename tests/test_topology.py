@@ -24,7 +24,12 @@ FLEET = ROOT / "topologies" / "fleet.yaml"
 
 def fleet_with(tmp_path: Path, change: object) -> Path:
     """fleet.yaml with `change(document)` applied, written to tmp_path."""
-    document = yaml.safe_load(FLEET.read_text())
+    return topology_with(FLEET, tmp_path, change)
+
+
+def topology_with(source: Path, tmp_path: Path, change: object) -> Path:
+    """A topology file with `change(document)` applied, written to tmp_path."""
+    document = yaml.safe_load(source.read_text())
     change(document)  # type: ignore[operator]
     path = tmp_path / "changed.yaml"
     path.write_text(yaml.safe_dump(document, sort_keys=False))
