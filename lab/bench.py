@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from lab.backends.base import LabError, Progress
 from lab.ceiling import measure_ceiling, sent_row_size
@@ -99,11 +99,12 @@ def bench_profile(lab: Lab, duration: float, progress: Progress,
         ceiling = measure_ceiling(lab, duration, progress, sent_row_size(lab, started))
     elif ceiling is None:
         ceiling = measure_ceiling(lab, duration, progress)
-    run = run_label(lab.settings.profile, lab.settings.offload)
+    run = run_label(lab.settings.profile, lab.settings.offload, lab.settings.queue_target_ms)
     if raw_dir is not None:
         raw_dir.mkdir(parents=True, exist_ok=True)
-        # one file per run: `--offload both` runs a profile twice
-        name = run.replace(", offload off", "-offload-off")
+        # one file per run: `--offload both` and `--queue-control both` run a profile twice
+        name = run.replace(", offload off", "-offload-off").replace(", queue control",
+                                                                     "-queue-control")
         if own_underlay:
             (raw_dir / f"iperf3-underlay-{name}.json").write_text(
                 json.dumps(underlay.raw, indent=1))
@@ -134,6 +135,8 @@ def bench_profile(lab: Lab, duration: float, progress: Progress,
         "rtt_loaded_ms": (under_load or PingResult(0, 0, {})).percentiles(),
         "ping_loss_loaded": under_load.lost if under_load else None,
         "offload": offload,
+        # CoDel's target at the uplinks (ms), and the packets it dropped; 0: off
+        "queue_target_ms": lab.settings.queue_target_ms,
         # rows, and the packets on the wire they stand for (a super-packet is several)
         "packets_logged": after["packets"] - before["packets"],
         "wire_packets_logged": after["wire_packets"] - before["wire_packets"],
@@ -157,19 +160,32 @@ def settled_log_totals(lab: Lab, timeout: float = LOG_SETTLE_TIMEOUT) -> dict[st
     return totals
 
 
-def bench_runs(profiles: list[str], offload: str) -> list[tuple[str, bool]]:
-    """(profile, offload) in the order run: with offload 'both', each profile that
-    carries offload runs twice, off first, so that one report compares them."""
+class Run(NamedTuple):
+    """One run of a bench: a profile, with offload on or off, and queue control's target
+    in ms (0: off)."""
+
+    profile: str
+    offload: bool
+    queue_target_ms: int
+
+
+def bench_runs(profiles: list[str], offload: str, queue: str,
+               queue_target_ms: int) -> list[Run]:
+    """The runs in order: with offload 'both', each profile that carries offload runs
+    off, then on; with queue 'both', each profile runs without queue control, then
+    with it (at `queue_target_ms`, offload on), so that one report compares them."""
     runs = []
     for name in profiles:
-        if offload == "both" and PROFILES[name].carries_offload:
-            runs += [(name, False), (name, True)]
-        else:
-            runs.append((name, offload != "off"))
+        carries = PROFILES[name].carries_offload
+        offloads = [False, True] if offload == "both" and carries else [offload != "off"]
+        queued = queue_target_ms if queue == "on" else 0
+        runs += [Run(name, each, queued) for each in offloads]
+        if queue == "both":
+            runs.append(Run(name, offloads[-1], queue_target_ms))
     return runs
 
 
-def bench_profiles(lab: Lab, runs: list[tuple[str, bool]], duration: float, progress: Progress,
+def bench_profiles(lab: Lab, runs: list[Run], duration: float, progress: Progress,
                    raw_dir: Path | None = None,
                    on_result: Callable[[dict[str, Any]], None] | None = None
                    ) -> list[dict[str, Any]]:
@@ -188,8 +204,8 @@ def bench_profiles(lab: Lab, runs: list[tuple[str, bool]], duration: float, prog
         (raw_dir / "iperf3-underlay.json").write_text(json.dumps(underlay.raw, indent=1))
     ceilings: dict[int, dict[str, Any]] = {}  # by MTU: the rows' size is the packets'
     results = []
-    for name, offload in runs:
-        run = lab.with_profile(name, offload)
+    for name, offload, queue_target_ms in runs:
+        run = lab.with_profile(name, offload, queue_target_ms)
         try:
             run.start_for_bench(progress)
             result = bench_profile(run, duration, progress, raw_dir, underlay=underlay,
@@ -198,7 +214,7 @@ def bench_profiles(lab: Lab, runs: list[tuple[str, bool]], duration: float, prog
                 ceilings[run.effective_mtu] = result["ceiling"]
         except LabError as exc:
             progress(f"{name} failed: {exc}")
-            result = {"profile": name, "run": run_label(name, offload),
+            result = {"profile": name, "run": run_label(name, offload, queue_target_ms),
                       "logged": PROFILES[name].logged, "error": str(exc)}
         results.append(result)
         if on_result is not None:

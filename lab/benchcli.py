@@ -26,6 +26,7 @@ from lab.pairs import EXAMPLE, bench_pairs, chosen_pairs, pairs_argument
 from lab.pairsreport import render_pairs_markdown, write_pairs_report
 from lab.report import build_report, render_markdown, run_label, write_report
 from lab.settingsargs import (
+    QUEUE_TARGET_MS,
     add_lab_settings,
     requested_settings,
     requested_topology,
@@ -118,9 +119,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return failover_bench(args)
     in_pairs = args.pairs is not None or args.all_pairs
     profiles: list[str] = args.profile or []
-    if in_pairs and (len(profiles) > 1 or args.offload == "both"):
-        raise LabError("--pairs and --all-pairs run one profile with one offload setting: "
-                       "give at most one --profile, and --offload on or off")
+    if in_pairs and (len(profiles) > 1 or "both" in (args.offload, args.queue_control)):
+        raise LabError("--pairs and --all-pairs run one profile with one offload and queue "
+                       "control setting: give at most one --profile, and --offload and "
+                       "--queue-control on or off")
     if profiles and routes_by_table(requested_topology(args)):
         skipped = [p for p in profiles if not PROFILES[p].routes_by_table]
         profiles = [p for p in profiles if PROFILES[p].routes_by_table]
@@ -135,8 +137,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = args.out or default_report_dir()
     settings = requested_settings(args)
     runs = bench_runs(profiles or [settings.profile],
-                      args.offload or ("on" if settings.offload else "off"))
-    settings = dataclasses.replace(settings, offload=runs[0][1])
+                      args.offload or ("on" if settings.offload else "off"),
+                      args.queue_control or ("on" if settings.queue_target_ms else "off"),
+                      settings.queue_target_ms or QUEUE_TARGET_MS)
+    settings = dataclasses.replace(settings, offload=runs[0].offload,
+                                   queue_target_ms=runs[0].queue_target_ms)
     lab = Lab(make_backend(settings.backend, settings), settings)
     if in_pairs:  # checked against the topology this lab runs, before it starts
         pairs, left_out = chosen_pairs(args.pairs, lab.topology)
@@ -169,8 +174,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def failover_bench(args: argparse.Namespace) -> int:
     """--failover: one profile, the replicated topology the lab runs (or is given)."""
     profiles: list[str] = args.profile or []
-    if len(profiles) > 1 or args.offload == "both":
-        raise LabError("--failover runs one profile with one offload setting")
+    if len(profiles) > 1 or "both" in (args.offload, args.queue_control):
+        raise LabError("--failover runs one profile with one offload and queue control "
+                       "setting: give --offload and --queue-control on or off")
     args.profile = profiles[0] if profiles else None
     out = args.out or default_report_dir()
     settings = requested_settings(args)

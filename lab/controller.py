@@ -46,6 +46,7 @@ def lab_environment(settings: state.LabSettings) -> dict[str, str]:
     env.update({"PGVPN_LAB_NAME": state.LAB_NAME,
                 "PGVPN_MTU": str(settings.mtu), "PGVPN_PROFILE": settings.profile,
                 "PGVPN_OFFLOAD": "true" if settings.offload else "false",
+                "PGVPN_QUEUE_TARGET_MS": str(settings.queue_target_ms),
                 "PGVPN_ROUTING": settings.routing,
                 "PGVPN_LAB_SECRETS": str(state.secrets_dir())})
     # The server always offers TLS; without it (--no-tls) it also accepts plaintext
@@ -163,6 +164,8 @@ class Lab:
                     progress(f"restarting {agent.name} with mtu {self.effective_mtu}, "
                              f"profile {self.settings.profile}"
                              + ("" if self.settings.offload else ", offload off")
+                             + (f", queue control {self.settings.queue_target_ms} ms"
+                                if self.settings.queue_target_ms else "")
                              + ("" if self.settings.tls else ", WITHOUT TLS")
                              + f", routing {self.settings.routing}")
                     self.backend.stop(agent)
@@ -278,12 +281,15 @@ class Lab:
         assert row is not None
         return {"packets": int(row[0]), "bytes": int(row[1]), "wire_packets": int(row[2])}
 
-    def with_profile(self, profile: str, offload: bool | None = None) -> Lab:
-        """The same lab with another transport profile, and offload setting if given
-        (applied by the next `up`)."""
+    def with_profile(self, profile: str, offload: bool | None = None,
+                     queue_target_ms: int | None = None) -> Lab:
+        """The same lab with another transport profile, and offload and queue control
+        settings if given (applied by the next `up`)."""
         settings = dataclasses.replace(
             self.settings, profile=profile,
             offload=self.settings.offload if offload is None else offload,
+            queue_target_ms=(self.settings.queue_target_ms if queue_target_ms is None
+                             else queue_target_ms),
             # a blog profile carries one fixed pair: it runs with routing peer
             routing=self.settings.routing if PROFILES[profile].routes_by_table else "peer")
         return Lab(make_backend(settings.backend, settings), settings)

@@ -218,7 +218,8 @@ def bench_pairs(lab: Lab, pairs: Sequence[Pair], duration: float, progress: Prog
     fairness = None if failed else jain_index(rates)
     report = {
         "mode": "pairs", "profile": lab.settings.profile,
-        "run": run_label(lab.settings.profile, lab.settings.offload),
+        "run": run_label(lab.settings.profile, lab.settings.offload,
+                         lab.settings.queue_target_ms),
         "backend": lab.backend.name, "mtu": lab.effective_mtu, "duration_s": duration,
         "offload": lab.settings.offload and PROFILES[lab.settings.profile].carries_offload,
         "routing": lab.settings.routing,

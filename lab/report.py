@@ -30,13 +30,15 @@ CLOSE = 0.1  # rates nearer than this fraction are called out as a tie, held or 
 COMMON_FIELDS = ("backend", "duration_s", "underlay_mbps")
 
 
-def run_label(profile: str, offload: bool) -> str:
-    """A run's name in the report: its profile, and "offload off" where that was chosen
-    for a profile that carries offload (so that `--offload both` shows two rows)."""
+def run_label(profile: str, offload: bool, queue_target_ms: int = 0) -> str:
+    """A run's name in the report: its profile, "offload off" where that was chosen for
+    a profile that carries offload, and "queue control" where it was on (so that
+    `--offload both` and `--queue-control both` show a row each)."""
     from pgvpn.transports import PROFILES  # late: only labels need it
 
-    return f"{profile}, offload off" if not offload and PROFILES[profile].carries_offload \
+    label = f"{profile}, offload off" if not offload and PROFILES[profile].carries_offload \
         else profile
+    return f"{label}, queue control" if queue_target_ms else label
 
 
 def label(result: dict[str, Any]) -> str:
@@ -102,13 +104,34 @@ def expectations(report: dict[str, Any]) -> list[str]:
 def offload_gain(results: list[dict[str, Any]]) -> list[str]:
     """A sentence per profile measured with offload off and on in this run."""
     lines = []
-    for r in succeeded(results):
-        off = next((o for o in succeeded(results) if o["profile"] == r["profile"]
+    plain = [r for r in succeeded(results) if not r.get("queue_target_ms")]
+    for r in plain:
+        off = next((o for o in plain if o["profile"] == r["profile"]
                     and o.get("offload") is False), None)
         if r.get("offload") and off and off["receiver_mbps"]:
             lines.append(f"{r['profile']} with offload: {r['receiver_mbps']:.1f} Mbit/s, "
                          f"**{r['receiver_mbps'] / off['receiver_mbps']:.2f}x** the same "
                          f"run without ({off['receiver_mbps']:.1f} Mbit/s).")
+    return lines
+
+
+def queue_control_gain(results: list[dict[str, Any]]) -> list[str]:
+    """A sentence per run with queue control that has a twin without it in this run."""
+    lines = []
+    for r in succeeded(results):
+        if not r.get("queue_target_ms"):
+            continue
+        twin = next((o for o in succeeded(results) if o["profile"] == r["profile"]
+                     and o.get("offload") == r.get("offload")
+                     and not o.get("queue_target_ms")), None)
+        if twin is None or not twin["receiver_mbps"]:
+            continue
+        lines.append(f"{label(r)} ({r['queue_target_ms']} ms target): RTT under load p50 / "
+                     f"p99 {rtt_pair(r, 'rtt_loaded_ms')} ms against "
+                     f"{rtt_pair(twin, 'rtt_loaded_ms')} ms without; "
+                     f"{r['receiver_mbps']:.1f} Mbit/s, "
+                     f"**{r['receiver_mbps'] / twin['receiver_mbps']:.0%}** of the same run "
+                     f"without ({twin['receiver_mbps']:.1f} Mbit/s).")
     return lines
 
 
@@ -194,7 +217,7 @@ def render_markdown(report: dict[str, Any], *, chart: str | None = None) -> str:
                   f" vs {cost['primary_alone_mbps']:.1f} Mbit/s, same run): each commit "
                   "waits for the standby's flush, and the standby's replay shares the "
                   "machine.", ""]
-    notes = expectations(report) + offload_gain(results)
+    notes = expectations(report) + offload_gain(results) + queue_control_gain(results)
     if notes:
         lines += [*notes, ""]
     if chart:

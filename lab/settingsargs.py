@@ -13,6 +13,9 @@ from pgvpn.cliargs import whole
 from pgvpn.config import MAX_MTU, MIN_MTU
 from pgvpn.transports import PROFILES
 
+# CoDel's target when the lab turns queue control on: RFC 8289's 5 ms.
+QUEUE_TARGET_MS = 5
+
 
 def add_lab_settings(parser: argparse.ArgumentParser, *, several: bool = False) -> None:
     parser.add_argument("-f", "--topology", type=topology_file, default=None, metavar="FILE",
@@ -35,6 +38,14 @@ def add_lab_settings(parser: argparse.ArgumentParser, *, several: bool = False) 
                         "of a TCP stream; off logs one row per packet on the wire"
                         + ("; both runs each such profile with offload off, then on, to "
                            "compare them in one report" if several else ""))
+    parser.add_argument("--queue-control", choices=("on", "off", "both") if several
+                        else ("on", "off"), default=None,
+                        help="queue control at the agents' uplinks (default off): sparse "
+                        "flows (echoes, ACKs, keystrokes) are sent before the bulk ones read "
+                        f"with them, and CoDel drops a bulk flow's packet when packets have "
+                        f"waited over {QUEUE_TARGET_MS} ms for 100 ms, so that TCP slows down"
+                        + ("; both runs each profile without it, then with it, to compare "
+                           "them in one report" if several else ""))
     parser.add_argument("--routing", choices=("peer", "table"), default=None,
                         help="how agents pick each packet's receiver: peer (default), the "
                         "topology's fixed pairs; table, the owner's routing table "
@@ -94,6 +105,9 @@ def requested_settings(args: argparse.Namespace) -> state.LabSettings:
     offload = current.offload if current else True
     if getattr(args, "offload", None) in ("on", "off"):
         offload = args.offload == "on"
+    queue_target_ms = current.queue_target_ms if current else 0
+    if getattr(args, "queue_control", None) in ("on", "off"):
+        queue_target_ms = QUEUE_TARGET_MS if args.queue_control == "on" else 0
     path = requested_topology(args)
     routing = args.routing or (current.routing if current else "peer")
     fleet = routes_by_table(path)
@@ -108,4 +122,5 @@ def requested_settings(args: argparse.Namespace) -> state.LabSettings:
                            "blog's posts: use --routing peer with it")
         routing = "peer"  # the lab's table routing, left for a blog profile
     return state.LabSettings(backend=backend, mtu=mtu, profile=profile, tls=tls,
-                             offload=offload, routing=routing, topology=path)
+                             offload=offload, queue_target_ms=queue_target_ms,
+                             routing=routing, topology=path)

@@ -37,6 +37,9 @@ class LabSettings:
     # TCP segmentation offload on the agents' TUN devices (PGVPN_OFFLOAD); False
     # (`--offload off`) logs one row per packet on the wire, to measure what it gains.
     offload: bool = True
+    # Queue control at the agents' uplinks (PGVPN_QUEUE_TARGET_MS, CoDel's target);
+    # 0 (`--queue-control off`) queues whatever TCP sends.
+    queue_target_ms: int = 0
     # How agents pick each packet's receiver (PGVPN_ROUTING): "peer", the topology's
     # fixed pairs; "table" (`--routing table`), the owner's routing table (pgvpn.routes).
     routing: str = "peer"

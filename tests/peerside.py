@@ -76,7 +76,8 @@ def agent_log(lab: LabHandle, host: str, tail: int = 400) -> str:
 WHOLE_LOG = 100_000  # the most lines `lab logs --tail` gives (lab.cli.MAX_LOG_LINES)
 # The agent's start line (pgvpn.agent): what it runs with, as it understood its settings.
 START_LINE = re.compile(r"peer (?P<peer>\S+): (?P<tun>\S+) on .*, mtu (?P<mtu>\d+), "
-                        r"offload (?P<offload>on|off[^)]*)\) -> "
+                        r"offload (?P<offload>on|off[^)]*?)"
+                        r"(?:, queue control (?P<queue_ms>\d+) ms)?\) -> "
                         r"peer .*, profile (?P<profile>\S+), (?P<commit>\w+) commit$",
                         re.MULTILINE)
 

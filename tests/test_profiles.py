@@ -273,3 +273,29 @@ def test_profiles_say_where_they_log() -> None:
             assert profile.log_table in profile.tables
     assert PROFILES["notify-only"].default_mtu(65000) < 8000 * 3 // 4  # fits a NOTIFY
     assert PROFILES["batched-jumbo"].default_mtu(1500) == 65000
+
+
+def test_bench_runs_compare_offload_and_queue_control_in_one_report() -> None:
+    """--offload both and --queue-control both: each profile without, then with; the
+    blog's profiles carry no offload and run once per queue control setting."""
+    from lab.bench import Run, bench_runs
+
+    assert bench_runs(["batched"], "both", "both", 5) == [
+        Run("batched", False, 0), Run("batched", True, 0), Run("batched", True, 5)]
+    assert bench_runs(["blog-v1", "batched"], "on", "on", 9) == [
+        Run("blog-v1", True, 9), Run("batched", True, 9)]
+    assert bench_runs(["blog-v1"], "off", "both", 5) == [
+        Run("blog-v1", False, 0), Run("blog-v1", False, 5)]
+    without = dict(fake_result("batched", 400.0), offload=True, queue_target_ms=0,
+                   run="batched")
+    with_it = dict(fake_result("batched", 380.0), offload=True, queue_target_ms=5,
+                   run="batched, queue control",
+                   rtt_loaded_ms={"p50": 9.5, "p99": 30.0, "samples": 85})
+    off = dict(fake_result("batched", 200.0), offload=False, queue_target_ms=0,
+               run="batched, offload off")
+    markdown = render_markdown(build_report([off, without, with_it]))
+    assert ("batched, queue control (5 ms target): RTT under load p50 / p99 9.50 / 30.00 ms "
+            "against 21.00 / 44.12 ms without; 380.0 Mbit/s, **95%** of the same run "
+            "without (400.0 Mbit/s).") in markdown
+    # offload's gain compares the runs without queue control only: one sentence
+    assert markdown.count("batched with offload:") == 1 and "**2.00x**" in markdown

@@ -135,3 +135,25 @@ def test_a_lab_whose_topology_file_is_gone_says_so_and_still_goes_down(tmp_path:
     down = lab_cli(tmp_path, "down")
     assert down.returncode == 0, down.stderr
     assert "cannot be read" in down.stderr and not (tmp_path / "lab").exists()
+
+
+@pytest.mark.parametrize("name", ["compose.yaml", "topologies/fleet.yaml",
+                                  "topologies/ha.yaml"])
+def test_every_shipped_topology_hands_the_labs_settings_to_each_agent(name: str) -> None:
+    """What `lab up --mtu/--offload/--queue-control/...` chose reaches every agent on
+    either backend: each reads the agents' environment from this file, filled in with
+    the lab's settings (lab_environment)."""
+    from lab.controller import lab_environment
+    from lab.state import LabSettings
+
+    settings = LabSettings("netns", 1400, "batched", offload=False, queue_target_ms=7,
+                           routing="table")
+    env = {**lab_environment(settings), "PGVPN_LAB_NAME": "pgvpn"}
+    loaded = topology.load(env, ROOT / name)
+    assert loaded.agents
+    for agent in loaded.agents:
+        # (a YAML loader reads the filled-in "false" as a boolean: the agent takes either)
+        assert {key: str(agent.environment.get(key)).lower() for key in (
+            "PGVPN_MTU", "PGVPN_OFFLOAD", "PGVPN_QUEUE_TARGET_MS", "PGVPN_PROFILE")} == {
+            "PGVPN_MTU": "1400", "PGVPN_OFFLOAD": "false", "PGVPN_QUEUE_TARGET_MS": "7",
+            "PGVPN_PROFILE": "batched"}, agent.name

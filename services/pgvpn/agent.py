@@ -29,6 +29,7 @@ from pgvpn.badinput import BadInputLog
 from pgvpn.config import HEARTBEAT_SECONDS, AgentConfig, check_database_hosts
 from pgvpn.errors import PgvpnError
 from pgvpn.packets import packet_problem
+from pgvpn.queuecontrol import CoDel, sparse_first
 from pgvpn.routing import ROUTES_MIN_INTERVAL, RouteFollower, RoutingTable, destination
 from pgvpn.transports import PROFILES, Downlink, Session, Uplink
 from pgvpn.transports.base import Counters
@@ -53,6 +54,8 @@ class Agent:
         self.mtu = self.profile.default_mtu(config.mtu)
         self.session = Session(config)
         self.dropped_from_tun = 0
+        # CoDel at the uplink (pgvpn.queuecontrol), if PGVPN_QUEUE_TARGET_MS asks for it
+        self.queue = CoDel(config.queue_target_ms / 1000) if config.queue_target_ms else None
         self.skipped_rows = 0
         self.bad_frames = BadInputLog(f"dropped frames read from {config.tun_name} that are "
                                       "not IPv4/IPv6 packets")
@@ -157,6 +160,12 @@ class Agent:
                  uplink.counters.packets, downlink.counters.packets)
 
     def _describe_offload(self, tun: TunDevice) -> str:
+        """The TUN's offload, and the uplink's queue control if any, for the start line."""
+        queue = (f", queue control {self.config.queue_target_ms} ms"
+                 if self.config.queue_target_ms else "")
+        return self._offload_state(tun) + queue
+
+    def _offload_state(self, tun: TunDevice) -> str:
         if tun.offload:
             return "offload on"
         if tun.offload_refused:
@@ -176,7 +185,8 @@ class Agent:
             up, down = self._counters()
             remote = self.config.peer if self.config.routing == "peer" else ""
             return Readings(self.config.name, remote or "", up, down,
-                            self.dropped_from_tun, self.skipped_rows, self.unrouted)
+                            self.dropped_from_tun, self.skipped_rows, self.unrouted,
+                            self.queue.drops if self.queue is not None else 0)
 
         return MetricsServer(self.config.metrics_listen, read)
 
@@ -199,27 +209,53 @@ class Agent:
             self.stop.set()
 
     def pump_up(self, tun: TunDevice, uplink: Uplink) -> None:
-        """TUN -> database: read every packet queued, send them as one batch."""
+        """TUN -> database: read every packet queued, send them as one batch (with
+        queue control: CoDel may drop one, and sparse flows go in a batch of their own
+        first; pgvpn.queuecontrol)."""
         limit = self.config.batch_packets
+        drained_at = time.monotonic()  # when a read last left the TUN's queue empty
         while not self.stop.is_set():
-            if not tun.wait_readable(0.2):
-                continue
-            packets = []
-            for frame in tun.read_available(limit):
-                problem = packet_problem(tun.packet_of(frame))
-                if problem is None:
-                    packets.append(frame)
-                else:
-                    self.dropped_from_tun += 1
-                    self.bad_frames.report(problem)
+            queued_since = drained_at  # packets already waiting: since the last drain
+            if not tun.wait_readable(0):
+                if not tun.wait_readable(0.2):
+                    continue
+                queued_since = time.monotonic()  # waited for it: it has just come
+            frames = tun.read_available(limit)
+            now = time.monotonic()
+            if tun.drained:
+                drained_at = now
+            if self.queue is not None:
+                victim = self.queue.choose(frames, now - queued_since, now)
+                if victim is not None:
+                    del frames[victim]
+            packets = self._valid_packets(tun, frames)
             if not packets:
                 continue
-            if self.routes is None:
-                uplink.send(packets)
-                continue
-            # the control loop may swap in a newer table meanwhile: one table a batch
-            for receiver, group in self._route(tun, self.routes.table, packets).items():
-                uplink.send_to(receiver, group)
+            sparse, bulk = sparse_first(packets, tun.packet_of) if self.queue else ([], packets)
+            for part in (sparse, bulk):
+                if part:
+                    self._send(tun, uplink, part)
+
+    def _valid_packets(self, tun: TunDevice, frames: list[bytes]) -> list[bytes]:
+        """The frames that are IP packets; the others are counted and reported."""
+        packets = []
+        for frame in frames:
+            problem = packet_problem(tun.packet_of(frame))
+            if problem is None:
+                packets.append(frame)
+            else:
+                self.dropped_from_tun += 1
+                self.bad_frames.report(problem)
+        return packets
+
+    def _send(self, tun: TunDevice, uplink: Uplink, packets: list[bytes]) -> None:
+        """One batch to the fixed peer, or one per receiver by the routing table."""
+        if self.routes is None:
+            uplink.send(packets)
+            return
+        # the control loop may swap in a newer table meanwhile: one table a batch
+        for receiver, group in self._route(tun, self.routes.table, packets).items():
+            uplink.send_to(receiver, group)
 
     def _route(self, tun: TunDevice, routing: RoutingTable, frames: list[bytes]
                ) -> dict[str, list[bytes]]:

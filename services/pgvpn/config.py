@@ -29,6 +29,7 @@ MIN_MTU = 576  # the IPv4 minimum; below it some peers' packets cannot be carrie
 MAX_MTU = 65535
 MAX_REPLAY_AGE = 365 * 86400
 MAX_BATCH_PACKETS = 65536
+MAX_QUEUE_TARGET_MS = 1000
 MAX_CONNECT_ATTEMPTS = 1000
 # How often an agent writes last_seen and its counters (`pgvpn show` reads them).
 HEARTBEAT_SECONDS = 5.0
@@ -194,6 +195,11 @@ SETTINGS: tuple[Setting, ...] = (
             "TCP segmentation and checksum offload on the TUN device (profiles batched and "
             "batched-jumbo): one read, row and write carry up to 64 KB of a TCP stream; "
             "false logs one row per packet on the wire"),
+    Setting("queue_target_ms", "PGVPN_QUEUE_TARGET_MS", _whole(0, MAX_QUEUE_TARGET_MS), 0,
+            "queue control at the uplink: sparse flows (echoes, ACKs, keystrokes) go in a "
+            "batch before the bulk ones read with them, and when packets have waited longer "
+            "than this many milliseconds for 100 ms, CoDel drops a bulk flow's packet so "
+            f"that TCP slows down (1-{MAX_QUEUE_TARGET_MS}; 0, the default, turns it off)"),
     Setting("batch_packets", "PGVPN_BATCH_PACKETS", _whole(1, MAX_BATCH_PACKETS), 1024,
             f"most packets written in one COPY (1-{MAX_BATCH_PACKETS})"),
     Setting("max_replay_age", "PGVPN_MAX_REPLAY_AGE", _seconds, 30.0,
@@ -256,6 +262,7 @@ class AgentConfig:
     profile: str = "batched"
     synchronous_commit: bool = True
     offload: bool = True
+    queue_target_ms: int = 0
     batch_packets: int = 1024
     max_replay_age: float = 30.0
     allow_plaintext: bool = False

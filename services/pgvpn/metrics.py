@@ -37,6 +37,7 @@ class Readings:
     dropped_frames: int
     skipped_rows: int
     unrouted: int = 0
+    queue_drops: int = 0
 
 
 class AgentCollector(Collector):
@@ -83,7 +84,9 @@ class AgentCollector(Collector):
                 ("pgvpn_skipped_rows", "logged rows not written to the TUN device (not a "
                  "packet for it, or larger than its MTU)", now.skipped_rows),
                 ("pgvpn_routing_misses", "packets read from the TUN device to an address no "
-                 "other peer routes (dropped, never logged; routing 'table')", now.unrouted)):
+                 "other peer routes (dropped, never logged; routing 'table')", now.unrouted),
+                ("pgvpn_queue_drops", "packets of bulk flows dropped by the uplink's queue "
+                 "control (CoDel, PGVPN_QUEUE_TARGET_MS; never logged)", now.queue_drops)):
             family = CounterMetricFamily(name, text, labels=["peer"])
             family.add_metric([now.name], number)
             yield family

@@ -58,6 +58,7 @@ class TunDevice:
         self.offload = False
         self.offload_refused = ""
         self.routed: set[Network] = set()  # prefixes `route` sent into this device
+        self.drained = False  # whether the last read_available emptied the queue
         self.fd = self._open_with_offload() if offload else -1
         if self.fd < 0:
             self.fd = self._open(name)
@@ -164,14 +165,16 @@ class TunDevice:
 
     def read_available(self, limit: int, max_bytes: int = READ_BYTES) -> list[bytes]:
         """Read up to `limit` frames, and not much more than `max_bytes`, that are
-        already queued, without blocking."""
+        already queued, without blocking; `drained` says whether that emptied the queue."""
         packets: list[bytes] = []
         bufsize = MAX_FRAME if self.offload else self.mtu + 64
         taken = 0
+        self.drained = False
         while len(packets) < limit and taken < max_bytes:
             try:
                 packet = os.read(self.fd, bufsize)
             except BlockingIOError:
+                self.drained = True
                 break
             packets.append(packet)
             taken += len(packet)
