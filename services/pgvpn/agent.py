@@ -29,7 +29,7 @@ from pgvpn.badinput import BadInputLog
 from pgvpn.config import HEARTBEAT_SECONDS, AgentConfig, check_database_hosts
 from pgvpn.errors import PgvpnError
 from pgvpn.packets import packet_problem
-from pgvpn.queuecontrol import CoDel, sparse_first
+from pgvpn.queuecontrol import CoDel, UplinkReads
 from pgvpn.routing import ROUTES_MIN_INTERVAL, RouteFollower, RoutingTable, destination
 from pgvpn.transports import PROFILES, Downlink, Session, Uplink
 from pgvpn.transports.base import Counters
@@ -212,29 +212,11 @@ class Agent:
         """TUN -> database: read every packet queued, send them as one batch (with
         queue control: CoDel may drop one, and sparse flows go in a batch of their own
         first; pgvpn.queuecontrol)."""
-        limit = self.config.batch_packets
-        drained_at = time.monotonic()  # when a read last left the TUN's queue empty
+        reads = UplinkReads(tun, self.config.batch_packets, self.queue)
         while not self.stop.is_set():
-            queued_since = drained_at  # packets already waiting: since the last drain
-            if not tun.wait_readable(0):
-                if not tun.wait_readable(0.2):
-                    continue
-                queued_since = time.monotonic()  # waited for it: it has just come
-            frames = tun.read_available(limit)
-            now = time.monotonic()
-            if tun.drained:
-                drained_at = now
-            if self.queue is not None:
-                victim = self.queue.choose(frames, now - queued_since, now)
-                if victim is not None:
-                    del frames[victim]
-            packets = self._valid_packets(tun, frames)
-            if not packets:
-                continue
-            sparse, bulk = sparse_first(packets, tun.packet_of) if self.queue else ([], packets)
-            for part in (sparse, bulk):
-                if part:
-                    self._send(tun, uplink, part)
+            packets = self._valid_packets(tun, reads.read(0.2))
+            for batch in reads.batches(packets):
+                self._send(tun, uplink, batch)
 
     def _valid_packets(self, tun: TunDevice, frames: list[bytes]) -> list[bytes]:
         """The frames that are IP packets; the others are counted and reported."""

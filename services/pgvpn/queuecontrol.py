@@ -21,7 +21,12 @@ A dropped packet is never logged: it did not cross. It is counted
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pgvpn.tun import TunDevice
 
 INTERVAL = 0.1  # seconds: RFC 8289's default, about a worst-case RTT of the flows
 BULK_BYTES = 1000  # a smaller packet is never dropped (echoes, ACKs, keystrokes)
@@ -125,3 +130,41 @@ def sparse_first(frames: list[bytes], packet_of: Callable[[bytes], memoryview]
         return [], frames
     return sparse, [frame for flow, frame in zip(flows, frames, strict=True)
                     if flow in bulk_flows]
+
+
+class UplinkReads:
+    """The uplink's reads of its TUN, as the batches to send in order: one batch, or
+    with queue control (`codel`) a bulk packet fewer when CoDel says so and the sparse
+    flows' batch first."""
+
+    def __init__(self, tun: TunDevice, limit: int, codel: CoDel | None) -> None:
+        self.tun = tun
+        self.limit = limit
+        self.codel = codel
+        self.drained_at = time.monotonic()  # when a read last left the TUN's queue empty
+        self.waited = 0.0  # how long the last read's oldest packet may have been queued
+
+    def read(self, timeout: float) -> list[bytes]:
+        """Every frame queued (up to the limit), after waiting at most `timeout` for one."""
+        queued_since = self.drained_at  # packets already waiting: since the last drain
+        if self.codel is None or not self.tun.wait_readable(0):
+            if not self.tun.wait_readable(timeout):
+                return []
+            queued_since = time.monotonic()  # waited for it: it has just come
+        frames = self.tun.read_available(self.limit)
+        now = time.monotonic()
+        if self.tun.drained:
+            self.drained_at = now
+        self.waited = now - queued_since
+        return frames
+
+    def batches(self, packets: list[bytes]) -> list[list[bytes]]:
+        """The read's valid packets as batches, in the order to send them."""
+        if not packets:
+            return []
+        if self.codel is None:
+            return [packets]
+        victim = self.codel.choose(packets, self.waited, time.monotonic())
+        if victim is not None:
+            packets = packets[:victim] + packets[victim + 1:]
+        return [part for part in sparse_first(packets, self.tun.packet_of) if part]
