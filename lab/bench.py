@@ -102,9 +102,8 @@ def bench_profile(lab: Lab, duration: float, progress: Progress,
     run = run_label(lab.settings.profile, lab.settings.offload, lab.settings.queue_target_ms)
     if raw_dir is not None:
         raw_dir.mkdir(parents=True, exist_ok=True)
-        # one file per run: `--offload both` and `--queue-control both` run a profile twice
-        name = run.replace(", offload off", "-offload-off").replace(", queue control",
-                                                                     "-queue-control")
+        # one file per run (`--offload both`, `--queue-control both`), named as its label
+        name = run.replace(", ", "-").replace(" ", "-")
         if own_underlay:
             (raw_dir / f"iperf3-underlay-{name}.json").write_text(
                 json.dumps(underlay.raw, indent=1))

@@ -104,15 +104,23 @@ def expectations(report: dict[str, Any]) -> list[str]:
 def offload_gain(results: list[dict[str, Any]]) -> list[str]:
     """A sentence per profile measured with offload off and on in this run."""
     lines = []
-    plain = [r for r in succeeded(results) if not r.get("queue_target_ms")]
-    for r in plain:
-        off = next((o for o in plain if o["profile"] == r["profile"]
-                    and o.get("offload") is False), None)
+    for r in succeeded(results):
+        if r.get("queue_target_ms"):
+            continue
+        off = twin_run(results, r["profile"], offload=False, queue_control=False)
         if r.get("offload") and off and off["receiver_mbps"]:
             lines.append(f"{r['profile']} with offload: {r['receiver_mbps']:.1f} Mbit/s, "
                          f"**{r['receiver_mbps'] / off['receiver_mbps']:.2f}x** the same "
                          f"run without ({off['receiver_mbps']:.1f} Mbit/s).")
     return lines
+
+
+def twin_run(results: list[dict[str, Any]], profile: str, *, offload: bool,
+             queue_control: bool) -> dict[str, Any] | None:
+    """The measured run of `profile` with this offload and queue control, if any."""
+    return next((o for o in succeeded(results) if o["profile"] == profile
+                 and o.get("offload") is offload
+                 and bool(o.get("queue_target_ms")) == queue_control), None)
 
 
 def queue_control_gain(results: list[dict[str, Any]]) -> list[str]:
@@ -121,9 +129,8 @@ def queue_control_gain(results: list[dict[str, Any]]) -> list[str]:
     for r in succeeded(results):
         if not r.get("queue_target_ms"):
             continue
-        twin = next((o for o in succeeded(results) if o["profile"] == r["profile"]
-                     and o.get("offload") == r.get("offload")
-                     and not o.get("queue_target_ms")), None)
+        twin = twin_run(results, r["profile"], offload=r.get("offload") is True,
+                        queue_control=False)
         if twin is None or not twin["receiver_mbps"]:
             continue
         lines.append(f"{label(r)} ({r['queue_target_ms']} ms target): RTT under load p50 / "
