@@ -212,13 +212,18 @@ def docker_ready() -> str | None:
     return None
 
 
-def running_lab(backend: str, name: str) -> Iterator[LabHandle]:
+@contextlib.contextmanager
+def running_lab(backend: str, name: str, topology: str | None = None
+                ) -> Iterator[LabHandle]:
+    """A lab of its own named `name` (of `topology`, else compose.yaml's two peers),
+    up for the block; then down, and nothing of it left behind."""
     reason = netns_ready() if backend == "netns" else docker_ready() or netns_ready()
     if reason:
         pytest.skip(f"{backend} lab unavailable: {reason}")
     lab = LabHandle(backend, name)
     lab.cli("down")  # a crashed earlier run must not poison this one
-    lab.cli("up", "--backend", backend, timeout=3600)
+    lab.cli("up", "--backend", backend, *(("--topology", topology) if topology else ()),
+            timeout=3600)
     try:
         yield lab
     finally:
@@ -230,12 +235,14 @@ def running_lab(backend: str, name: str) -> Iterator[LabHandle]:
 
 @pytest.fixture(scope="session")
 def netns_lab() -> Iterator[LabHandle]:
-    yield from running_lab("netns", TEST_LAB)
+    with running_lab("netns", TEST_LAB) as lab:
+        yield lab
 
 
 @pytest.fixture(scope="session")
 def docker_lab() -> Iterator[LabHandle]:
-    yield from running_lab("docker", TEST_LAB + "-d")
+    with running_lab("docker", TEST_LAB + "-d") as lab:
+        yield lab
 
 
 @pytest.fixture(scope="session", params=["netns", pytest.param("docker", marks=pytest.mark.docker)])

@@ -60,15 +60,18 @@ def assert_whole_streams(lab: LabHandle) -> None:
         assert rows == distinct == last - first + 1, (sender, rows, distinct, first, last)
 
 
-def assert_nothing_lost(lab: LabHandle, before: tuple[Any, ...]) -> None:
+def assert_nothing_lost(lab: LabHandle, before: tuple[Any, ...],
+                        dropped: dict[str, int] | None = None) -> None:
     """Since `before` (a quiet_snapshot): every packet an uplink read from its TUN was
-    committed once, outage or not, and no logged packet reached a TUN twice (a batch
-    read as the connection died may be lost: the cursor moved with it; TCP resent it)."""
+    committed once, outage or not, but for those its queue control `dropped` (by
+    host), and no logged packet reached a TUN twice (a batch read as the connection
+    died may be lost: the cursor moved with it; TCP resent it)."""
+    dropped = dropped or {}
     tun_a0, tun_b0, logged0 = before
     tun_a1, tun_b1, logged1 = quiet_snapshot(lab)
     rows = logged_between(lab, logged0, logged1)
-    assert rows["peer-a"] == tun_a1["tx"] - tun_a0["tx"]
-    assert rows["peer-b"] == tun_b1["tx"] - tun_b0["tx"]
+    assert rows["peer-a"] == tun_a1["tx"] - tun_a0["tx"] - dropped.get("peer-a", 0)
+    assert rows["peer-b"] == tun_b1["tx"] - tun_b0["tx"] - dropped.get("peer-b", 0)
     assert_whole_streams(lab)
     assert tun_b1["rx"] - tun_b0["rx"] <= rows["peer-a"]
     assert tun_a1["rx"] - tun_a0["rx"] <= rows["peer-b"]

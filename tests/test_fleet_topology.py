@@ -30,8 +30,7 @@ from tests.conftest import (
     CliBackend,
     LabHandle,
     docker_engine_alone,
-    docker_ready,
-    netns_ready,
+    running_lab,
 )
 from tests.peerside import agent_pid, connect_as, docker_state, wait_for
 from tests.test_load import exact_stream
@@ -73,20 +72,10 @@ def fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     backend = request.param
     if backend == "docker":
         docker_engine_alone()
-    reason = netns_ready() if backend == "netns" else docker_ready() or netns_ready()
-    if reason:
-        pytest.skip(f"{backend} lab unavailable: {reason}")
-    lab = LabHandle(backend, TEST_LAB + "-f")
     smaller = tmp_path_factory.mktemp("fleet") / "fleet-without-d.yaml"
     without_peer_d(smaller)
-    lab.cli("down")
-    lab.cli("up", "--backend", backend, "--topology", str(smaller), timeout=3600)
-    try:
+    with running_lab(backend, TEST_LAB + "-f", str(smaller)) as lab:
         yield lab, grow(lab)
-    finally:
-        namespaces = lab.namespaces().values()
-        lab.cli("down")
-        assert not lab.leftovers(namespaces)
 
 
 def grow(lab: LabHandle) -> dict[str, Any]:

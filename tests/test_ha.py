@@ -25,8 +25,7 @@ from tests.conftest import (
     CliBackend,
     LabHandle,
     docker_engine_alone,
-    docker_ready,
-    netns_ready,
+    running_lab,
 )
 from tests.test_faults import assert_nothing_lost
 from tests.test_tunnel import quiet_snapshot, stream_transfer
@@ -42,18 +41,8 @@ def ha(request: pytest.FixtureRequest) -> Iterator[LabHandle]:
     backend = request.param
     if backend == "docker":
         docker_engine_alone()
-    reason = netns_ready() if backend == "netns" else docker_ready() or netns_ready()
-    if reason:
-        pytest.skip(f"{backend} lab unavailable: {reason}")
-    lab = LabHandle(backend, TEST_LAB + "-h")
-    lab.cli("down")
-    lab.cli("up", "--backend", backend, "--topology", "ha", timeout=3600)
-    try:
+    with running_lab(backend, TEST_LAB + "-h", "ha") as lab:
         yield lab
-    finally:
-        namespaces = lab.namespaces().values()
-        lab.cli("down")
-        assert not lab.leftovers(namespaces)
 
 
 def roles(lab: LabHandle) -> dict[str, str]:
